@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Validate the data, split train/validation by label, write swift JSONL for both stages.
+# With no DATA_DIR, builds the embedded demo first (synthetic corridors + tiny pre-trained models, cached).
+#   bash data-pre.sh
+#   DATA_DIR=/data/ele MODEL_STAGE1=Qwen/Qwen2.5-VL-7B-Instruct MODEL_STAGE2=Qwen/Qwen2.5-VL-3B-Instruct bash data-pre.sh
+# Extra arguments go to tools.prepare_data (see: python -m tools.prepare_data --help).
+set -euo pipefail
+
+DATA_DIR=${DATA_DIR:-}                        # competition data (train.txt, train/, B.txt, B/); empty = demo
+OUTPUT_DIR=$(realpath -m "${OUTPUT_DIR:-outputs}")
+MODEL_STAGE1=${MODEL_STAGE1:-}                # id or folder; default: the recipe's (demo: tiny model)
+MODEL_STAGE2=${MODEL_STAGE2:-}
+VAL_RATIO=${VAL_RATIO:-0.1}
+SEED=${SEED:-42}
+DEMO_DATA_DIR=$(realpath -m "${DEMO_DATA_DIR:-data/demo}")
+DEMO_MODELS_DIR=$(realpath -m "${DEMO_MODELS_DIR:-.cache/demo-models}")
+DEMO_SEED=${DEMO_SEED:-0}
+DEMO_TRAIN=${DEMO_TRAIN:-600}                 # demo training images
+DEMO_TEST=${DEMO_TEST:-300}                   # demo test images (labelled)
+[[ -n "$DATA_DIR" ]] && DATA_DIR=$(realpath -m "$DATA_DIR")
+
+cd "$(dirname "${BASH_SOURCE[0]}")"
+source tools/common.sh
+start=$SECONDS
+
+if [[ -z "$DATA_DIR" ]]; then
+  RECIPE=demo
+  DATA_DIR=$DEMO_DATA_DIR
+  step "demo data and models (models cached in $DEMO_MODELS_DIR)" \
+    python -m tools.make_demo --data-dir "$DATA_DIR" --models-dir "$DEMO_MODELS_DIR" --seed "$DEMO_SEED" \
+      --train "$DEMO_TRAIN" --test "$DEMO_TEST"
+  MODEL_STAGE1=${MODEL_STAGE1:-$(python -m tools.make_demo --models-dir "$DEMO_MODELS_DIR" --seed "$DEMO_SEED" --print-model stage1)}
+  MODEL_STAGE2=${MODEL_STAGE2:-$(python -m tools.make_demo --models-dir "$DEMO_MODELS_DIR" --seed "$DEMO_SEED" --print-model stage2)}
+else
+  RECIPE=${RECIPE:-real}
+  MODEL_STAGE1=${MODEL_STAGE1:-Qwen/Qwen2.5-VL-7B-Instruct}
+  MODEL_STAGE2=${MODEL_STAGE2:-Qwen/Qwen2.5-VL-3B-Instruct}
+fi
+
+log "data: $DATA_DIR   recipe: $RECIPE   output: $OUTPUT_DIR"
+log "stage 1 model: $MODEL_STAGE1"
+log "stage 2 model: $MODEL_STAGE2"
+step "validate and split" \
+  python -m tools.prepare_data \
+    --data-dir "$DATA_DIR" \
+    --output-dir "$OUTPUT_DIR" \
+    --val-ratio "$VAL_RATIO" \
+    --seed "$SEED" \
+    --recipe "$RECIPE" \
+    --model-stage1 "$MODEL_STAGE1" \
+    --model-stage2 "$MODEL_STAGE2" \
+    "$@"
+log "total $((SECONDS - start)) s; next: bash train.sh"

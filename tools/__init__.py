@@ -1,0 +1,1 @@
+"""Command-line tools of the fire-safety fine-tuning pipeline (`python -m tools.<name> --help`)."""

@@ -1,0 +1,175 @@
+"""Validate the official data, split train/validation by label, and write swift JSONL for both stages.
+
+    python -m tools.prepare_data --data-dir /data/ele --output-dir outputs
+
+Writes, under <output-dir>/data/:
+  stage1_train.jsonl  all five labels; rare classes repeated up to --stage1-min-share of the rows
+  stage1_val.jsonl    the held-out split (every class, natural shares)
+  stage2_train.jsonl  the high-risk specialist's set: every 高风险 (repeated --stage2-high-repeat times),
+                      every 中风险 (the look-alike: clutter vs e-bikes), and a sample of the other classes
+                      (--stage2-other-ratio times the number of 高风险 images)
+  stage2_val.jsonl    same held-out split as stage 1, so both stages are judged on the same images
+  test.jsonl          inference rows, in the test list's order
+  manifest.json       inputs, seed and counts, read by train.sh and test.sh
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tools.dataset import DataError, Sample, class_counts, read_list
+from tools.fileio import write_json, write_jsonl, write_text
+from tools.task import HIGH_RISK, LABELS, TEST_IMAGES, TEST_LIST, TRAIN_IMAGES, TRAIN_LIST, Layout, sft_row
+
+
+def stratified_split(samples: list[Sample], val_ratio: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Per label, a seeded shuffle puts round(n * val_ratio) images in validation (at least one when the
+    label has two or more images and val_ratio > 0). Both parts keep the input order."""
+    if not 0 <= val_ratio < 1:
+        raise ValueError(f"val_ratio must be in [0, 1), got {val_ratio}")
+    rng = np.random.default_rng(seed)
+    val_names: set[str] = set()
+    for label in LABELS:
+        names = [s.name for s in samples if s.label == label]
+        n_val = round(len(names) * val_ratio)
+        if val_ratio > 0 and len(names) >= 2:
+            n_val = min(max(n_val, 1), len(names) - 1)
+        val_names.update(rng.permutation(names)[:n_val].tolist())
+    return [s for s in samples if s.name not in val_names], [s for s in samples if s.name in val_names]
+
+
+def oversample(samples: list[Sample], min_share: float, seed: int) -> list[Sample]:
+    """Repeat each rare label's images (whole copies, then a seeded sample) until it makes up at least
+    `min_share` of the rows. The result is shuffled with the seed."""
+    rng = np.random.default_rng(seed)
+    by_label = {label: [s for s in samples if s.label == label] for label in LABELS if any(s.label == label for s in samples)}
+    # Final size T: the common labels keep their count and each rare one becomes min_share·T, so
+    # T = common / (1 - #rare·min_share). A label that falls under the share as T grows becomes rare too.
+    rare: set[str] = set()
+    while True:
+        common = sum(len(v) for k, v in by_label.items() if k not in rare)
+        total = common / (1 - len(rare) * min_share) if len(rare) * min_share < 1 else float("inf")
+        grown = {k for k, v in by_label.items() if k not in rare and len(v) < min_share * total}
+        if not grown or total == float("inf"):
+            break
+        rare |= grown
+    rows: list[Sample] = []
+    for label, items in by_label.items():
+        target = int(np.ceil(min_share * total)) if label in rare and total != float("inf") else len(items)
+        reps, extra = divmod(max(target, len(items)), len(items))
+        rows += items * reps + [items[i] for i in rng.permutation(len(items))[:extra]]
+    return [rows[i] for i in rng.permutation(len(rows))]
+
+
+def stage2_set(samples: list[Sample], high_repeat: int, other_ratio: float, seed: int) -> list[Sample]:
+    """The specialist's training rows: 高风险 ×high_repeat, all 中风险, and other_ratio × #高风险 of the rest."""
+    rng = np.random.default_rng(seed)
+    high = [s for s in samples if s.label == HIGH_RISK]
+    medium = [s for s in samples if s.label == "中风险"]
+    rest = [s for s in samples if s.label not in (HIGH_RISK, "中风险")]
+    n_rest = min(len(rest), round(other_ratio * len(high)))
+    picked = [rest[i] for i in sorted(rng.permutation(len(rest))[:n_rest])]
+    rows = high * high_repeat + medium + picked
+    return [rows[i] for i in rng.permutation(len(rows))]
+
+
+def count_table(columns: dict[str, list[Sample]]) -> str:
+    """A per-class count table, one column per named list."""
+    counts = {name: class_counts(items) for name, items in columns.items()}
+    width = max(8, *(len(n) for n in columns))
+    lines = ["label     " + "".join(f"{n:>{width + 1}}" for n in columns)]
+    for label in LABELS:
+        lines.append(f"{label:<7}" + "".join(f"{counts[n][label]:>{width + 1}}" for n in columns))
+    lines.append("total     " + "".join(f"{len(items):>{width + 1}}" for items in columns.values()))
+    return "\n".join(lines)
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    data_dir = Path(args.data_dir)
+    train_list = Path(args.train_list or data_dir / TRAIN_LIST)
+    train_images = Path(args.train_images or data_dir / TRAIN_IMAGES)
+    test_list = Path(args.test_list or data_dir / TEST_LIST)
+    test_images = Path(args.test_images or data_dir / TEST_IMAGES)
+    train = read_list(train_list, train_images, labelled=True, workers=args.workers)
+    test = read_list(test_list, test_images, labelled=None, workers=args.workers)
+    overlap = {s.name for s in train} & {s.name for s in test}
+    if overlap and train_images.resolve() == test_images.resolve():
+        raise DataError(f"{test_list}: {len(overlap)} test image(s) also in {train_list}, e.g. {sorted(overlap)[0]}")
+
+    fit, val = stratified_split(train, args.val_ratio, args.seed)
+    stage1 = oversample(fit, args.stage1_min_share, args.seed)
+    stage2 = stage2_set(fit, args.stage2_high_repeat, args.stage2_other_ratio, args.seed)
+    layout = Layout(args.output_dir)
+    val_rows = [sft_row(s.path, s.label) for s in val]
+    write_jsonl(layout.train_jsonl("stage1"), (sft_row(s.path, s.label) for s in stage1))
+    write_jsonl(layout.train_jsonl("stage2"), (sft_row(s.path, s.label) for s in stage2))
+    for stage in ("stage1", "stage2"):
+        write_jsonl(layout.val_jsonl(stage), val_rows)
+    write_jsonl(layout.test_jsonl, (sft_row(s.path, None) for s in test))
+    manifest = {
+        "train_list": str(train_list.resolve()), "train_images": str(train_images.resolve()),
+        "test_list": str(test_list.resolve()), "test_images": str(test_images.resolve()),
+        "test_labelled": test[0].label is not None, "seed": args.seed, "val_ratio": args.val_ratio,
+        "counts": {"train": class_counts(fit), "val": class_counts(val), "test": class_counts(test),
+                   "stage1_rows": class_counts(stage1), "stage2_rows": class_counts(stage2)},
+    }
+    write_json(layout.manifest, manifest)
+    write_pipeline_env(layout.pipeline_env, recipe=args.recipe, model_stage1=args.model_stage1,
+                       model_stage2=args.model_stage2)
+    columns = {"train": fit, "val": val, "stage1": stage1, "stage2": stage2}
+    if manifest["test_labelled"]:
+        columns["test"] = test
+    print(count_table(columns))
+    print(f"test: {len(test)} images ({'labelled' if manifest['test_labelled'] else 'unlabelled'})")
+    print(f"wrote {layout.data_dir}")
+    return manifest
+
+
+def write_pipeline_env(path: Path, **settings: str | None) -> None:
+    """Shell defaults for train.sh and test.sh; a variable already set in the environment wins."""
+    lines = ["# Written by data-pre.sh; train.sh and test.sh source it. Variables set in the environment win."]
+    for key, value in settings.items():
+        if value:
+            lines.append(f': "${{{key.upper()}:={shlex.quote(str(value))}}}"')
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m tools.prepare_data", description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", required=True, help="competition data folder (official layout)")
+    ap.add_argument("--output-dir", default="outputs", help="pipeline output folder (default: %(default)s)")
+    ap.add_argument("--train-list", help=f"default: <data-dir>/{TRAIN_LIST}")
+    ap.add_argument("--train-images", help=f"default: <data-dir>/{TRAIN_IMAGES}/")
+    ap.add_argument("--test-list", help=f"default: <data-dir>/{TEST_LIST}")
+    ap.add_argument("--test-images", help=f"default: <data-dir>/{TEST_IMAGES}/")
+    ap.add_argument("--val-ratio", type=float, default=0.1, help="validation share per label (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--stage1-min-share", type=float, default=0.1,
+                    help="repeat rare labels in stage 1 up to this share of rows; 0 = off (default: %(default)s)")
+    ap.add_argument("--stage2-high-repeat", type=int, default=3, help="copies of each 高风险 image in stage 2")
+    ap.add_argument("--stage2-other-ratio", type=float, default=2.0,
+                    help="低风险/无风险/非楼道 images in stage 2, as a multiple of the 高风险 count")
+    ap.add_argument("--workers", type=int, default=None, help="processes for image checks (default: all cores)")
+    ap.add_argument("--recipe", help="training recipe (recipes/<name>.env) recorded for train.sh/test.sh")
+    ap.add_argument("--model-stage1", help="stage-1 base model (id or folder) recorded for train.sh")
+    ap.add_argument("--model-stage2", help="stage-2 base model (id or folder) recorded for train.sh")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        prepare(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
