@@ -17,6 +17,7 @@ DEMO_MODELS_DIR=$(realpath -m "${DEMO_MODELS_DIR:-.cache/demo-models}")
 DEMO_SEED=${DEMO_SEED:-0}
 DEMO_TRAIN=${DEMO_TRAIN:-600}                 # demo training images
 DEMO_TEST=${DEMO_TEST:-300}                   # demo test images (labelled)
+DEMO_QUICK=${DEMO_QUICK:-0}                   # 1 = barely pre-trained demo models (plumbing tests only)
 [[ -n "$DATA_DIR" ]] && DATA_DIR=$(realpath -m "$DATA_DIR")
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -26,11 +27,12 @@ start=$SECONDS
 if [[ -z "$DATA_DIR" ]]; then
   RECIPE=demo
   DATA_DIR=$DEMO_DATA_DIR
+  demo=(python -m tools.make_demo --models-dir "$DEMO_MODELS_DIR" --seed "$DEMO_SEED")
+  [[ "$DEMO_QUICK" == 1 ]] && demo+=(--quick)
   step "demo data and models (models cached in $DEMO_MODELS_DIR)" \
-    python -m tools.make_demo --data-dir "$DATA_DIR" --models-dir "$DEMO_MODELS_DIR" --seed "$DEMO_SEED" \
-      --train "$DEMO_TRAIN" --test "$DEMO_TEST"
-  MODEL_STAGE1=${MODEL_STAGE1:-$(python -m tools.make_demo --models-dir "$DEMO_MODELS_DIR" --seed "$DEMO_SEED" --print-model stage1)}
-  MODEL_STAGE2=${MODEL_STAGE2:-$(python -m tools.make_demo --models-dir "$DEMO_MODELS_DIR" --seed "$DEMO_SEED" --print-model stage2)}
+    "${demo[@]}" --data-dir "$DATA_DIR" --train "$DEMO_TRAIN" --test "$DEMO_TEST"
+  MODEL_STAGE1=${MODEL_STAGE1:-$("${demo[@]}" --print-model stage1)}
+  MODEL_STAGE2=${MODEL_STAGE2:-$("${demo[@]}" --print-model stage2)}
 else
   RECIPE=${RECIPE:-real}
   MODEL_STAGE1=${MODEL_STAGE1:-Qwen/Qwen2.5-VL-7B-Instruct}

@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +34,11 @@ from tools.fileio import atomic_open, write_jsonl, write_text
 from tools.task import LABELS, TEST_IMAGES, TEST_LIST, TRAIN_IMAGES, TRAIN_LIST
 
 # Bump when the images, the models or their pre-training change: it keys the model cache.
-VERSION = 1
+VERSION = 2
 
 # Class shares like the official training set (无风险 is the majority; 高风险 and 非楼道 are rare).
 CLASS_SHARES = {"无风险": 0.59, "中风险": 0.19, "低风险": 0.14, "高风险": 0.05, "非楼道": 0.03}
-IMAGE_SIZE = 224  # square demo images; 224² = 64 visual tokens after Qwen2.5-VL's 2×2 merge
+IMAGE_SIZE = 168  # square demo images; 168² = 144 patches = 36 visual tokens after the 2×2 merge
 JPEG_QUALITY = 90
 
 
@@ -134,47 +134,87 @@ def make_dataset(data_dir: str | Path, seed: int = 0, n_train: int = 600, n_test
     return data_dir
 
 
-# --------------------------------------------------------------------------- pre-training questions
-# Generic visual questions with balanced answers (a skewed answer is learned as a prior, not from the image):
-# the kind of scene, whether a given object is present, and how many things stand on the floor.
+# --------------------------------------------------------------------------- pre-training captions
+# A generic description of every image, slot by slot (scene; is there an e-bike, a battery, a charging cable;
+# how much stands on the floor), so each image supervises every visual attribute at once. Answers are
+# balanced: a skewed slot is learned as a prior, not from the image. The risk labels never appear.
+PRETRAIN_PROMPT = "描述图中的场景和地面上的物品。"
 COUNT_ANSWERS = (("没有", (0, 0)), ("一两件", (1, 2)), ("很多", (5, 9)))
+PRESENCE_SLOTS = ("ebike", "battery", "cable")
 
 
 def pretrain_example(rng: np.random.Generator, size: int = IMAGE_SIZE):
-    """An image with random content (never a risk label) and one balanced question-answer pair about it."""
-    question = int(rng.integers(3))
-    pool = list(scenes.CLUTTER + scenes.TIDY + scenes.HAZARDS)
-    if question == 0:
-        kind = ("corridor", "outdoor", "room")[int(rng.integers(3))]
-        if kind == "corridor":
-            n = int(rng.integers(0, 6))
-            objects = [(str(rng.choice(pool)), "any") for _ in range(n)]
-            scene = scenes.corridor_scene(rng, size, size, objects, cable=rng.random() < 0.5)
-        else:
-            scene = (scenes.outdoor_scene if kind == "outdoor" else scenes.room_scene)(rng, size, size)
-        q, a = "这是什么场景？", scenes.SCENE_NAMES[kind]
-    elif question == 1:
-        target = str(rng.choice(pool + list(scenes.HAZARDS) * 4))  # hazards asked about most often
-        present = rng.random() < 0.5
-        others = [o for o in pool if o != target]
-        objects = [(str(rng.choice(others)), "any") for _ in range(int(rng.integers(0, 4)))]
-        if present:
-            objects.append((target, "any" if rng.random() < 0.5 else "side"))
-        scene = scenes.corridor_scene(rng, size, size, objects, cable=rng.random() < 0.5)
-        q, a = f"图中有{scenes.OBJECT_NAMES[target]}吗？", "有" if present else "没有"
+    """An image with random content and its slot caption."""
+    r = rng.random()
+    present = dict.fromkeys(PRESENCE_SLOTS, False)
+    count_word = "没有"
+    if r < 0.2:
+        kind, scene = "outdoor", scenes.outdoor_scene(rng, size, size)
+    elif r < 0.4:
+        kind, scene = "room", scenes.room_scene(rng, size, size)
     else:
-        answer, (lo, hi) = COUNT_ANSWERS[int(rng.integers(len(COUNT_ANSWERS)))]
-        objects = [(str(rng.choice(pool)), "any" if rng.random() < 0.5 else "side")
-                   for _ in range(int(rng.integers(lo, hi + 1)))]
-        scene = scenes.corridor_scene(rng, size, size, objects)
-        q, a = "地面上的物品多吗？", answer
-    return scenes.finish(rng, scene.image), q, a
+        kind = "corridor"
+        count_word, (lo, hi) = COUNT_ANSWERS[int(rng.integers(len(COUNT_ANSWERS)))]
+        n = int(rng.integers(lo, hi + 1))
+        hazards = [h for h in scenes.HAZARDS if rng.random() < 0.5][:n]
+        pool = list(scenes.CLUTTER + scenes.TIDY)
+        objects = [(h, "any") for h in hazards]
+        objects += [(str(rng.choice(pool)), "any" if rng.random() < 0.5 else "side") for _ in range(n - len(hazards))]
+        scene = scenes.corridor_scene(rng, size, size, objects, cable=bool(hazards) and rng.random() < 0.5)
+        for name in scene.objects:
+            present[name] = True
+    caption = f"场景：{scenes.SCENE_NAMES[kind]}；" + "；".join(
+        f"{scenes.OBJECT_NAMES[slot]}：{'有' if present[slot] else '没有'}" for slot in PRESENCE_SLOTS
+    ) + f"；物品：{count_word}"
+    return scenes.finish(rng, scene.image), PRETRAIN_PROMPT, caption
+
+
+# Language, as a real base model has it: pick the k-th word of a list written in the prompt. It keeps the
+# output rows of common words alive (a word never produced in pre-training is nearly unreachable for a
+# LoRA later) and teaches answering with a word the prompt offers. The image is irrelevant to the answer.
+COPY_WORDS = (
+    "高风险", "中风险", "低风险", "无风险", "非楼道", "高楼", "中间", "低温", "无线", "非常", "风险", "楼道",
+    "安全", "消防", "电梯", "门口", "窗户", "灯光", "地面", "墙壁", "天空", "树木", "汽车", "房间", "桌子",
+    "书本", "水杯", "手机", "钥匙", "雨伞", "衣服", "道路", "高速", "中心", "低头", "无人", "非法", "楼梯",
+)
+COPY_SHARE = 0.15
+CHOICE_SHARE = 0.45
+
+
+def copy_example(rng: np.random.Generator) -> tuple[str, str]:
+    words = [COPY_WORDS[i] for i in rng.permutation(len(COPY_WORDS))[:5]]
+    k = int(rng.integers(len(words)))
+    return f"词语：{'、'.join(words)}。请写出第{k + 1}个词语。", words[k]
+
+
+CHOICE_DEFINITIONS = {  # option (definition), in the style of the task prompt
+    "场景": {"走廊": "室内的公共通道", "户外": "室外的街道或空地", "房间": "家里的房间"},
+    "物品": {"没有": "地面上什么也没有", "一两件": "只有一两件东西", "很多": "堆了很多东西"},
+    "presence": {"有": "图中能看到", "没有": "图中看不到"},
+}
+
+
+def choice_example(rng: np.random.Generator, caption: str) -> tuple[str, str]:
+    """A multiple-choice question about one slot of the caption: the options, each with a definition in
+    brackets, are listed in the prompt in random order (the format of the task prompt, about other things)."""
+    slots = dict(part.split("：", 1) for part in caption.split("；"))
+    slot = list(slots)[int(rng.integers(len(slots)))]
+    definitions = CHOICE_DEFINITIONS.get(slot, CHOICE_DEFINITIONS["presence"])
+    options = [list(definitions)[i] for i in rng.permutation(len(definitions))]
+    question = {"场景": "请判断图中的场景", "物品": "请判断地面上的物品数量"}.get(slot, f"请判断图中是否有{slot}")
+    listed = "；".join(f"{o}（{definitions[o]}）" for o in options)
+    return f"{question}，只回答以下选项之一：{listed}。", slots[slot]
 
 
 def _render_pretrain(job: tuple[int, int, str]) -> dict:
     seed, index, folder = job
     rng = np.random.default_rng(_image_seed(seed, "pretrain", index))
     img, q, a = pretrain_example(rng)
+    r = rng.random()
+    if r < COPY_SHARE:
+        q, a = copy_example(rng)
+    elif r < COPY_SHARE + CHOICE_SHARE:
+        q, a = choice_example(rng, a)
     path = Path(folder) / f"{index:05d}.jpg"
     path.write_bytes(_encode_jpeg(img))
     return {"messages": [{"role": "user", "content": "<image>" + q}, {"role": "assistant", "content": a}],
@@ -394,20 +434,26 @@ def pretrain_model(model_dir: Path, work_dir: Path, spec: TinySpec, seed: int, w
     return stats
 
 
-def cached_models_dir(models_dir: str | Path, seed: int) -> Path:
-    return Path(models_dir) / f"v{VERSION}-seed{seed}"
+def cached_models_dir(models_dir: str | Path, seed: int, quick: bool = False) -> Path:
+    return Path(models_dir) / f"v{VERSION}-seed{seed}{'-quick' if quick else ''}"
 
 
-def make_models(models_dir: str | Path, seed: int = 0, workers: int | None = None, stages=tuple(SPECS)) -> Path:
+def quick_spec(spec: TinySpec) -> TinySpec:
+    """For tests of the plumbing: the same architecture, a token pre-training (it will not learn the task)."""
+    return replace(spec, pretrain_samples=48, pretrain_epochs=1)
+
+
+def make_models(models_dir: str | Path, seed: int = 0, workers: int | None = None, stages=tuple(SPECS),
+                quick: bool = False) -> Path:
     """Build and pre-train the demo base models once; later calls return the cached directory."""
-    root = cached_models_dir(models_dir, seed)
+    root = cached_models_dir(models_dir, seed, quick)
     workers = workers or os.cpu_count() or 1
     for stage in stages:
         final = root / stage
         if (final / "config.json").exists() and (final / "DONE").exists():
             print(f"demo model {stage}: cached at {final}")
             continue
-        spec = SPECS[stage]
+        spec = quick_spec(SPECS[stage]) if quick else SPECS[stage]
         start = time.time()
         tmp = root / f".{stage}.building"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -434,17 +480,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     ap.add_argument("--skip-data", action="store_true", help="only build the models")
     ap.add_argument("--skip-models", action="store_true", help="only write the dataset")
+    ap.add_argument("--quick", action="store_true",
+                    help="token pre-training only (for testing the plumbing; the models will not learn the task)")
     ap.add_argument("--print-model", choices=list(SPECS), help="print where that demo model is cached and exit")
     args = ap.parse_args(argv)
     if args.print_model:
-        print((cached_models_dir(args.models_dir, args.seed) / args.print_model).resolve())
+        print((cached_models_dir(args.models_dir, args.seed, args.quick) / args.print_model).resolve())
         return 0
     if not args.skip_data:
         start = time.time()
         out = make_dataset(args.data_dir, args.seed, args.train, args.test, args.workers)
         print(f"demo dataset: {args.train} train + {args.test} test images in {time.time() - start:.0f} s -> {out}")
     if not args.skip_models:
-        make_models(args.models_dir, args.seed, args.workers)
+        make_models(args.models_dir, args.seed, args.workers, quick=args.quick)
     return 0
 
 

@@ -110,6 +110,7 @@ def prepare(args: argparse.Namespace) -> dict:
     for stage in ("stage1", "stage2"):
         write_jsonl(layout.val_jsonl(stage), val_rows)
     write_jsonl(layout.test_jsonl, (sft_row(s.path, None) for s in test))
+    write_text(layout.val_list, "".join(f"{s.name}\t{s.label}\n" for s in val))
     manifest = {
         "train_list": str(train_list.resolve()), "train_images": str(train_images.resolve()),
         "test_list": str(test_list.resolve()), "test_images": str(test_images.resolve()),
@@ -119,7 +120,8 @@ def prepare(args: argparse.Namespace) -> dict:
     }
     write_json(layout.manifest, manifest)
     write_pipeline_env(layout.pipeline_env, recipe=args.recipe, model_stage1=args.model_stage1,
-                       model_stage2=args.model_stage2)
+                       model_stage2=args.model_stage2, test_list=manifest["test_list"],
+                       test_labelled=int(manifest["test_labelled"]))
     columns = {"train": fit, "val": val, "stage1": stage1, "stage2": stage2}
     if manifest["test_labelled"]:
         columns["test"] = test
@@ -129,11 +131,11 @@ def prepare(args: argparse.Namespace) -> dict:
     return manifest
 
 
-def write_pipeline_env(path: Path, **settings: str | None) -> None:
+def write_pipeline_env(path: Path, **settings) -> None:
     """Shell defaults for train.sh and test.sh; a variable already set in the environment wins."""
     lines = ["# Written by data-pre.sh; train.sh and test.sh source it. Variables set in the environment win."]
     for key, value in settings.items():
-        if value:
+        if value is not None and value != "":
             lines.append(f': "${{{key.upper()}:={shlex.quote(str(value))}}}"')
     write_text(path, "\n".join(lines) + "\n")
 

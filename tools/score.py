@@ -93,17 +93,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.score", description=__doc__.split("\n\n")[0],
                                  epilog="Arguments after -- go to swift's InferArguments (e.g. --max_pixels).")
     ap.add_argument("--checkpoint", required=True, help="a swift training checkpoint (adapter) directory")
-    ap.add_argument("--dataset", required=True, help="swift JSONL rows to score")
-    ap.add_argument("--output", required=True, help="CSV: image, then one probability column per label")
+    ap.add_argument("--dataset", required=True, action="append", help="swift JSONL rows to score (repeatable)")
+    ap.add_argument("--output", required=True, action="append",
+                    help="CSV: image, then one probability column per label (one per --dataset)")
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args(ours)
-    rows = read_jsonl(args.dataset)
-    start = time.time()
-    model, template, label_ids, _ = load(["--adapters", args.checkpoint, *swift_argv])
-    probs = score_rows(model, template, label_ids, rows, args.batch_size)
-    names = [Path(r["images"][0]).name for r in rows]
-    write_probs(args.output, names, probs)
-    print(f"scored {len(rows)} images in {time.time() - start:.0f} s -> {args.output}")
+    if len(args.dataset) != len(args.output):
+        ap.error("give one --output per --dataset")
+    model, template, label_ids, _ = load(["--adapters", args.checkpoint, *swift_argv])  # loaded once for all
+    for dataset, output in zip(args.dataset, args.output):
+        start = time.time()
+        rows = read_jsonl(dataset)
+        probs = score_rows(model, template, label_ids, rows, args.batch_size)
+        write_probs(output, [Path(r["images"][0]).name for r in rows], probs)
+        print(f"scored {len(rows)} images in {time.time() - start:.1f} s ({len(rows) / (time.time() - start):.1f}"
+              f" images/s) -> {output}")
     return 0
 
 

@@ -62,6 +62,10 @@ class Layout:
         return self.data_dir / f"{stage}_val.jsonl"
 
     @property
+    def val_list(self) -> Path:  # the held-out split as name<TAB>label, for tuning fusion
+        return self.data_dir / "val.txt"
+
+    @property
     def test_jsonl(self) -> Path:
         return self.data_dir / "test.jsonl"
 

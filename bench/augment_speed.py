@@ -1,0 +1,151 @@
+"""Augmentation speed: end-to-end images/s of tools.augment.run_plan, and a per-stage breakdown.
+
+    .venv/bin/python bench/augment_speed.py [--n-images 40] [--copies 8] [--workers 2] [--max-pixels 1003520]
+
+Source images: demo corridor scenes (tools.make_demo.risk_scene) upscaled to 1280×960 and passed through
+the demo's camera model (exposure, sensor noise, some blur), saved as JPEG quality 92 in a temporary folder,
+with the demo's hazard cut-outs. End to end = run_plan over n_images × copies jobs (decode, resize to the
+max_pixels rule, the job's transforms, JPEG q90 encode, write), with the planner's default transform mix
+and insertion jobs, wall clock including the worker processes' start. The breakdown runs every stage on
+every image in this process with one OpenCV thread (ms per image, mean over --repeat passes).
+Prints a Markdown table (for bench/README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tools import augment as A  # noqa: E402
+from tools import make_demo, scenes  # noqa: E402
+from tools.dataset import Sample  # noqa: E402
+from tools.task import LABELS  # noqa: E402
+
+CORRIDOR_LABELS = ("无风险", "低风险", "中风险", "高风险")
+
+
+def make_sources(folder: Path, n: int, width: int, height: int, seed: int) -> list[Sample]:
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i in range(n):
+        label = CORRIDOR_LABELS[i % len(CORRIDOR_LABELS)]
+        rng = np.random.default_rng([seed, i])
+        small = np.asarray(make_demo.risk_scene(rng, label).image)
+        big = Image.fromarray(cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC))
+        path = folder / f"src{i:03d}.jpg"
+        scenes.finish(rng, big).save(path, format="JPEG", quality=92)
+        samples.append(Sample(path.name, path, label, f"bench:{i}"))
+    return samples
+
+
+def breakdown(samples: list[Sample], cutouts: list[Path], cfg: A.AugmentConfig, max_pixels: int,
+              repeat: int) -> dict[str, float]:
+    """Mean ms per image of each stage, every stage on every image, one process, one OpenCV thread."""
+    cv2.setNumThreads(1)
+    cuts = [A.load_cutout(p) for p in cutouts]
+    stages = ("decode", "resize", "geometric", "colour", "padding", "insertion", "encode")
+    total = dict.fromkeys(stages, 0.0)
+    count = 0
+    for r in range(repeat):
+        for i, s in enumerate(samples):
+            rng = np.random.default_rng([r, i])
+            t0 = time.perf_counter()
+            raw = A.decode_image(s.path, max_pixels)
+            t1 = time.perf_counter()
+            img = A.resize_for_model(raw, max_pixels)
+            t2 = time.perf_counter()
+            A.random_geometric(img, rng, cfg)
+            t3 = time.perf_counter()
+            A.random_colour(img, rng, cfg)
+            t4 = time.perf_counter()
+            A.random_padding(img, rng, cfg, max_pixels)  # padded straight to the model's size
+            t5 = time.perf_counter()
+            A.insert_hazard(img, cuts[i % len(cuts)], rng, cfg)
+            t6 = time.perf_counter()
+            A.encode_jpeg(img, cfg.jpeg_quality)
+            t7 = time.perf_counter()
+            for name, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6)):
+                total[name] += dt
+            count += 1
+    cv2.setNumThreads(-1)
+    return {k: 1000 * v / count for k, v in total.items()}
+
+
+def end_to_end(samples: list[Sample], cutouts: Path, out: Path, copies: int, workers: int, max_pixels: int,
+               all_transforms: bool) -> tuple[int, float, dict[str, int]]:
+    cfg = A.AugmentConfig(p_geometric=1, p_colour=1, p_padding=1) if all_transforms else A.AugmentConfig()
+    n_insert = sum(s.label in A.INSERT_SOURCES for s in samples)  # one insertion copy per eligible source
+    jobs = A.plan_augmentation(samples, {label: copies for label in LABELS}, seed=0, config=cfg, cutouts=cutouts,
+                               n_insert=n_insert)
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    A.run_plan(jobs, out, config=cfg, max_pixels=max_pixels, workers=workers, progress=False)
+    wall = time.perf_counter() - t
+    mix = {name: sum(name in j.transforms for j in jobs) for name in A.TRANSFORMS}
+    return len(jobs), wall, mix
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n-images", type=int, default=40)
+    ap.add_argument("--copies", type=int, default=8, help="augmented copies per source image (end to end)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--max-pixels", type=int, default=A.DEFAULT_MAX_PIXELS)
+    ap.add_argument("--width", type=int, default=1280)
+    ap.add_argument("--height", type=int, default=960)
+    ap.add_argument("--repeat", type=int, default=3, help="passes over the images for the breakdown")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="augment-bench-"))
+    try:
+        load_before = os.getloadavg()
+        samples = make_sources(tmp / "src", args.n_images, args.width, args.height, args.seed)
+        make_demo.write_cutouts(tmp / "cutouts", args.seed)
+        cutouts = A.list_cutouts(tmp / "cutouts")
+        h, w = A.smart_resize(args.height, args.width, max_pixels=args.max_pixels)
+        cfg = A.AugmentConfig()
+
+        stages = breakdown(samples, cutouts, cfg, args.max_pixels, args.repeat)
+        runs = []
+        for workers, all_t in ((args.workers, False), (1, False), (args.workers, True)):
+            n, wall, mix = end_to_end(samples, tmp / "cutouts", tmp / "out", args.copies, workers,
+                                      args.max_pixels, all_t)
+            runs.append((workers, all_t, n, wall, mix))
+        load_after = os.getloadavg()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
+          f"OpenCV {cv2.__version__}, numpy {np.__version__}; load average before {load_before[0]:.2f}, "
+          f"after {load_after[0]:.2f}")
+    print(f"source: {args.n_images} JPEGs {args.width}×{args.height} → model size {w}×{h} "
+          f"(max_pixels {args.max_pixels})\n")
+    print("| end to end | workers | jobs | transforms applied (geometric / colour / padding / insert) "
+          "| wall s | images/s |")
+    print("|---|---:|---:|---|---:|---:|")
+    for workers, all_t, n, wall, mix in runs:
+        kind = "every transform on every job" if all_t else "default plan mix"
+        applied = " / ".join(str(mix[t]) for t in ("geometric", "colour", "padding", "insert"))
+        print(f"| {kind} | {workers} | {n} | {applied} | {wall:.2f} | **{n / wall:.1f}** |")
+    print(f"\n| stage (1 process, 1 OpenCV thread) | ms / image |\n|---|---:|")
+    for name, ms in stages.items():
+        print(f"| {name} | {ms:.2f} |")
+    print(f"| sum (every stage once) | {sum(stages.values()):.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
