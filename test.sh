@@ -26,7 +26,7 @@ for stage in stage1 stage2; do
       --batch-size "$SCORE_BATCH_SIZE" \
       -- --max_pixels "$MAX_PIXELS" "$@"
 done
-if [[ -z "$FUSION_PARAMS" ]]; then
+if [[ -z "$FUSION_PARAMS" && -s "$OUTPUT_DIR/data/val.txt" ]]; then
   FUSION_PARAMS=$OUTPUT_DIR/fusion.json
   step "fusion search on the validation split" \
     python -m tools.fusion_search \
@@ -36,7 +36,7 @@ if [[ -z "$FUSION_PARAMS" ]]; then
       --output "$FUSION_PARAMS"
 fi
 step "fuse and write submission" \
-  python -m tools.predict --output-dir "$OUTPUT_DIR" --fusion-params "$FUSION_PARAMS"
+  python -m tools.predict --output-dir "$OUTPUT_DIR" ${FUSION_PARAMS:+--fusion-params "$FUSION_PARAMS"}
 step "validate submission" \
   python -m tools.validate_submission "$OUTPUT_DIR/b-submit.txt" --test-list "$TEST_LIST"
 if [[ "${TEST_LABELLED:-0}" == 1 ]]; then
