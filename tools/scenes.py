@@ -116,9 +116,7 @@ def _layer(w: int, h: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
 def draw_object(rng: np.random.Generator, kind: str, w: int, h: int, x: float, y: float, s: float) -> Image.Image:
     """One object standing on the floor at (x, y) with scale s, on a transparent layer of size (w, h)."""
     layer, d = _layer(w, h)
-    # The object's unit size in pixels. Hazards and clutter are drawn large: at the demo's 36 visual tokens a
-    # tiny model sees mostly what changes an image's overall colour and texture.
-    u = s * w * (0.6 if kind in HAZARDS else 0.4)
+    u = s * w * (0.36 if kind in HAZARDS else 0.28)  # the object's unit size in pixels; hazards are salient
     if kind == "ebike":
         frame = _pick(rng, HAZARD_COLOURS)
         r = u * 0.24
@@ -205,7 +203,7 @@ def draw_cable(rng: np.random.Generator, g: Corridor, layer: Image.Image, x: flo
 
 def place(rng: np.random.Generator, g: Corridor, where: str) -> tuple[float, float, float]:
     """A floor point (x, y, scale): at a side (tidy storage) or anywhere including the centre (blocking)."""
-    t = float(rng.uniform(0.05, 0.6 if where == "side" else 0.45))
+    t = float(rng.uniform(0.05, 0.6))
     if where == "side":
         u = float(rng.uniform(0.06, 0.2)) if rng.random() < 0.5 else float(rng.uniform(0.8, 0.94))
     else:
