@@ -10,10 +10,7 @@ FUSION_PARAMS=${FUSION_PARAMS:-}              # fusion JSON to use as is; empty 
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source tools/common.sh
-[[ -f "$OUTPUT_DIR/pipeline.env" ]] || { log "no $OUTPUT_DIR/pipeline.env: run data-pre.sh first"; exit 1; }
-source "$OUTPUT_DIR/pipeline.env"
-source "recipes/${RECIPE:-real}.env"
-export MAX_PIXELS
+load_pipeline
 
 start=$SECONDS
 for stage in stage1 stage2; do

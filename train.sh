@@ -12,10 +12,7 @@ SEED=${SEED:-42}
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source tools/common.sh
-[[ -f "$OUTPUT_DIR/pipeline.env" ]] || { log "no $OUTPUT_DIR/pipeline.env: run data-pre.sh first"; exit 1; }
-source "$OUTPUT_DIR/pipeline.env"
-source "recipes/${RECIPE:-real}.env"
-export MAX_PIXELS
+load_pipeline
 
 train_stage() {
   local stage=$1 model=$2 epochs=$3

@@ -17,3 +17,13 @@ step() {
   "$@"
   log "$name done in $((SECONDS - start)) s"
 }
+
+# load_pipeline: the recipe and models that data-pre.sh recorded, then that recipe's defaults.
+load_pipeline() {
+  [[ -f "$OUTPUT_DIR/pipeline.env" ]] || { log "no $OUTPUT_DIR/pipeline.env: run data-pre.sh first"; exit 1; }
+  # shellcheck disable=SC1090,SC1091
+  source "$OUTPUT_DIR/pipeline.env"
+  # shellcheck disable=SC1090
+  source "recipes/${RECIPE:-real}.env"
+  export MAX_PIXELS
+}
