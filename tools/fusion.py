@@ -42,12 +42,23 @@ class FusionParams:
         write_json(path, {**asdict(self), "labels": list(LABELS), **extra})
 
 
-def fuse(p1: np.ndarray, p2_high: np.ndarray, params: FusionParams) -> np.ndarray:
-    """[N, 5] fused probabilities from [N, 5] stage-1 probabilities and [N] stage-2 高风险 probabilities."""
+def features(p1: np.ndarray, p2_high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(log p1 [N, 5], logit p2 [N]), clipped away from 0 and 1; computed once, scored for many params."""
     p1 = np.clip(np.asarray(p1, dtype=np.float64), EPS, 1.0)
     p2 = np.clip(np.asarray(p2_high, dtype=np.float64), EPS, 1 - EPS)
-    score = np.log(p1) + np.asarray(params.offsets)
-    score[:, HIGH_RISK_INDEX] += params.beta * (np.log(p2) - np.log1p(-p2))
+    return np.log(p1), np.log(p2) - np.log1p(-p2)
+
+
+def scores(log_p1: np.ndarray, logit2: np.ndarray, beta: float, offsets) -> np.ndarray:
+    """The fused log-scores before normalisation; their argmax is the fused label."""
+    s = log_p1 + np.asarray(offsets, dtype=np.float64)
+    s[:, HIGH_RISK_INDEX] += beta * logit2
+    return s
+
+
+def fuse(p1: np.ndarray, p2_high: np.ndarray, params: FusionParams) -> np.ndarray:
+    """[N, 5] fused probabilities from [N, 5] stage-1 probabilities and [N] stage-2 高风险 probabilities."""
+    score = scores(*features(p1, p2_high), params.beta, params.offsets)
     score -= score.max(1, keepdims=True)
     e = np.exp(score)
     return e / e.sum(1, keepdims=True)

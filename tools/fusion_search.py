@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.dataset import DataError, parse_list
-from tools.fusion import EPS, FusionParams
-from tools.metrics import WEIGHTS, confusion_matrix
+from tools.dataset import DataError, read_list
+from tools.fusion import FusionParams, features, scores
+from tools.metrics import weighted_f1
 from tools.score import read_probs
 from tools.task import HIGH_RISK_INDEX, LABEL_TO_INDEX, LABELS
 
@@ -71,27 +71,9 @@ SETTINGS: tuple[Setting, ...] = (
 
 # ---------------------------------------------------------------------------------------------- objective
 
-def features(p1: np.ndarray, p2_high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(log p1 [N, 5], logit p2 [N]) clipped exactly as tools.fusion.fuse clips them."""
-    p1 = np.clip(np.asarray(p1, dtype=np.float64), EPS, 1.0)
-    p2 = np.clip(np.asarray(p2_high, dtype=np.float64), EPS, 1 - EPS)
-    return np.log(p1), np.log(p2) - np.log1p(-p2)
-
-
 def predict_labels(log_p1: np.ndarray, logit2: np.ndarray, beta: float, offsets) -> np.ndarray:
     """argmax of tools.fusion.fuse (softmax is monotone, so the scores' argmax is the same)."""
-    s = log_p1 + np.asarray(offsets, dtype=np.float64)
-    s[:, HIGH_RISK_INDEX] += beta * logit2
-    return s.argmax(1)
-
-
-def weighted_f1(gold: np.ndarray, pred: np.ndarray) -> float:
-    """Σ w·F1 (tools.metrics' definition, inlined for speed: the search calls it thousands of times)."""
-    cm = confusion_matrix(gold, pred).astype(np.float64)
-    tp = np.diag(cm)
-    denom = cm.sum(0) + cm.sum(1)  # F1 = 2 tp / (predicted + actual); 0 when the class is nowhere
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    return float((WEIGHTS * f1).sum())
+    return scores(log_p1, logit2, beta, offsets).argmax(1)
 
 
 # ---------------------------------------------------------------------------------------------- fitting
@@ -275,9 +257,7 @@ def load_validation(stage1: str | Path, stage2: str | Path, gold: str | Path
     stage1, stage2, gold = Path(stage1), Path(stage2), Path(gold)
     names1, p1 = _probs_by_name(stage1)
     names2, p2 = _probs_by_name(stage2)
-    samples, errors = parse_list(gold, ".", labelled=True)
-    if errors:
-        raise DataError(f"{len(errors)} problem(s) in {gold}:\n" + "\n".join(errors[:20]))
+    samples = read_list(gold, ".", labelled=True, check_images=False)
     labels = {s.name: s.label for s in samples}
     if not names1:
         raise DataError(f"{stage1}: no rows")

@@ -16,6 +16,7 @@ No network is used: the tokenizer is the real Qwen one shipped in the `qwen-toke
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -86,8 +87,6 @@ def _render_risk(job: tuple[int, str, int, str]) -> tuple[str, bytes]:
     rng = np.random.default_rng(_image_seed(seed, split, index))
     img = scenes.finish(rng, risk_scene(rng, label).image)
     data = _encode_jpeg(img)
-    import hashlib
-
     return hashlib.md5(data).hexdigest() + ".jpg", data  # official names are the image's md5
 
 
