@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Validate the data, split train/validation by label, write swift JSONL for both stages.
+# Validate the data, split train/validation by label, write swift JSONL for both stages, then augment the
+# training split (VL-ADAS: docs/augmentation.md) and add the copies to both stages' training sets.
 # With no DATA_DIR, builds the embedded demo first (synthetic corridors + tiny pre-trained models, cached).
 #   bash data-pre.sh
 #   DATA_DIR=/data/ele MODEL_STAGE1=Qwen/Qwen2.5-VL-7B-Instruct MODEL_STAGE2=Qwen/Qwen2.5-VL-3B-Instruct bash data-pre.sh
@@ -18,7 +19,14 @@ DEMO_SEED=${DEMO_SEED:-0}
 DEMO_TRAIN=${DEMO_TRAIN:-600}                 # demo training images
 DEMO_TEST=${DEMO_TEST:-300}                   # demo test images (labelled)
 DEMO_QUICK=${DEMO_QUICK:-0}                   # 1 = barely pre-trained demo models (plumbing tests only)
+AUGMENT=${AUGMENT:-1}                         # 0 = no augmentation (the split and repeats only)
+AUGMENT_FILTER=${AUGMENT_FILTER:-auto}        # consistency filter: auto (demo, or a GPU), 1 always, 0 never
+AUGMENT_FILTER_RATIO=${AUGMENT_FILTER_RATIO:-0.5}
+AUGMENT_MULTIPLIERS=${AUGMENT_MULTIPLIERS:-}  # extra copies per original, e.g. 高风险=10,非楼道=4 (empty = these)
+AUGMENT_INSERT=${AUGMENT_INSERT:-}            # hazard-insertion copies (empty = 2 x the 高风险 originals)
+CUTOUTS_DIR=${CUTOUTS_DIR:-auto}              # RGBA hazard cut-outs; auto = demo's / $DATA_DIR/cutouts; none = off
 [[ -n "$DATA_DIR" ]] && DATA_DIR=$(realpath -m "$DATA_DIR")
+[[ "$CUTOUTS_DIR" != auto && "$CUTOUTS_DIR" != none ]] && CUTOUTS_DIR=$(realpath -m "$CUTOUTS_DIR")
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source tools/common.sh
@@ -33,11 +41,17 @@ if [[ -z "$DATA_DIR" ]]; then
     "${demo[@]}" --data-dir "$DATA_DIR" --train "$DEMO_TRAIN" --test "$DEMO_TEST"
   MODEL_STAGE1=${MODEL_STAGE1:-$("${demo[@]}" --print-model stage1)}
   MODEL_STAGE2=${MODEL_STAGE2:-$("${demo[@]}" --print-model stage2)}
+  [[ "$CUTOUTS_DIR" == auto ]] && CUTOUTS_DIR=$DATA_DIR/cutouts
 else
   RECIPE=${RECIPE:-real}
   MODEL_STAGE1=${MODEL_STAGE1:-Qwen/Qwen2.5-VL-7B-Instruct}
   MODEL_STAGE2=${MODEL_STAGE2:-Qwen/Qwen2.5-VL-3B-Instruct}
+  if [[ "$CUTOUTS_DIR" == auto ]]; then
+    if [[ -d "$DATA_DIR/cutouts" ]]; then CUTOUTS_DIR=$DATA_DIR/cutouts; else CUTOUTS_DIR=none; fi
+  fi
 fi
+# shellcheck disable=SC1090
+source "recipes/$RECIPE.env"                  # MAX_PIXELS (augment at the model's size), TORCH_DTYPE
 
 log "data: $DATA_DIR   recipe: $RECIPE   output: $OUTPUT_DIR"
 log "stage 1 model: $MODEL_STAGE1"
@@ -52,4 +66,13 @@ step "validate and split" \
     --model-stage1 "$MODEL_STAGE1" \
     --model-stage2 "$MODEL_STAGE2" \
     "$@"
+if [[ "$AUGMENT" == 1 ]]; then
+  augment=(python -m tools.augment_data --output-dir "$OUTPUT_DIR" --seed "$SEED" --max-pixels "$MAX_PIXELS"
+           --filter "$AUGMENT_FILTER" --filter-ratio "$AUGMENT_FILTER_RATIO" --model-stage1 "$MODEL_STAGE1"
+           --recipe "$RECIPE" --torch-dtype "$TORCH_DTYPE" --score-batch-size "$SCORE_BATCH_SIZE")
+  [[ "$CUTOUTS_DIR" != none ]] && augment+=(--cutouts "$CUTOUTS_DIR")
+  [[ -n "$AUGMENT_MULTIPLIERS" ]] && augment+=(--multipliers "$AUGMENT_MULTIPLIERS")
+  [[ -n "$AUGMENT_INSERT" ]] && augment+=(--insert "$AUGMENT_INSERT")
+  step "augment the training split" "${augment[@]}"
+fi
 log "total $((SECONDS - start)) s; next: bash train.sh"

@@ -10,20 +10,39 @@ Writes, under <output-dir>/data/:
                       (--stage2-other-ratio times the number of 高风险 images)
   stage2_val.jsonl    same held-out split as stage 1, so both stages are judged on the same images
   test.jsonl          inference rows, in the test list's order
-  manifest.json       inputs, seed and counts, read by train.sh and test.sh
+  train_split.txt     the training part of the split (<image>\t<label>), the only input of augmentation
+  val.txt             the held-out part, for tuning fusion
+  manifest.json       inputs, seed, composition settings and counts, read by train.sh, test.sh and
+                      tools.augment_data
+
+Augmentation (tools.augment_data, run by data-pre.sh after this) rewrites the two training JSONLs with
+stage1_set/stage2_set below, given its augmented copies: they take the place of plain repeats.
 """
 from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from tools.dataset import DataError, Sample, class_counts, read_list
 from tools.fileio import write_json, write_jsonl, write_text
 from tools.task import HIGH_RISK, LABELS, TEST_IMAGES, TEST_LIST, TRAIN_IMAGES, TRAIN_LIST, Layout, sft_row
+
+TRAIN_SPLIT = "train_split.txt"  # in <output-dir>/data/: the training part of the split
+AUGMENTED = "augmented"  # in <output-dir>/data/: tools.augment_data's images, lists and report
+
+
+def train_split_list(layout: Layout) -> Path:
+    return layout.data_dir / TRAIN_SPLIT
+
+
+def augmented_dir(layout: Layout) -> Path:
+    return layout.data_dir / AUGMENTED
 
 
 def stratified_split(samples: list[Sample], val_ratio: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -65,15 +84,35 @@ def oversample(samples: list[Sample], min_share: float, seed: int) -> list[Sampl
     return [rows[i] for i in rng.permutation(len(rows))]
 
 
-def stage2_set(samples: list[Sample], high_repeat: int, other_ratio: float, seed: int) -> list[Sample]:
-    """The specialist's training rows: 高风险 ×high_repeat, all 中风险, and other_ratio × #高风险 of the rest."""
+def stage1_set(samples: list[Sample], min_share: float, seed: int, augmented: Sequence[Sample] = ()) -> list[Sample]:
+    """Stage 1's training rows: the originals and every augmented copy, then plain repeats (oversample) only
+    for a label still under `min_share` of the rows. Without copies this is oversample(samples) exactly."""
+    return oversample(list(samples) + list(augmented), min_share, seed)
+
+
+def stage2_set(samples: list[Sample], high_repeat: int, other_ratio: float, seed: int,
+               augmented: Sequence[Sample] = ()) -> list[Sample]:
+    """The specialist's training rows: 高风险 ×high_repeat, all 中风险, and other_ratio × #高风险 of the rest.
+
+    Sizes are set by the original images. With augmented copies, the 高风险 block is the originals plus a
+    seeded sample of the 高风险 copies (insertion-made ones included) in place of the plain repeats; a
+    repeat is used only when there are too few copies. Without copies the rows are exactly as before."""
     rng = np.random.default_rng(seed)
     high = [s for s in samples if s.label == HIGH_RISK]
     medium = [s for s in samples if s.label == "中风险"]
     rest = [s for s in samples if s.label not in (HIGH_RISK, "中风险")]
     n_rest = min(len(rest), round(other_ratio * len(high)))
     picked = [rest[i] for i in sorted(rng.permutation(len(rest))[:n_rest])]
-    rows = high * high_repeat + medium + picked
+    copies = [a for a in augmented if a.label == HIGH_RISK]
+    if copies and high and high_repeat >= 1:
+        aug_rng = np.random.default_rng([seed, 2])  # its own stream: the rows above are as without copies
+        n_copies = min(len(copies), (high_repeat - 1) * len(high))
+        high_rows = high + [copies[i] for i in sorted(aug_rng.permutation(len(copies))[:n_copies])]
+        reps, extra = divmod(high_repeat * len(high) - len(high_rows), len(high))
+        high_rows += high * reps + [high[i] for i in sorted(aug_rng.permutation(len(high))[:extra])]
+    else:
+        high_rows = high * high_repeat
+    rows = high_rows + medium + picked
     return [rows[i] for i in rng.permutation(len(rows))]
 
 
@@ -101,9 +140,10 @@ def prepare(args: argparse.Namespace) -> dict:
         raise DataError(f"{test_list}: {len(overlap)} test image(s) also in {train_list}, e.g. {sorted(overlap)[0]}")
 
     fit, val = stratified_split(train, args.val_ratio, args.seed)
-    stage1 = oversample(fit, args.stage1_min_share, args.seed)
+    stage1 = stage1_set(fit, args.stage1_min_share, args.seed)
     stage2 = stage2_set(fit, args.stage2_high_repeat, args.stage2_other_ratio, args.seed)
     layout = Layout(args.output_dir)
+    shutil.rmtree(augmented_dir(layout), ignore_errors=True)  # a new split: earlier copies no longer apply
     val_rows = [sft_row(s.path, s.label) for s in val]
     write_jsonl(layout.train_jsonl("stage1"), (sft_row(s.path, s.label) for s in stage1))
     write_jsonl(layout.train_jsonl("stage2"), (sft_row(s.path, s.label) for s in stage2))
@@ -111,10 +151,13 @@ def prepare(args: argparse.Namespace) -> dict:
         write_jsonl(layout.val_jsonl(stage), val_rows)
     write_jsonl(layout.test_jsonl, (sft_row(s.path, None) for s in test))
     write_text(layout.val_list, "".join(f"{s.name}\t{s.label}\n" for s in val))
+    write_text(train_split_list(layout), "".join(f"{s.name}\t{s.label}\n" for s in fit))
     manifest = {
         "train_list": str(train_list.resolve()), "train_images": str(train_images.resolve()),
         "test_list": str(test_list.resolve()), "test_images": str(test_images.resolve()),
         "test_labelled": test[0].label is not None, "seed": args.seed, "val_ratio": args.val_ratio,
+        "composition": {"stage1_min_share": args.stage1_min_share, "stage2_high_repeat": args.stage2_high_repeat,
+                        "stage2_other_ratio": args.stage2_other_ratio},
         "counts": {"train": class_counts(fit), "val": class_counts(val), "test": class_counts(test),
                    "stage1_rows": class_counts(stage1), "stage2_rows": class_counts(stage2)},
     }
