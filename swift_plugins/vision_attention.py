@@ -1,0 +1,169 @@
+"""Faster Qwen2.5-VL vision tower without flash-attn: patched on import (an ms-swift `--external_plugins` file).
+
+Without flash-attn, transformers' `Qwen2_5_VLVisionAttention.forward` splits the patch sequence at
+`cu_seqlens` and calls attention once per window in a Python loop: 80 windows per 1,280-token image in each
+of 28 windowed layers, plus a host sync per layer. That loop was ~85 % of a 7B forward pass on an H200
+(bench/README.md). This module replaces it by
+
+- on CUDA with `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10): one variable-length call per layer;
+- otherwise (CPU, older torch): one batched `scaled_dot_product_attention` call per distinct window length.
+  The windows of one length are gathered into a batch; nothing is padded or masked, so each window sees
+  exactly the keys it saw before. On CPU (fp32) the output equals the loop's (tests/test_vision_attention.py).
+
+It also replaces the patch embedding's `Conv3d` (kernel == stride, one patch per output) by the equivalent
+matrix product: cuDNN picks very slow kernels for that shape in bf16 (transformers #45750, #45041).
+
+Knobs (environment variables, read at import):
+  FIRESAFE_VISION_ATTN   auto (default: varlen on CUDA, batched sdpa elsewhere) | varlen | sdpa | off
+  FIRESAFE_PATCH_EMBED   linear (default) | conv (transformers' Conv3d)
+The model's own attention implementation is left alone unless it is "sdpa" (the default without
+flash-attn): with flash_attention_2 transformers already does one varlen call.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - depends on the torch version
+    varlen_attn = None
+
+
+
+def _check(mode: str, patch_embed: str) -> tuple[str, str]:
+    mode, patch_embed = mode.strip().lower(), patch_embed.strip().lower()
+    if mode not in ("auto", "varlen", "sdpa", "off"):
+        raise ValueError(f"FIRESAFE_VISION_ATTN={mode!r}: expected auto, varlen, sdpa or off")
+    if patch_embed not in ("linear", "conv"):
+        raise ValueError(f"FIRESAFE_PATCH_EMBED={patch_embed!r}: expected linear or conv")
+    return mode, patch_embed
+
+
+MODE, PATCH_EMBED = _check(os.environ.get("FIRESAFE_VISION_ATTN", "auto"),
+                           os.environ.get("FIRESAFE_PATCH_EMBED", "linear"))
+
+ORIGINAL_ATTENTION_FORWARD = getattr(qwen.Qwen2_5_VLVisionAttention.forward, "__wrapped_original__",
+                                     qwen.Qwen2_5_VLVisionAttention.forward)
+ORIGINAL_PATCH_EMBED_FORWARD = getattr(qwen.Qwen2_5_VisionPatchEmbed.forward, "__wrapped_original__",
+                                       qwen.Qwen2_5_VisionPatchEmbed.forward)
+
+
+def _segments(cu_seqlens: torch.Tensor) -> tuple[list[int], int]:
+    """(lengths, max length) of the segments, computed once per cu_seqlens tensor (one host sync per forward
+    instead of one per layer: every layer of a forward pass receives the same tensor object)."""
+    cached = getattr(cu_seqlens, "_firesafe_segments", None)
+    if cached is None:
+        bounds = cu_seqlens.tolist()
+        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        cached = (lengths, max(lengths, default=0))
+        try:
+            cu_seqlens._firesafe_segments = cached
+        except (AttributeError, RuntimeError):  # e.g. under tracing
+            pass
+    return cached
+
+
+def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                  scaling: float) -> torch.Tensor:
+    """Attention within each segment; q, k, v are [tokens, heads, dim] and so is the result."""
+    lengths, _ = _segments(cu_seqlens)
+    tokens, heads, dim = q.shape
+    by_length: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        if n:
+            by_length.setdefault(n, []).append(i)
+    if len(by_length) == 1:  # all segments the same length: a view, no gather
+        (n, _), = by_length.items()
+        qb, kb, vb = (t.reshape(tokens // n, n, heads, dim).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qb, kb, vb, dropout_p=0.0, is_causal=False, scale=scaling)
+        return out.transpose(1, 2).reshape(tokens, heads, dim)
+    starts = [0]
+    for n in lengths[:-1]:
+        starts.append(starts[-1] + n)
+    out = q.new_empty(q.shape)
+    for n, segs in by_length.items():
+        index = (torch.tensor([starts[s] for s in segs], device=q.device)[:, None]
+                 + torch.arange(n, device=q.device)).reshape(-1)
+        qb, kb, vb = (t.index_select(0, index).reshape(len(segs), n, heads, dim).transpose(1, 2) for t in (q, k, v))
+        ob = F.scaled_dot_product_attention(qb, kb, vb, dropout_p=0.0, is_causal=False, scale=scaling)
+        out.index_copy_(0, index, ob.transpose(1, 2).reshape(-1, heads, dim))
+    return out
+
+
+def _use_varlen(q: torch.Tensor) -> bool:
+    if MODE == "sdpa" or varlen_attn is None or not q.is_cuda:
+        return False
+    return q.dtype in (torch.float16, torch.bfloat16)
+
+
+def attention_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                      position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      max_seqlen: int | None = None, **kwargs) -> torch.Tensor:
+    """Drop-in for Qwen2_5_VLVisionAttention.forward: same projections and rotary, no per-window loop."""
+    if (MODE == "off" or self.config._attn_implementation != "sdpa" or kwargs.get("output_attentions")
+            or (self.training and self.attention_dropout > 0)):
+        return ORIGINAL_ATTENTION_FORWARD(self, hidden_states, cu_seqlens, position_embeddings=position_embeddings,
+                                          max_seqlen=max_seqlen, **kwargs)
+    seq_length = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = qwen.apply_rotary_pos_emb_vision(q, k, cos, sin)
+    if _use_varlen(q):
+        if max_seqlen is None:
+            max_seqlen = _segments(cu_seqlens)[1]
+        cu = cu_seqlens.to(torch.int32)
+        out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_seqlen, max_seqlen,
+                          **_VARLEN_SCALE(self.scaling, q.shape[-1]))
+    else:
+        out = _grouped_sdpa(q, k, v, cu_seqlens, self.scaling)
+    return self.proj(out.reshape(seq_length, -1).contiguous())
+
+
+def _varlen_scale_kwargs():
+    import inspect
+
+    if varlen_attn is None:
+        return lambda scaling, dim: {}
+    takes_scale = "scale" in inspect.signature(varlen_attn).parameters
+
+    def kwargs(scaling: float, dim: int) -> dict:
+        if takes_scale:
+            return {"scale": scaling}
+        if abs(scaling - dim ** -0.5) > 1e-12:  # older signature: only the default 1/sqrt(dim) scale
+            raise RuntimeError("this torch's varlen_attn has no scale argument; set FIRESAFE_VISION_ATTN=sdpa")
+        return {}
+    return kwargs
+
+
+_VARLEN_SCALE = _varlen_scale_kwargs()
+
+
+def patch_embed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Drop-in for Qwen2_5_VisionPatchEmbed.forward: Conv3d with kernel == stride on one patch is a matmul."""
+    weight = self.proj.weight
+    hidden_states = hidden_states.reshape(-1, weight[0].numel()).to(dtype=weight.dtype)
+    return F.linear(hidden_states, weight.reshape(weight.shape[0], -1), self.proj.bias).view(-1, self.embed_dim)
+
+
+def apply(mode: str | None = None, patch_embed: str | None = None) -> None:
+    """Install the patches (idempotent); arguments override the environment's choice."""
+    global MODE, PATCH_EMBED
+    MODE, PATCH_EMBED = _check(mode or MODE, patch_embed or PATCH_EMBED)
+    attention_forward.__wrapped_original__ = ORIGINAL_ATTENTION_FORWARD
+    patch_embed_forward.__wrapped_original__ = ORIGINAL_PATCH_EMBED_FORWARD
+    qwen.Qwen2_5_VLVisionAttention.forward = ORIGINAL_ATTENTION_FORWARD if MODE == "off" else attention_forward
+    qwen.Qwen2_5_VisionPatchEmbed.forward = (patch_embed_forward if PATCH_EMBED == "linear"
+                                             else ORIGINAL_PATCH_EMBED_FORWARD)
+
+
+def restore() -> None:
+    """Back to transformers' own forwards (for tests and benchmarks)."""
+    qwen.Qwen2_5_VLVisionAttention.forward = ORIGINAL_ATTENTION_FORWARD
+    qwen.Qwen2_5_VisionPatchEmbed.forward = ORIGINAL_PATCH_EMBED_FORWARD
+
+
+apply()
