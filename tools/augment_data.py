@@ -50,7 +50,7 @@ from tools.task import LABEL_TO_INDEX, LABELS, Layout, read_json, sft_row
 
 FILTER_MODES = ("auto", "0", "1")
 DEFAULT_RATIO = 0.5
-PRIOR_SAMPLE = 256  # training originals scored to estimate the model's prior π
+PRIOR_SAMPLE = 128  # training originals scored to estimate the model's prior π
 CONTACT_ROWS = 6
 VectorsFn = Callable[[list[str]], np.ndarray]  # image paths -> [N, 5] probabilities (LABELS order)
 

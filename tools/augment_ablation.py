@@ -1,0 +1,92 @@
+"""Augmentation off vs on: the test scores of finished pipeline runs side by side, as a Markdown table.
+
+    python -m tools.augment_ablation off=outputs/ablation/augment0 on=outputs/ablation/augment1
+
+Each run is an OUTPUT_DIR after data-pre.sh, train.sh and scoring (bench/augment_ablation.sh makes both). The
+gold labels come from the labelled test list named in the run's data/manifest.json; stage 1 is read from
+stage1/test_probs.csv (tools.score, also what test.sh writes), the fused result from probabilities.csv when
+test.sh ran both stages. Scores are tools.metrics': weighted F1 = Σ w·F1 (max 6.5) and 高风险's F1.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tools.dataset import DataError, read_list
+from tools.metrics import Scores, score
+from tools.predict import aligned_probs
+from tools.task import HIGH_RISK, HIGH_RISK_INDEX, LABEL_TO_INDEX, LABELS, MAX_SCORE, Layout, read_json
+
+TIMING = "ablation.json"  # written into each run folder by bench/augment_ablation.sh: {"seconds": ...}
+
+
+def fused_probs(path: Path, names: list[str]) -> np.ndarray:
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if [r["image"] for r in rows] != names:
+        raise DataError(f"{path}: does not match the test list")
+    return np.array([[float(r[f"fused_{label}"]) for label in LABELS] for r in rows])
+
+
+def run_scores(output_dir: str | Path) -> dict:
+    """{'stage1': Scores, 'fused': Scores or None, 'stage1_rows': int, 'copies': int, 'seconds': float|None}."""
+    layout = Layout(output_dir)
+    manifest = read_json(layout.manifest)
+    test = read_list(manifest["test_list"], manifest["test_images"], labelled=True, check_images=False)
+    names = [s.name for s in test]
+    gold = [LABEL_TO_INDEX[s.label] for s in test]
+    p1 = aligned_probs(layout.run_dir("stage1") / "test_probs.csv", names)
+    out: dict = {"stage1": score(gold, p1.argmax(1)), "fused": None,
+                 "stage1_rows": sum(manifest["counts"]["stage1_rows"].values()),
+                 "copies": sum((manifest.get("augmentation") or {}).get("counts", {}).get("kept", {}).values()),
+                 "seconds": None}
+    if layout.probabilities.exists() and (layout.run_dir("stage2") / "test_probs.csv").exists():
+        out["fused"] = score(gold, fused_probs(layout.probabilities, names).argmax(1))
+    timing = layout.root / TIMING
+    if timing.exists():
+        out["seconds"] = json.loads(timing.read_text(encoding="utf-8")).get("seconds")
+    return out
+
+
+def table(runs: dict[str, dict]) -> str:
+    def f(s: Scores | None, high: bool = False) -> str:
+        if s is None:
+            return "–"
+        return f"{s.f1[HIGH_RISK_INDEX]:.3f}" if high else f"{s.weighted_f1:.3f}"
+
+    lines = [f"| run | augmented copies | stage-1 rows | stage-1 weighted F1 (max {MAX_SCORE:g}) | stage-1 {HIGH_RISK} F1 "
+             f"| fused weighted F1 | fused {HIGH_RISK} F1 | wall s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in runs.items():
+        secs = f"{r['seconds']:.0f}" if r["seconds"] is not None else "–"
+        lines.append(f"| {name} | {r['copies']} | {r['stage1_rows']} | {f(r['stage1'])} | {f(r['stage1'], True)} "
+                     f"| {f(r['fused'])} | {f(r['fused'], True)} | {secs} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.augment_ablation", description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", metavar="NAME=OUTPUT_DIR", help="a finished run, named for the table")
+    args = ap.parse_args(argv)
+    runs = {}
+    try:
+        for item in args.runs:
+            name, sep, folder = item.partition("=")
+            if not sep:
+                ap.error(f"expected NAME=OUTPUT_DIR, got {item!r}")
+            runs[name] = run_scores(folder)
+    except (DataError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(table(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
