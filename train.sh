@@ -1,22 +1,50 @@
 #!/usr/bin/env bash
-# Stage 1: LoRA on MODEL_STAGE1 for all five labels. Stage 2: LoRA on MODEL_STAGE2, the high-risk specialist.
+# Stage 1: LoRA on MODEL_STAGE1 for all five labels. Stage 2: the high-risk specialist on MODEL_STAGE2, by
+# default with the class-weighted loss and the High-Risk Feature Amplifier (swift_plugins/, docs/plugins.md).
 # Knobs come from $OUTPUT_DIR/pipeline.env (written by data-pre.sh) and recipes/$RECIPE.env; any variable set
 # in the environment wins. Extra arguments go straight to `swift sft` for both stages and override ours:
 #   bash train.sh --lora_rank 16 --num_train_epochs 3
 #   STAGES=stage2 bash train.sh          # retrain the specialist only
+#   STAGE1_LOSS=weighted_ce STAGE1_TUNER=hr_amplifier bash train.sh    # plugins for stage 1 too
 set -euo pipefail
 
 OUTPUT_DIR=$(realpath -m "${OUTPUT_DIR:-outputs}")
 STAGES=${STAGES:-stage1 stage2}
 SEED=${SEED:-42}
+# Plugins: every swift_plugins/*.py not starting with _ is loaded (--external_plugins); these pick what is used.
+STAGE1_TUNER=${STAGE1_TUNER:-lora}            # lora | hr_amplifier (LoRA + High-Risk Feature Amplifier)
+STAGE2_TUNER=${STAGE2_TUNER:-hr_amplifier}
+STAGE1_LOSS=${STAGE1_LOSS:-}                  # empty = swift's cross-entropy | weighted_ce (class-weighted, focal)
+STAGE2_LOSS=${STAGE2_LOSS:-weighted_ce}
+EVAL_METRIC=${EVAL_METRIC:-weighted_f1}       # validation metric that picks the best checkpoint; empty = eval loss
+export FIRESAFE_CLASS_WEIGHTS=${FIRESAFE_CLASS_WEIGHTS:-}  # weighted_ce: "3,1.5,1,1,1" or "高风险=3"; empty = task weights
+export FIRESAFE_FOCAL_GAMMA=${FIRESAFE_FOCAL_GAMMA:-0}     # weighted_ce: focal term γ (0 = plain weighted CE)
+export FIRESAFE_AMP_LAYERS=${FIRESAFE_AMP_LAYERS:-auto}   # hr_amplifier: LLM layers with the attention bias
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source tools/common.sh
 load_pipeline
 
+mapfile -t PLUGINS < <(python -m swift_plugins --list)
+[[ ${#PLUGINS[@]} -gt 0 ]] || { log "no plugin files in swift_plugins/"; exit 1; }
+
+# plugin_flags TUNER LOSS: the tuner, loss, metric and callback flags of one stage.
+plugin_flags() {
+  local tuner=$1 loss=$2
+  flags=(--external_plugins "${PLUGINS[@]}" --tuner_type "$tuner")
+  [[ -n "$loss" ]] && flags+=(--loss_type "$loss")
+  [[ "$tuner" == hr_amplifier ]] && flags+=(--callbacks amplifier_stats)
+  if [[ -n "$EVAL_METRIC" ]]; then
+    flags+=(--eval_metric "$EVAL_METRIC" --metric_for_best_model "$EVAL_METRIC" --greater_is_better true)
+  fi
+  return 0
+}
+
 train_stage() {
-  local stage=$1 model=$2 epochs=$3
-  shift 3
+  local stage=$1 model=$2 epochs=$3 tuner=$4 loss=$5
+  shift 5
+  plugin_flags "$tuner" "$loss"
+  log "$stage: tuner $tuner, loss ${loss:-cross_entropy}, best checkpoint by ${EVAL_METRIC:-eval loss}"
   rm -rf "${OUTPUT_DIR:?}/$stage"
   swift sft \
     --model "$model" \
@@ -24,7 +52,7 @@ train_stage() {
     --check_model false \
     --dataset "$OUTPUT_DIR/data/${stage}_train.jsonl" \
     --val_dataset "$OUTPUT_DIR/data/${stage}_val.jsonl" \
-    --tuner_type lora \
+    "${flags[@]}" \
     --lora_rank "$LORA_RANK" \
     --lora_alpha "$LORA_ALPHA" \
     --target_modules $TARGET_MODULES \
@@ -38,7 +66,8 @@ train_stage() {
     --gradient_accumulation_steps "$GRAD_ACCUM" \
     --eval_strategy steps \
     --eval_steps "$EVAL_STEPS" \
-    --save_strategy epoch \
+    --save_strategy steps \
+    --save_steps "$EVAL_STEPS" \
     --save_total_limit 1 \
     --save_only_model true \
     --logging_steps 10 \
@@ -57,8 +86,10 @@ start=$SECONDS
 log "recipe: ${RECIPE:-real}   output: $OUTPUT_DIR   stages: $STAGES"
 for stage in $STAGES; do
   case $stage in
-    stage1) step "stage 1 ($MODEL_STAGE1)" train_stage stage1 "$MODEL_STAGE1" "$EPOCHS_STAGE1" "$@" ;;
-    stage2) step "stage 2 ($MODEL_STAGE2)" train_stage stage2 "$MODEL_STAGE2" "$EPOCHS_STAGE2" "$@" ;;
+    stage1) step "stage 1 ($MODEL_STAGE1)" \
+              train_stage stage1 "$MODEL_STAGE1" "$EPOCHS_STAGE1" "$STAGE1_TUNER" "$STAGE1_LOSS" "$@" ;;
+    stage2) step "stage 2 ($MODEL_STAGE2)" \
+              train_stage stage2 "$MODEL_STAGE2" "$EPOCHS_STAGE2" "$STAGE2_TUNER" "$STAGE2_LOSS" "$@" ;;
     *) log "unknown stage '$stage' (expected stage1, stage2)"; exit 1 ;;
   esac
 done

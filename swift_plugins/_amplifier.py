@@ -195,6 +195,11 @@ class _AttentionHook:
         amp = self.amplifier
         if not amp.enabled:
             return None
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", None) or "sdpa"
+        if impl not in ("sdpa", "eager"):
+            raise NotImplementedError(
+                f"the High-Risk Feature Amplifier adds a bias to the attention logits and needs an additive mask: "
+                f"use --attn_impl sdpa (the default) or eager, not {impl}")
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         mask = kwargs.get("attention_mask")
         batch, n_queries = hidden.shape[:2]
@@ -205,9 +210,8 @@ class _AttentionHook:
         elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
             n_keys = mask.shape[-1]
         else:
-            raise NotImplementedError(
-                "the High-Risk Feature Amplifier adds a bias to the attention logits and needs an additive mask: "
-                "use --attn_impl sdpa (the default) or eager, not flash attention or padding_free/packing")
+            raise NotImplementedError(f"the High-Risk Feature Amplifier needs a 4-D attention mask, got "
+                                      f"{type(mask).__name__} (packing and padding_free are not supported)")
         keys = amp.visual_keys(batch, n_keys, hidden.device)
         if keys is None:
             return None
