@@ -196,6 +196,8 @@ def augment(args: argparse.Namespace, vectors_fn: VectorsFn | None = None) -> di
     manifest, fit, _ = load_split(layout)
     seed = manifest["seed"] if args.seed is None else args.seed
     comp = manifest.get("composition", {})
+    if args.cutouts and not Path(args.cutouts).is_dir():
+        raise DataError(f"{args.cutouts}: cut-out folder not found (CUTOUTS_DIR=none turns insertion off)")
     out = augmented_dir(layout)
     shutil.rmtree(out, ignore_errors=True)
     images, dropped_dir = out / "images", out / "dropped"
