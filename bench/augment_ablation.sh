@@ -21,8 +21,8 @@ source tools/common.sh
 for aug in 0 1; do
   out=$ABLATION_DIR/augment$aug
   rm -rf "$out"  # a stage-1 checkpoint left from an earlier run would change the AUGMENT=1 filter
-  run_start=$SECONDS
   AUGMENT=$aug OUTPUT_DIR=$out bash data-pre.sh
+  run_start=$SECONDS  # train and score (data-pre.sh may include building the demo models)
   OUTPUT_DIR=$out STAGES=$STAGES bash train.sh
   if [[ " $STAGES " == *" stage2 "* && " $STAGES " == *" stage1 "* ]]; then
     OUTPUT_DIR=$out bash test.sh

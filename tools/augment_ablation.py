@@ -22,7 +22,7 @@ from tools.metrics import Scores, score
 from tools.predict import aligned_probs
 from tools.task import HIGH_RISK, HIGH_RISK_INDEX, LABEL_TO_INDEX, LABELS, MAX_SCORE, Layout, read_json
 
-TIMING = "ablation.json"  # written into each run folder by bench/augment_ablation.sh: {"seconds": ...}
+TIMING = "ablation.json"  # written into each run folder by bench/augment_ablation.sh: {"seconds": train + test}
 
 
 def fused_probs(path: Path, names: list[str]) -> np.ndarray:
@@ -34,17 +34,19 @@ def fused_probs(path: Path, names: list[str]) -> np.ndarray:
 
 
 def run_scores(output_dir: str | Path) -> dict:
-    """{'stage1': Scores, 'fused': Scores or None, 'stage1_rows': int, 'copies': int, 'seconds': float|None}."""
+    """{'stage1': Scores, 'fused': Scores or None, 'stage1_rows': int, 'copies': int,
+    'augment_seconds': the augmentation step's, 'seconds': train + test (None when not recorded)}."""
     layout = Layout(output_dir)
     manifest = read_json(layout.manifest)
     test = read_list(manifest["test_list"], manifest["test_images"], labelled=True, check_images=False)
     names = [s.name for s in test]
     gold = [LABEL_TO_INDEX[s.label] for s in test]
     p1 = aligned_probs(layout.run_dir("stage1") / "test_probs.csv", names)
+    aug = manifest.get("augmentation") or {}
     out: dict = {"stage1": score(gold, p1.argmax(1)), "fused": None,
                  "stage1_rows": sum(manifest["counts"]["stage1_rows"].values()),
-                 "copies": sum((manifest.get("augmentation") or {}).get("counts", {}).get("kept", {}).values()),
-                 "seconds": None}
+                 "copies": sum(aug.get("counts", {}).get("kept", {}).values()),
+                 "augment_seconds": aug.get("seconds"), "seconds": None}
     if layout.probabilities.exists() and (layout.run_dir("stage2") / "test_probs.csv").exists():
         out["fused"] = score(gold, fused_probs(layout.probabilities, names).argmax(1))
     timing = layout.root / TIMING
@@ -59,13 +61,15 @@ def table(runs: dict[str, dict]) -> str:
             return "–"
         return f"{s.f1[HIGH_RISK_INDEX]:.3f}" if high else f"{s.weighted_f1:.3f}"
 
+    def secs(v) -> str:
+        return "–" if v is None else f"{v:.0f}"
+
     lines = [f"| run | augmented copies | stage-1 rows | stage-1 weighted F1 (max {MAX_SCORE:g}) | stage-1 {HIGH_RISK} F1 "
-             f"| fused weighted F1 | fused {HIGH_RISK} F1 | wall s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| fused weighted F1 | fused {HIGH_RISK} F1 | augment step s | train + test s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in runs.items():
-        secs = f"{r['seconds']:.0f}" if r["seconds"] is not None else "–"
         lines.append(f"| {name} | {r['copies']} | {r['stage1_rows']} | {f(r['stage1'])} | {f(r['stage1'], True)} "
-                     f"| {f(r['fused'])} | {f(r['fused'], True)} | {secs} |")
+                     f"| {f(r['fused'])} | {f(r['fused'], True)} | {secs(r['augment_seconds'])} | {secs(r['seconds'])} |")
     return "\n".join(lines)
 
 
