@@ -8,6 +8,8 @@ with the demo's hazard cut-outs. End to end = run_plan over n_images × copies j
 max_pixels rule, the job's transforms, JPEG q90 encode, write), with the planner's default transform mix
 and insertion jobs, wall clock including the worker processes' start. The breakdown runs every stage on
 every image in this process with one OpenCV thread (ms per image, mean over --repeat passes).
+CPU s is the user + system time of this process and its workers during the run; on a shared machine
+`jobs / CPU s × cores` is what the cores would give if they were free (a projection, printed as such).
 Prints a Markdown table (for bench/README.md).
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -51,50 +54,59 @@ def make_sources(folder: Path, n: int, width: int, height: int, seed: int) -> li
 
 
 def breakdown(samples: list[Sample], cutouts: list[Path], cfg: A.AugmentConfig, max_pixels: int,
-              repeat: int) -> dict[str, float]:
-    """Mean ms per image of each stage, every stage on every image, one process, one OpenCV thread."""
+              repeat: int) -> dict[str, tuple[float, float]]:
+    """Mean (wall ms, CPU ms) per image of each stage, every stage on every image, one process, one OpenCV
+    thread. The CPU time (time.thread_time) does not count time the stage waited for a shared core."""
     cv2.setNumThreads(1)
     cuts = [A.load_cutout(p) for p in cutouts]
     stages = ("decode", "resize", "geometric", "colour", "padding", "insertion", "encode")
-    total = dict.fromkeys(stages, 0.0)
+    wall, cpu = dict.fromkeys(stages, 0.0), dict.fromkeys(stages, 0.0)
     count = 0
     for r in range(repeat):
         for i, s in enumerate(samples):
             rng = np.random.default_rng([r, i])
-            t0 = time.perf_counter()
-            raw = A.decode_image(s.path, max_pixels)
-            t1 = time.perf_counter()
-            img = A.resize_for_model(raw, max_pixels)
-            t2 = time.perf_counter()
-            A.random_geometric(img, rng, cfg)
-            t3 = time.perf_counter()
-            A.random_colour(img, rng, cfg)
-            t4 = time.perf_counter()
-            A.random_padding(img, rng, cfg, max_pixels)  # padded straight to the model's size
-            t5 = time.perf_counter()
-            A.insert_hazard(img, cuts[i % len(cuts)], rng, cfg)
-            t6 = time.perf_counter()
-            A.encode_jpeg(img, cfg.jpeg_quality)
-            t7 = time.perf_counter()
-            for name, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6)):
-                total[name] += dt
+            raw = img = None
+            steps = {
+                "decode": lambda: A.decode_image(s.path, max_pixels),
+                "resize": lambda: A.resize_for_model(raw, max_pixels),
+                "geometric": lambda: A.random_geometric(img, rng, cfg),
+                "colour": lambda: A.random_colour(img, rng, cfg),
+                "padding": lambda: A.random_padding(img, rng, cfg, max_pixels),  # straight to the model's size
+                "insertion": lambda: A.insert_hazard(img, cuts[i % len(cuts)], rng, cfg),
+                "encode": lambda: A.encode_jpeg(img, cfg.jpeg_quality),
+            }
+            for name in stages:
+                t, c = time.perf_counter(), time.thread_time()
+                result = steps[name]()
+                wall[name] += time.perf_counter() - t
+                cpu[name] += time.thread_time() - c
+                if name == "decode":
+                    raw = result
+                elif name == "resize":
+                    img = result
             count += 1
     cv2.setNumThreads(-1)
-    return {k: 1000 * v / count for k, v in total.items()}
+    return {k: (1000 * wall[k] / count, 1000 * cpu[k] / count) for k in stages}
+
+
+def cpu_seconds() -> float:
+    """User + system time of this process and of its finished children (the worker processes)."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def end_to_end(samples: list[Sample], cutouts: Path, out: Path, copies: int, workers: int, max_pixels: int,
-               all_transforms: bool) -> tuple[int, float, dict[str, int]]:
+               all_transforms: bool) -> tuple[int, float, float, dict[str, int]]:
     cfg = A.AugmentConfig(p_geometric=1, p_colour=1, p_padding=1) if all_transforms else A.AugmentConfig()
     n_insert = sum(s.label in A.INSERT_SOURCES for s in samples)  # one insertion copy per eligible source
     jobs = A.plan_augmentation(samples, {label: copies for label in LABELS}, seed=0, config=cfg, cutouts=cutouts,
                                n_insert=n_insert)
     shutil.rmtree(out, ignore_errors=True)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu_seconds()
     A.run_plan(jobs, out, config=cfg, max_pixels=max_pixels, workers=workers, progress=False)
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, cpu_seconds() - c
     mix = {name: sum(name in j.transforms for j in jobs) for name in A.TRANSFORMS}
-    return len(jobs), wall, mix
+    return len(jobs), wall, cpu, mix
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         stages = breakdown(samples, cutouts, cfg, args.max_pixels, args.repeat)
         runs = []
         for workers, all_t in ((args.workers, False), (1, False), (args.workers, True)):
-            n, wall, mix = end_to_end(samples, tmp / "cutouts", tmp / "out", args.copies, workers,
-                                      args.max_pixels, all_t)
-            runs.append((workers, all_t, n, wall, mix))
+            n, wall, cpu, mix = end_to_end(samples, tmp / "cutouts", tmp / "out", args.copies, workers,
+                                           args.max_pixels, all_t)
+            runs.append((workers, all_t, n, wall, cpu, mix))
         load_after = os.getloadavg()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -134,16 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"source: {args.n_images} JPEGs {args.width}×{args.height} → model size {w}×{h} "
           f"(max_pixels {args.max_pixels})\n")
     print("| end to end | workers | jobs | transforms applied (geometric / colour / padding / insert) "
-          "| wall s | images/s |")
-    print("|---|---:|---:|---|---:|---:|")
-    for workers, all_t, n, wall, mix in runs:
+          "| wall s | images/s | CPU s | ms CPU / image | images/s if the workers' cores were free |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    for workers, all_t, n, wall, cpu, mix in runs:
         kind = "every transform on every job" if all_t else "default plan mix"
         applied = " / ".join(str(mix[t]) for t in ("geometric", "colour", "padding", "insert"))
-        print(f"| {kind} | {workers} | {n} | {applied} | {wall:.2f} | **{n / wall:.1f}** |")
-    print(f"\n| stage (1 process, 1 OpenCV thread) | ms / image |\n|---|---:|")
-    for name, ms in stages.items():
-        print(f"| {name} | {ms:.2f} |")
-    print(f"| sum (every stage once) | {sum(stages.values()):.2f} |")
+        print(f"| {kind} | {workers} | {n} | {applied} | {wall:.2f} | **{n / wall:.1f}** | {cpu:.2f} | "
+              f"{1000 * cpu / n:.1f} | {workers * n / cpu:.1f} (projection) |")
+    print("\n| stage (1 process, 1 OpenCV thread) | wall ms / image | CPU ms / image |\n|---|---:|---:|")
+    for name, (ms, cpu_ms) in stages.items():
+        print(f"| {name} | {ms:.2f} | {cpu_ms:.2f} |")
+    print(f"| sum (every stage once) | {sum(v[0] for v in stages.values()):.2f} | "
+          f"{sum(v[1] for v in stages.values()):.2f} |")
     return 0
 
 
