@@ -309,9 +309,11 @@ def sft_args(model_dir: Path, tmp: Path, tuner: str):
     from swift.arguments import SftArguments
     from swift.utils import parse_args
 
-    args, rest = parse_args(SftArguments, base_args(model_dir, train=True) + [
-        "--dataset", str(tmp / "none.jsonl"), "--output_dir", str(tmp / "out"), "--add_version", "false",
-        "--tuner_type", tuner, "--lora_rank", "4"])
+    with pytest.MonkeyPatch.context() as mp:  # parsing sets TENSORBOARD_LOGGING_DIR if unset: keep it local
+        mp.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+        args, rest = parse_args(SftArguments, base_args(model_dir, train=True) + [
+            "--dataset", str(tmp / "none.jsonl"), "--output_dir", str(tmp / "out"), "--add_version", "false",
+            "--tuner_type", tuner, "--lora_rank", "4"])
     assert not rest
     return args
 
@@ -427,7 +429,7 @@ def sft(output_dir: Path, model_dir: Path, data: dict, *extra: str) -> dict:
 
     from swift_plugins import plugin_files
 
-    return sft_main(base_args(model_dir, train=True) + [
+    argv = base_args(model_dir, train=True) + [
         "--dataset", str(data["train"]), "--val_dataset", str(data["val"]),
         "--external_plugins", *map(str, plugin_files()),
         "--tuner_type", "hr_amplifier", "--loss_type", "weighted_ce", "--callbacks", "amplifier_stats",
@@ -437,7 +439,12 @@ def sft(output_dir: Path, model_dir: Path, data: dict, *extra: str) -> dict:
         "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
         "--logging_steps", "1", "--report_to", "tensorboard", "--dataset_num_proc", "1",
         "--dataloader_num_workers", "0", "--seed", "42", "--data_seed", "42",
-        "--output_dir", str(output_dir), "--add_version", "false", *extra])
+        "--output_dir", str(output_dir), "--add_version", "false", *extra]
+    # swift sets TENSORBOARD_LOGGING_DIR only if unset (os.environ.setdefault): a second in-process run would
+    # write its events into the first run's folder.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+        return sft_main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -473,8 +480,13 @@ def test_training_moves_amplifier_and_logs_it(trained):
     for key in ("amp/gate_gain_abs_dev", "amp/gate_token_scale", "amp/attn_bias_L0_mean", "amp/attn_bias_L2_absmax"):
         assert all(key in entry for entry in train_logs), key
     assert train_logs[-1]["amp/gate_gain_abs_dev"] > 0
-    events = b"".join(p.read_bytes() for p in run.rglob("events.out.tfevents*"))
-    assert b"amp/attn_bias_L1_mean" in events and b"eval_weighted_f1" in events  # reached tensorboard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = run.glob("runs/events.out.tfevents*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"train/amp/attn_bias_L1_mean", "train/amp/gate_gain_abs_dev", "eval/weighted_f1"} <= tags
 
 
 def test_metric_chooses_best_checkpoint(trained):
@@ -483,7 +495,7 @@ def test_metric_chooses_best_checkpoint(trained):
     for entry in evals:
         assert 0 <= entry["eval_weighted_f1"] <= 6.5 and "eval_f1_高风险" in entry and "eval_high_risk_recall" in entry
     state = json.loads((trained.run / "checkpoint-4" / "trainer_state.json").read_text())
-    assert state["best_metric"] == max(entry["eval_weighted_f1"] for entry in evals)
+    assert state["best_metric"] == pytest.approx(max(entry["eval_weighted_f1"] for entry in evals))
     best_step = max(evals, key=lambda entry: (entry["eval_weighted_f1"], -entry["step"]))["step"]
     assert Path(state["best_model_checkpoint"]).name == f"checkpoint-{best_step}"
 
@@ -491,24 +503,32 @@ def test_metric_chooses_best_checkpoint(trained):
 def test_swift_infer_and_score_reproduce_training(trained, data, tmp_path):
     from swift import infer_main
 
+    from swift_plugins._amplifier import find_amplifier
     from tools.score import load, score_rows
 
     ckpt = trained.run / "checkpoint-4"
     args = json.loads((ckpt / "args.json").read_text())
     assert args["tuner_type"] == "hr_amplifier" and all(Path(p).is_absolute() for p in args["external_plugins"])
+    captured = trained.captured["logits"]
+    # tools.score (used by test.sh) loads the checkpoint through swift, amplifier included.
+    model, template, label_ids, _ = load(["--adapters", str(ckpt), "--max_pixels", MAX_PIXELS])
+    torch.testing.assert_close(last_logits(model, template, data["val_rows"]), captured, rtol=0, atol=1e-5)
+    probs = score_rows(model, template, label_ids, data["val_rows"], batch_size=5, progress=False)
+    np.testing.assert_allclose(probs, trained.captured["probs"], rtol=0, atol=1e-6)
+    find_amplifier(model).enabled = False
+    without = torch.log_softmax(last_logits(model, template, data["val_rows"]), -1)
+    # swift infer (generation, logprobs of the first answer token).
     result = tmp_path / "infer.jsonl"
     infer_main(["--adapters", str(ckpt), "--val_dataset", str(data["val"]), "--max_new_tokens", "1",
                 "--temperature", "0", "--logprobs", "true", "--top_logprobs", "5", "--max_batch_size", "5",
                 "--max_pixels", MAX_PIXELS, "--result_path", str(result)])
     rows = [json.loads(line) for line in result.read_text(encoding="utf-8").splitlines()]
-    logprobs = torch.log_softmax(trained.captured["logits"], -1)
-    for row, expected in zip(rows, logprobs):
-        top = row["logprobs"]["content"][0]["top_logprobs"]
-        np.testing.assert_allclose([t["logprob"] for t in top], expected.topk(5).values.numpy(), atol=1e-4)
-    # tools.score (used by test.sh) loads the same checkpoint, amplifier included.
-    model, template, label_ids, _ = load(["--adapters", str(ckpt), "--max_pixels", MAX_PIXELS])
-    probs = score_rows(model, template, label_ids, data["val_rows"], batch_size=5, progress=False)
-    np.testing.assert_allclose(probs, trained.captured["probs"], atol=1e-5)
+    assert len(rows) == len(data["val_rows"])
+    got = np.array([[t["logprob"] for t in r["logprobs"]["content"][0]["top_logprobs"]] for r in rows])
+    want = torch.log_softmax(captured, -1).topk(5).values.numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    # ... and not what the model gives without the amplifier, so the match above is not a coincidence.
+    assert np.abs(got - without.topk(5).values.numpy()).max() > 2e-4
 
 
 def test_zeroed_amplifier_changes_outputs(trained, data, tmp_path):
@@ -600,8 +620,10 @@ def test_train_sh_uses_plugins_for_stage2_by_default(tmp_path):
 def test_train_sh_turns_plugins_on_for_stage1_and_passes_knobs(tmp_path):
     stage1, stage2 = run_train_sh(tmp_path, STAGE1_LOSS="weighted_ce", FIRESAFE_CLASS_WEIGHTS=f"{HIGH_RISK}=3")
     assert flag(stage1, "--loss_type") == ["weighted_ce"] and flag(stage1, "--tuner_type") == ["lora"]
-    (stage1,) = run_train_sh(tmp_path, STAGES="stage1", STAGE1_TUNER="hr_amplifier", EVAL_METRIC="")
+    stage1, stage2 = run_train_sh(tmp_path, STAGE1_TUNER="hr_amplifier", STAGE2_LOSS="", EVAL_METRIC="")
     assert flag(stage1, "--tuner_type") == ["hr_amplifier"] and flag(stage1, "--callbacks") == ["amplifier_stats"]
-    assert flag(stage1, "--eval_metric") == [] and flag(stage1, "--metric_for_best_model") == []
+    assert flag(stage2, "--loss_type") == [] and flag(stage2, "--tuner_type") == ["hr_amplifier"]
+    for argv in (stage1, stage2):  # empty = off
+        assert flag(argv, "--eval_metric") == [] and flag(argv, "--metric_for_best_model") == []
     env = (tmp_path / "calls.txt.env").read_text(encoding="utf-8")
     assert f"FIRESAFE_CLASS_WEIGHTS={HIGH_RISK}=3" in env and "FIRESAFE_AMP_LAYERS=auto" in env
