@@ -10,12 +10,26 @@ of 28 windowed layers, plus a host sync per layer. That loop was ~85 % of a 7B f
   The windows of one length are gathered into a batch; nothing is padded or masked, so each window sees
   exactly the keys it saw before. On CPU (fp32) the output equals the loop's (tests/test_vision_attention.py).
 
+Two more patches, both measured on an H200 (bench/README.md):
+
+- Vision MLP: its intermediate size 3,420 is not a multiple of 8 elements in bf16, so the rows of the
+  [tokens, 3420] activations are not 16-byte aligned and cuBLAS falls back from Hopper (TMA) kernels to an
+  sm80 kernel at ~230 TFLOP/s (75 ms of a 165 ms vision forward for 4 images). The frozen tower's gate/up
+  weights are re-stored with zero rows up to a multiple of 64 (the parameters keep their shape: they are views
+  of the padded storage) and down_proj gets a zero-padded copy (280 MB for the 32-layer tower); the zero
+  lanes add exact zeros. Only without autograd through the MLP (frozen tower) and only on CUDA.
+- PEFT LoRA layers cast their input to the adapter's dtype (fp32 adapters on a bf16 model): under autocast
+  the product runs in bf16 anyway, so the cast is a pure copy (two per LoRA layer and step, and their
+  backward). Under autocast the cast is skipped; the result is the same, as autocast casts fp32 -> bf16 again.
+
 It also replaces the patch embedding's `Conv3d` (kernel == stride, one patch per output) by the equivalent
-matrix product: cuDNN picks very slow kernels for that shape in bf16 (transformers #45750, #45041).
+matrix product: cuDNN picks very slow kernels for that shape in bf16 on some versions (transformers #45750).
 
 Knobs (environment variables, read at import):
   FIRESAFE_VISION_ATTN   auto (default: varlen on CUDA, batched sdpa elsewhere) | varlen | sdpa | off
   FIRESAFE_PATCH_EMBED   linear (default) | conv (transformers' Conv3d)
+  FIRESAFE_VISION_MLP    auto (default: padded on CUDA when misaligned) | pad (always) | off
+  FIRESAFE_LORA_CAST     auto (default: no input cast under autocast) | always (PEFT's behaviour)
 The model's own attention implementation is left alone unless it is "sdpa" (the default without
 flash-attn): with flash_attention_2 transformers already does one varlen call.
 """
@@ -45,11 +59,19 @@ def _check(mode: str, patch_embed: str) -> tuple[str, str]:
 
 MODE, PATCH_EMBED = _check(os.environ.get("FIRESAFE_VISION_ATTN", "auto"),
                            os.environ.get("FIRESAFE_PATCH_EMBED", "linear"))
+VISION_MLP = os.environ.get("FIRESAFE_VISION_MLP", "auto").strip().lower()
+LORA_CAST = os.environ.get("FIRESAFE_LORA_CAST", "auto").strip().lower()
+if VISION_MLP not in ("auto", "pad", "off"):
+    raise ValueError(f"FIRESAFE_VISION_MLP={VISION_MLP!r}: expected auto, pad or off")
+if LORA_CAST not in ("auto", "always"):
+    raise ValueError(f"FIRESAFE_LORA_CAST={LORA_CAST!r}: expected auto or always")
 
 ORIGINAL_ATTENTION_FORWARD = getattr(qwen.Qwen2_5_VLVisionAttention.forward, "__wrapped_original__",
                                      qwen.Qwen2_5_VLVisionAttention.forward)
 ORIGINAL_PATCH_EMBED_FORWARD = getattr(qwen.Qwen2_5_VisionPatchEmbed.forward, "__wrapped_original__",
                                        qwen.Qwen2_5_VisionPatchEmbed.forward)
+ORIGINAL_MLP_FORWARD = getattr(qwen.Qwen2_5_VLMLP.forward, "__wrapped_original__", qwen.Qwen2_5_VLMLP.forward)
+MLP_ALIGN = 64  # elements: 128 bytes in bf16
 
 
 def _segments(cu_seqlens: torch.Tensor) -> tuple[list[int], int]:
@@ -149,21 +171,93 @@ def patch_embed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return F.linear(hidden_states, weight.reshape(weight.shape[0], -1), self.proj.bias).view(-1, self.embed_dim)
 
 
-def apply(mode: str | None = None, patch_embed: str | None = None) -> None:
+def _padded(param: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """A zero-padded copy of `param` with `size` along `dim`."""
+    shape = list(param.shape)
+    shape[dim] = size
+    out = param.new_zeros(shape)
+    out.narrow(dim, 0, param.shape[dim]).copy_(param)
+    return out
+
+
+def _mlp_padding(self) -> tuple:
+    """(gate weight, gate bias, up weight, up bias, down weight), zero-padded to an aligned width; rebuilt only
+    when a weight changes. gate/up parameters become views of their padded storage (same shape and values)."""
+    inter = self.gate_proj.weight.shape[0]
+    width = -(-inter // MLP_ALIGN) * MLP_ALIGN
+    weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+    key = tuple((w.data_ptr(), w._version) for w in weights)
+    cached = getattr(self, "_firesafe_mlp", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    padded = []
+    for lin in (self.gate_proj, self.up_proj):
+        full = _padded(lin.weight.data, 0, width)
+        lin.weight.data = full[:inter]
+        padded += [full, None if lin.bias is None else _padded(lin.bias.data, 0, width)]
+    padded.append(_padded(self.down_proj.weight.data, 1, width))
+    key = tuple((w.data_ptr(), w._version) for w in weights)
+    self._firesafe_mlp = (key, tuple(padded))
+    return self._firesafe_mlp[1]
+
+
+def vision_mlp_forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+    """Drop-in for Qwen2_5_VLMLP.forward (the vision tower's MLP) with an aligned intermediate width."""
+    inter = self.gate_proj.weight.shape[0]
+    use = VISION_MLP == "pad" or (VISION_MLP == "auto" and hidden_state.is_cuda and inter % 8 != 0)
+    needs_grad = torch.is_grad_enabled() and (hidden_state.requires_grad or any(
+        p.requires_grad for p in (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)))
+    if not use or needs_grad or inter % MLP_ALIGN == 0:
+        return ORIGINAL_MLP_FORWARD(self, hidden_state)
+    gate_w, gate_b, up_w, up_b, down_w = _mlp_padding(self)
+    act = self.act_fn(F.linear(hidden_state, gate_w, gate_b)) * F.linear(hidden_state, up_w, up_b)
+    return F.linear(act, down_w, self.down_proj.bias)
+
+
+def _lora_cast_patch():
+    """PEFT's BaseTunerLayer._cast_input_dtype, skipping the half -> fp32 copy under autocast."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - peft is a swift dependency
+        return None, None
+    original = getattr(BaseTunerLayer._cast_input_dtype, "__wrapped_original__", BaseTunerLayer._cast_input_dtype)
+
+    def cast_input_dtype(self, x, dtype):
+        if (x is not None and dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)
+                and torch.is_autocast_enabled(x.device.type)):
+            return x  # autocast runs the adapter's matmuls in the half type anyway
+        return original(self, x, dtype)
+
+    cast_input_dtype.__wrapped_original__ = original
+    return BaseTunerLayer, cast_input_dtype
+
+
+def apply(mode: str | None = None, patch_embed: str | None = None, vision_mlp: str | None = None,
+          lora_cast: str | None = None) -> None:
     """Install the patches (idempotent); arguments override the environment's choice."""
-    global MODE, PATCH_EMBED
+    global MODE, PATCH_EMBED, VISION_MLP, LORA_CAST
     MODE, PATCH_EMBED = _check(mode or MODE, patch_embed or PATCH_EMBED)
+    VISION_MLP, LORA_CAST = vision_mlp or VISION_MLP, lora_cast or LORA_CAST
     attention_forward.__wrapped_original__ = ORIGINAL_ATTENTION_FORWARD
     patch_embed_forward.__wrapped_original__ = ORIGINAL_PATCH_EMBED_FORWARD
+    vision_mlp_forward.__wrapped_original__ = ORIGINAL_MLP_FORWARD
     qwen.Qwen2_5_VLVisionAttention.forward = ORIGINAL_ATTENTION_FORWARD if MODE == "off" else attention_forward
     qwen.Qwen2_5_VisionPatchEmbed.forward = (patch_embed_forward if PATCH_EMBED == "linear"
                                              else ORIGINAL_PATCH_EMBED_FORWARD)
+    qwen.Qwen2_5_VLMLP.forward = ORIGINAL_MLP_FORWARD if VISION_MLP == "off" else vision_mlp_forward
+    layer, cast = _lora_cast_patch()
+    if layer is not None:
+        layer._cast_input_dtype = cast if LORA_CAST == "auto" else cast.__wrapped_original__
 
 
 def restore() -> None:
-    """Back to transformers' own forwards (for tests and benchmarks)."""
+    """Back to transformers' and PEFT's own code (for tests and benchmarks)."""
     qwen.Qwen2_5_VLVisionAttention.forward = ORIGINAL_ATTENTION_FORWARD
     qwen.Qwen2_5_VisionPatchEmbed.forward = ORIGINAL_PATCH_EMBED_FORWARD
+    qwen.Qwen2_5_VLMLP.forward = ORIGINAL_MLP_FORWARD
+    layer, cast = _lora_cast_patch()
+    if layer is not None:
+        layer._cast_input_dtype = cast.__wrapped_original__
 
 
 apply()

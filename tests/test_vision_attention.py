@@ -14,7 +14,7 @@ def model():
         text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
+        vision_config=dict(depth=4, hidden_size=64, intermediate_size=100, num_heads=4, out_hidden_size=64,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            fullatt_block_indexes=[1, 3]),
         image_token_id=250, video_token_id=251, vision_start_token_id=252, vision_end_token_id=253,
@@ -27,9 +27,9 @@ def model():
     va.apply()
 
 
-def vision(model, grids, mode, patch_embed):
+def vision(model, grids, mode, patch_embed, vision_mlp="off"):
     """Vision tower output for images of the given (h, w) patch grids."""
-    va.restore() if mode == "original" else va.apply(mode, patch_embed)
+    va.restore() if mode == "original" else va.apply(mode, patch_embed, vision_mlp)
     try:
         grid_thw = torch.tensor([[1, h, w] for h, w in grids])
         torch.manual_seed(1)
@@ -37,7 +37,7 @@ def vision(model, grids, mode, patch_embed):
         with torch.no_grad():
             return model.model.visual(pixels, grid_thw=grid_thw).pooler_output
     finally:
-        va.apply("auto", "linear")
+        va.apply("auto", "linear", "auto")
 
 
 # 12x12 patches: windows of 64, 32, 32 and 16 patches (several lengths, the gather path);
@@ -77,3 +77,51 @@ def test_off_is_transformers(model):
 def test_bad_knob():
     with pytest.raises(ValueError):
         va.apply("fast")
+
+
+def test_vision_mlp_padded_to_aligned_width(model):
+    """intermediate 100 -> 128 with zero lanes: same output, parameters keep their shape and values."""
+    grids = [(12, 12), (16, 16)]
+    before = {k: v.clone() for k, v in model.model.visual.state_dict().items()}
+    expected = vision(model, grids, "sdpa", "linear", "off")
+    got = vision(model, grids, "sdpa", "linear", "pad")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    mlp = model.model.visual.blocks[0].mlp
+    assert mlp.gate_proj.weight.shape == (100, 64) and mlp.gate_proj.weight.is_contiguous()
+    assert mlp._firesafe_mlp[1][0].shape == (128, 64) and mlp._firesafe_mlp[1][4].shape == (64, 128)
+    after = model.model.visual.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(vision(model, grids, "sdpa", "linear", "pad"), got)  # cached padding reused
+
+
+def test_vision_mlp_auto_is_off_on_cpu(model):
+    grids = [(12, 12)]
+    assert torch.equal(vision(model, grids, "sdpa", "linear", "auto"), vision(model, grids, "sdpa", "linear", "off"))
+
+
+def test_lora_input_not_cast_under_autocast():
+    """fp32 adapters on a bf16 layer: under autocast the skipped cast changes nothing."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(32, 48)).to(torch.bfloat16)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], lora_dropout=0.0))
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float().normal_()
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    calls = []
+    layer = model.base_model.model[0]
+    try:
+        va.restore()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = model(x)
+        va.apply(lora_cast="auto")
+        layer.lora_A["default"].register_forward_pre_hook(lambda m, args: calls.append(args[0].dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(x)
+        without_autocast = model(x)  # outside autocast PEFT still casts
+    finally:
+        va.apply("auto", "linear", "auto", "auto")
+    assert calls[0] == torch.bfloat16 and calls[1] == torch.float32
+    assert torch.equal(got, expected)
+    assert without_autocast.dtype == torch.bfloat16

@@ -9,6 +9,10 @@ the same way. Each batch costs one forward pass: the distribution of the first a
 the five labels' first tokens (distinct, checked) and renormalised. Rows are padded on the left, so the last
 position is where the answer starts. Matches `swift infer --max_new_tokens 1 --logprobs` but never drops a
 label outside the top-N.
+
+Speed (bench/README.md): rows are grouped by image size (--no-bucket: file order), worker processes encode
+images ahead of the GPU (--workers, $SCORE_WORKERS; none on CPU), and a bf16 model on CUDA runs under
+autocast ($SCORE_AUTOCAST=0: off). The probabilities come back in the order of the input rows.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import argparse
 import csv
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -48,26 +53,121 @@ def load(swift_argv: list[str]):
     return model, template, label_token_ids(template.tokenizer), args
 
 
-def score_rows(model, template, label_ids: list[int], rows: list[dict], batch_size: int = 8,
-               progress: bool = True) -> np.ndarray:
-    """[len(rows), 5] probabilities; rows are swift JSONL rows (an assistant turn, if any, is ignored)."""
+def default_workers(model) -> int:
+    """Encoding processes beside a GPU forward: SCORE_WORKERS, else up to 8 on CUDA, none on CPU (the CPU is
+    busy with the forward there, and forking would only add start-up time)."""
+    import os
+
+    if os.environ.get("SCORE_WORKERS", "").strip():
+        return max(0, int(os.environ["SCORE_WORKERS"]))
+    device = getattr(model, "device", None)
+    if device is None or getattr(device, "type", "cpu") != "cuda":
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) - 2))
+
+
+def bucket_order(rows: list[dict]) -> list[int]:
+    """Row indices grouped by image size (then prompt length), so a batch holds images of one token count and
+    little padding; ties keep the input order."""
+    from PIL import Image
+
+    def key(i: int):
+        sizes = []
+        for path in rows[i].get("images", []):
+            try:
+                with Image.open(path) as img:  # reads the header only
+                    sizes.append(img.size)
+            except OSError:
+                sizes.append((0, 0))  # the encoder will report it
+        text = "".join(str(m.get("content", "")) for m in rows[i]["messages"] if m["role"] != "assistant")
+        return sizes, len(text)
+
+    return sorted(range(len(rows)), key=key)
+
+
+class _Encoded:
+    """Rows as a torch dataset of encoded model inputs (runs in DataLoader workers when there are any)."""
+
+    def __init__(self, template, rows: list[dict]):
+        self.template, self.rows = template, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        from swift.infer_engine import InferRequest
+
+        row = self.rows[i]
+        return self.template.encode(InferRequest(messages=[m for m in row["messages"] if m["role"] != "assistant"],
+                                                 images=row.get("images", [])))
+
+
+def use_autocast(model) -> bool:
+    """bf16/fp16 models on CUDA score under autocast (SCORE_AUTOCAST=0 turns it off): the base weights are
+    already half precision, and the fp32 LoRA adapters then run their products in half precision, as in
+    training, instead of copying every adapter input to fp32."""
+    import os
+
     import torch
-    from swift.infer_engine import InferRequest
+
+    if os.environ.get("SCORE_AUTOCAST", "1").strip() == "0":
+        return False
+    device = getattr(model, "device", None)
+    return getattr(device, "type", "cpu") == "cuda" and getattr(model, "dtype", None) in (torch.bfloat16,
+                                                                                          torch.float16)
+
+
+@contextmanager
+def inference_context(model, autocast: bool | None = None):
+    """inference_mode, plus autocast (and no PEFT input casts, which autocast would undo) when use_autocast."""
+    import torch
+
+    with ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        if use_autocast(model) if autocast is None else autocast:
+            stack.enter_context(torch.autocast(model.device.type, dtype=model.dtype))
+            try:
+                from peft.helpers import disable_input_dtype_casting
+            except ImportError:  # older peft: the casts stay, the result is the same
+                pass
+            else:
+                stack.enter_context(disable_input_dtype_casting(model))
+        yield
+
+
+def forward_probs(model, template, batch: dict, label_ids):
+    """[batch, 5] label probabilities of one collated batch (call inside inference_context)."""
+    import torch
     from swift.utils import to_device
 
+    inputs = to_device(batch, model.device)
+    _, inputs = template.pre_forward_hook(model, None, inputs)
+    inputs.pop("labels", None)
+    logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()
+    index = torch.as_tensor(label_ids, device=logits.device)
+    return torch.softmax(logits[:, index], -1)
+
+
+def score_rows(model, template, label_ids: list[int], rows: list[dict], batch_size: int = 8,
+               progress: bool = True, workers: int | None = None, bucket: bool = True) -> np.ndarray:
+    """[len(rows), 5] probabilities, in the order of `rows`; rows are swift JSONL rows (an assistant turn, if
+    any, is ignored). `workers` encode batches ahead of the forward pass (default: default_workers);
+    `bucket` batches rows of equal image size together."""
+    import torch
+    from torch.utils.data import DataLoader
+
     out = np.zeros((len(rows), len(LABELS)), dtype=np.float64)
-    index = torch.tensor(label_ids)
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(rows), batch_size), desc="scoring", disable=not progress):
-            chunk = rows[start:start + batch_size]
-            encoded = [template.encode(InferRequest(messages=[m for m in r["messages"] if m["role"] != "assistant"],
-                                                    images=r.get("images", []))) for r in chunk]
-            inputs = to_device(template.data_collator(encoded), model.device)
-            _, inputs = template.pre_forward_hook(model, None, inputs)
-            inputs.pop("labels", None)
-            logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()
-            label_logits = logits[:, index.to(logits.device)]
-            out[start:start + len(chunk)] = torch.softmax(label_logits, -1).cpu().numpy()
+    if not rows:
+        return out
+    workers = default_workers(model) if workers is None else workers
+    order = bucket_order(rows) if bucket else list(range(len(rows)))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    loader = DataLoader(_Encoded(template, rows), batch_sampler=batches, collate_fn=template.data_collator,
+                        num_workers=min(workers, len(batches)), prefetch_factor=4 if workers else None,
+                        pin_memory=workers > 0 and torch.cuda.is_available())
+    with inference_context(model):
+        for chunk, batch in tqdm(zip(batches, loader), total=len(batches), desc="scoring", disable=not progress):
+            out[chunk] = forward_probs(model, template, batch, label_ids).cpu().numpy()
     return out
 
 
@@ -97,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", required=True, action="append",
                     help="CSV: image, then one probability column per label (one per --dataset)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes encoding images ahead of the GPU (default: $SCORE_WORKERS, else up to 8 on "
+                         "CUDA, 0 on CPU)")
+    ap.add_argument("--no-bucket", dest="bucket", action="store_false",
+                    help="batch rows in file order instead of grouping equal image sizes")
     args = ap.parse_args(ours)
     if len(args.dataset) != len(args.output):
         ap.error("give one --output per --dataset")
@@ -104,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     for dataset, output in zip(args.dataset, args.output):
         start = time.time()
         rows = read_jsonl(dataset)
-        probs = score_rows(model, template, label_ids, rows, args.batch_size)
+        probs = score_rows(model, template, label_ids, rows, args.batch_size, workers=args.workers,
+                           bucket=args.bucket)
         write_probs(output, [Path(r["images"][0]).name for r in rows], probs)
         print(f"scored {len(rows)} images in {time.time() - start:.1f} s ({len(rows) / (time.time() - start):.1f}"
               f" images/s) -> {output}")
