@@ -400,6 +400,43 @@ def test_attention_bias_is_a_logit_bias_on_image_keys(tiny_model, loaded):
         hook(flash, (), {"hidden_states": hidden, "attention_mask": None})
 
 
+def test_amplifier_in_generation_matches_full_forward(loaded, data):
+    """Decoding with a KV cache (swift infer with several new tokens) applies the bias to the prompt's image keys."""
+    from swift.utils import to_device
+
+    from swift_plugins._amplifier import attach_new
+
+    model, template = copy.deepcopy(loaded[0]).eval(), loaded[1]
+    amp = attach_new(model, "all")
+    with torch.no_grad():
+        amp.gate.channel.fill_(0.3)
+        amp.attn_bias.fill_(3.0)
+    rows = [copy.deepcopy(r) for r in data["val_rows"][:2]]
+    rows[1]["messages"][0]["content"] = "<image>楼道？"  # a shorter prompt: left padding
+    from swift.infer_engine import InferRequest
+
+    encoded = [template.encode(InferRequest(messages=r["messages"][:1], images=r["images"])) for r in rows]
+    inputs = to_device(template.data_collator(encoded), model.device)
+    inputs.pop("labels", None)
+    inputs.pop("position_ids", None)  # let transformers derive the 3-D positions, for the cached and full passes alike
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, min_new_tokens=3)
+        stepwise = torch.stack(out.logits, 1).float()  # [B, 3, V]: logits of each generated position
+        n = inputs["input_ids"].shape[1]
+        full = dict(inputs)
+        for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+            if key in full:
+                extra = out.sequences[:, n:n + 2] if key == "input_ids" else torch.full_like(
+                    out.sequences[:, n:n + 2], 1 if key == "attention_mask" else 0)
+                full[key] = torch.cat([full[key], extra.to(full[key].dtype)], 1)
+        whole = model(**full).logits[:, -3:].float()
+        amp.enabled = False
+        plain = model(**full).logits[:, -3:].float()
+    torch.testing.assert_close(stepwise, whole, rtol=0, atol=1e-4)
+    assert (whole - plain).abs().max() > 1e-3  # the bias is large enough that skipping it would show
+
+
 # --------------------------------------------------------------------------- training, saving, reloading
 CAPTURED: dict = {}
 
