@@ -9,7 +9,8 @@ max_pixels rule, the job's transforms, JPEG q90 encode, write), with the planner
 and insertion jobs, wall clock including the worker processes' start. The breakdown runs every stage on
 every image in this process with one OpenCV thread (ms per image, mean over --repeat passes).
 CPU s is the user + system time of this process and its workers during the run; on a shared machine
-`jobs / CPU s × cores` is what the cores would give if they were free (a projection, printed as such).
+`jobs / CPU s × cores` is what the machine's cores would give if they were free (a projection, printed as
+such; one worker runs in this process, where OpenCV itself uses every core).
 Prints a Markdown table (for bench/README.md).
 """
 from __future__ import annotations
@@ -146,13 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"source: {args.n_images} JPEGs {args.width}×{args.height} → model size {w}×{h} "
           f"(max_pixels {args.max_pixels})\n")
     print("| end to end | workers | jobs | transforms applied (geometric / colour / padding / insert) "
-          "| wall s | images/s | CPU s | ms CPU / image | images/s if the workers' cores were free |")
+          f"| wall s | images/s | CPU s | ms CPU / image | images/s if the {os.cpu_count()} cores were free |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for workers, all_t, n, wall, cpu, mix in runs:
         kind = "every transform on every job" if all_t else "default plan mix"
         applied = " / ".join(str(mix[t]) for t in ("geometric", "colour", "padding", "insert"))
         print(f"| {kind} | {workers} | {n} | {applied} | {wall:.2f} | **{n / wall:.1f}** | {cpu:.2f} | "
-              f"{1000 * cpu / n:.1f} | {workers * n / cpu:.1f} (projection) |")
+              f"{1000 * cpu / n:.1f} | {(os.cpu_count() or 1) * n / cpu:.1f} (projection) |")
     print("\n| stage (1 process, 1 OpenCV thread) | wall ms / image | CPU ms / image |\n|---|---:|---:|")
     for name, (ms, cpu_ms) in stages.items():
         print(f"| {name} | {ms:.2f} | {cpu_ms:.2f} |")
