@@ -17,7 +17,7 @@ STAGE2_TUNER=${STAGE2_TUNER:-hr_amplifier}
 STAGE1_LOSS=${STAGE1_LOSS-}                   # empty = swift's cross-entropy | weighted_ce (class-weighted, focal)
 STAGE2_LOSS=${STAGE2_LOSS-weighted_ce}
 EVAL_METRIC=${EVAL_METRIC-weighted_f1}        # validation metric that picks the best checkpoint; empty = eval loss
-export FIRESAFE_CLASS_WEIGHTS=${FIRESAFE_CLASS_WEIGHTS:-}  # weighted_ce: "3,1.5,1,1,1" or "高风险=3"; empty = task weights
+export FIRESAFE_CLASS_WEIGHTS=${FIRESAFE_CLASS_WEIGHTS:-}  # weighted_ce: "3,1.5,1,1,1" or "高风险=3"; empty = task's
 export FIRESAFE_FOCAL_GAMMA=${FIRESAFE_FOCAL_GAMMA:-0}     # weighted_ce: focal term γ (0 = plain weighted CE)
 export FIRESAFE_AMP_LAYERS=${FIRESAFE_AMP_LAYERS:-auto}   # hr_amplifier: LLM layers with the attention bias
 

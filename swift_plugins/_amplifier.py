@@ -9,12 +9,12 @@
     the head look at the image more. β = 0 at initialisation, so the attention is unchanged.
 
 Everything is applied with PyTorch hooks on the model's own modules (no copied transformers code): a forward
-hook on the vision tower `visual` (outside swift's no-grad wrapper for a frozen tower, so the gate trains;
-a hook on `visual.merger` itself would run inside it), a pre-hook on the input embedding (which sees the token ids, so it records where the
-image tokens are) and pre-hooks on the chosen layers' `self_attn` (which add β to the attention mask they
-receive). The bias needs an additive mask, so the LLM must run with `--attn_impl sdpa` (transformers' default)
-or `eager`; flash-attention is refused. Weights live in one module, `HighRiskAmplifier`, attached to the HF
-model as `hr_amplifier`; it is saved beside the adapter as amplifier.safetensors + amplifier_config.json.
+hook on the vision tower `visual` (outside swift's no-grad wrapper for a frozen tower, so the gate trains; a hook
+on `visual.merger` itself would run inside it), a pre-hook on the input embedding (it sees the token ids, so it
+records where the image tokens are) and pre-hooks on the chosen layers' `self_attn` (they add β to the attention
+mask they receive). The bias needs an additive mask, so the LLM must run with `--attn_impl sdpa` (transformers'
+default) or `eager`; flash-attention is refused. Weights live in one module, `HighRiskAmplifier`, attached to the
+HF model as `hr_amplifier`; it is saved beside the adapter as amplifier.safetensors + amplifier_config.json.
 """
 from __future__ import annotations
 
@@ -145,7 +145,12 @@ class HighRiskAmplifier(nn.Module):
         return None
 
     def visual_keys(self, batch: int, n_keys: int, device) -> torch.Tensor | None:
-        """[B, K] image-key mask for K keys, or None when the recorded ids do not describe these keys."""
+        """[B, K] image-key mask for K keys, or None when the recorded ids do not describe these keys.
+
+        The mask comes from the last token ids that went through the input embedding: swift (training, infer)
+        and transformers (generate) always embed the ids first. A caller that feeds its own inputs_embeds
+        without calling the embedding would get the previous batch's positions.
+        """
         keys = self._visual_keys
         if keys is None or keys.shape[0] != batch or keys.shape[1] > n_keys:
             return None

@@ -76,7 +76,8 @@ class WeightedCrossEntropy(BaseLoss):
         # labels as shifted tokens, so it is not used as the denominator).
         trainer = self.trainer
         if trainer.model.training and not (num_items_in_batch is not None and trainer.model_accepts_loss_kwargs):
-            loss = loss / getattr(trainer, "current_gradient_accumulation_steps", trainer.args.gradient_accumulation_steps)
+            steps = getattr(trainer, "current_gradient_accumulation_steps", trainer.args.gradient_accumulation_steps)
+            loss = loss / steps
         return loss
 
     def generative_loss(self, outputs, labels, num_items_in_batch, loss_scale) -> torch.Tensor:

@@ -530,7 +530,8 @@ def test_metric_chooses_best_checkpoint(trained):
     evals = [entry for entry in trained.result["log_history"] if "eval_weighted_f1" in entry]
     assert [entry["step"] for entry in evals] == [2, 4]
     for entry in evals:
-        assert 0 <= entry["eval_weighted_f1"] <= 6.5 and "eval_f1_高风险" in entry and "eval_high_risk_recall" in entry
+        assert 0 <= entry["eval_weighted_f1"] <= 6.5
+        assert f"eval_f1_{HIGH_RISK}" in entry and "eval_high_risk_recall" in entry
     state = json.loads((trained.run / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["best_metric"] == pytest.approx(max(entry["eval_weighted_f1"] for entry in evals))
     best_step = max(evals, key=lambda entry: (entry["eval_weighted_f1"], -entry["step"]))["step"]
