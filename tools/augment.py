@@ -742,6 +742,16 @@ def consistency_filter(records: Sequence[Sample], originals: Sequence[Sample] | 
 
 
 # --------------------------------------------------------------------------- contact sheet
+def contact_rows(samples: Sequence[Sample], n: int = 5) -> list[Sample]:
+    """Originals for a contact sheet: the first of each label (LABELS order), then the next ones, n in all."""
+    first: dict[str, Sample] = {}
+    for s in samples:
+        first.setdefault(s.label, s)
+    rows = [first[label] for label in LABELS if label in first]
+    rows += [s for s in samples if s not in rows][: max(0, n - len(rows))]
+    return rows[:n]
+
+
 def contact_sheet(samples: Sequence[Sample], path: str | os.PathLike, *, config: AugmentConfig = AugmentConfig(),
                   cutouts: str | os.PathLike | None = None, seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
                   thumb_height: int = 160) -> Path:
@@ -857,13 +867,8 @@ def main(argv: list[str] | None = None) -> int:
                        "total": samples + records}))
     print(f"wrote {len(records)} images and {out_dir / LIST_NAME}")
     if args.contact_sheet:
-        by_label: dict[str, Sample] = {}
-        for s in samples:
-            by_label.setdefault(s.label, s)
-        rows = list(by_label.values())
-        rows += [s for s in samples if s not in rows][: max(0, args.contact_rows - len(rows))]
-        contact_sheet(rows[: args.contact_rows], args.contact_sheet, cutouts=args.cutouts, seed=args.seed,
-                      max_pixels=args.max_pixels)
+        contact_sheet(contact_rows(samples, args.contact_rows), args.contact_sheet, cutouts=args.cutouts,
+                      seed=args.seed, max_pixels=args.max_pixels)
         print(f"wrote {args.contact_sheet}")
     return 0
 

@@ -166,16 +166,6 @@ def filter_records(records: Sequence[Sample], originals: Sequence[Sample], vecto
 
 
 # --------------------------------------------------------------------------- steps
-def contact_rows(samples: Sequence[Sample], n: int = CONTACT_ROWS) -> list[Sample]:
-    """One original of each label first (insertion shows on 无风险/低风险 rows), then more, up to n."""
-    first: dict[str, Sample] = {}
-    for s in samples:
-        first.setdefault(s.label, s)
-    rows = [first[label] for label in LABELS if label in first]
-    rows += [s for s in samples if s not in rows][: max(0, n - len(rows))]
-    return rows[:max(n, 1)]
-
-
 def write_index(path: Path, records: Sequence[Sample], jobs: Sequence[A.AugmentJob], kept: set[str]) -> None:
     with atomic_open(path) as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
@@ -256,7 +246,7 @@ def augment(args: argparse.Namespace, vectors_fn: VectorsFn | None = None) -> di
     write_index(out / "index.tsv", records, jobs, kept_names)
 
     sheet = out / "contact_sheet.png"
-    A.contact_sheet(contact_rows(fit, args.contact_rows), sheet, cutouts=args.cutouts, seed=seed,
+    A.contact_sheet(A.contact_rows(fit, args.contact_rows), sheet, cutouts=args.cutouts, seed=seed,
                     max_pixels=args.max_pixels)
 
     inserted = [r for r, j in zip(records, jobs) if "insert" in j.transforms]
