@@ -40,6 +40,15 @@ plugin_flags() {
   return 0
 }
 
+# Recipe speed knobs (recipes/real.env); unset = swift's default, so a recipe without them runs as before.
+recipe_flags=()
+for pair in LORA_DROPOUT:--lora_dropout GRADIENT_CHECKPOINTING:--gradient_checkpointing \
+            VIT_GRADIENT_CHECKPOINTING:--vit_gradient_checkpointing USE_LIGER_KERNEL:--use_liger_kernel \
+            ATTN_IMPL:--attn_impl; do
+  var=${pair%%:*}
+  [[ -n "${!var:-}" ]] && recipe_flags+=("${pair#*:}" "${!var}")
+done
+
 train_stage() {
   local stage=$1 model=$2 epochs=$3 tuner=$4 loss=$5
   shift 5
@@ -74,6 +83,7 @@ train_stage() {
     --dataloader_num_workers "$DATALOADER_WORKERS" \
     --dataset_num_proc 1 \
     --report_to tensorboard \
+    "${recipe_flags[@]}" \
     --seed "$SEED" \
     --data_seed "$SEED" \
     --output_dir "$OUTPUT_DIR/$stage" \

@@ -649,6 +649,7 @@ def test_train_sh_uses_plugins_for_stage2_by_default(tmp_path):
         assert flag(argv, "--eval_metric") == flag(argv, "--metric_for_best_model") == ["weighted_f1"]
         assert flag(argv, "--save_steps") == flag(argv, "--eval_steps")  # every evaluated step can become the best
         assert argv[-2:] == ["--lora_rank", "4"]  # the user's flags come last and win
+        assert flag(argv, "--attn_impl") == []  # recipe speed knobs the demo recipe leaves unset: swift's default
     assert flag(stage1, "--tuner_type") == ["lora"] and flag(stage1, "--loss_type") == []
     assert flag(stage1, "--callbacks") == []
     assert flag(stage2, "--tuner_type") == ["hr_amplifier"] and flag(stage2, "--loss_type") == ["weighted_ce"]
@@ -656,8 +657,10 @@ def test_train_sh_uses_plugins_for_stage2_by_default(tmp_path):
 
 
 def test_train_sh_turns_plugins_on_for_stage1_and_passes_knobs(tmp_path):
-    stage1, stage2 = run_train_sh(tmp_path, STAGE1_LOSS="weighted_ce", FIRESAFE_CLASS_WEIGHTS=f"{HIGH_RISK}=3")
+    stage1, stage2 = run_train_sh(tmp_path, STAGE1_LOSS="weighted_ce", FIRESAFE_CLASS_WEIGHTS=f"{HIGH_RISK}=3",
+                                  ATTN_IMPL="eager", GRADIENT_CHECKPOINTING="false")
     assert flag(stage1, "--loss_type") == ["weighted_ce"] and flag(stage1, "--tuner_type") == ["lora"]
+    assert flag(stage2, "--attn_impl") == ["eager"] and flag(stage2, "--gradient_checkpointing") == ["false"]
     stage1, stage2 = run_train_sh(tmp_path, STAGE1_TUNER="hr_amplifier", STAGE2_LOSS="", EVAL_METRIC="")
     assert flag(stage1, "--tuner_type") == ["hr_amplifier"] and flag(stage1, "--callbacks") == ["amplifier_stats"]
     assert flag(stage2, "--loss_type") == [] and flag(stage2, "--tuner_type") == ["hr_amplifier"]
