@@ -51,6 +51,9 @@ ARCH = {
 TINY = dict(text=dict(vocab_size=152064, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
             out_hidden_size=64, tie=True)
+# The stock baselines run without our plugin's patches (swift infer would load it from the checkpoint).
+STOCK_ENV = {"FIRESAFE_VISION_ATTN": "off", "FIRESAFE_PATCH_EMBED": "conv", "FIRESAFE_VISION_MLP": "off",
+             "FIRESAFE_LORA_CAST": "always", "FIRESAFE_COMPILE": "off"}
 LLM_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
@@ -235,7 +238,8 @@ def recipe() -> dict[str, str]:
     """recipes/real.env's values (as train.sh/test.sh see them, environment included)."""
     names = ["MAX_PIXELS", "BATCH_SIZE", "GRAD_ACCUM", "DATALOADER_WORKERS", "SCORE_BATCH_SIZE", "SCORE_WORKERS",
              "GRADIENT_CHECKPOINTING", "VIT_GRADIENT_CHECKPOINTING", "USE_LIGER_KERNEL", "LORA_DROPOUT",
-             "ATTN_IMPL", "FIRESAFE_VISION_ATTN", "FIRESAFE_PATCH_EMBED", "LORA_RANK", "LORA_ALPHA"]
+             "ATTN_IMPL", "FIRESAFE_VISION_ATTN", "FIRESAFE_PATCH_EMBED", "FIRESAFE_VISION_MLP", "FIRESAFE_LORA_CAST",
+             "FIRESAFE_COMPILE", "LORA_RANK", "LORA_ALPHA"]
     script = f"source recipes/{RECIPE}.env; " + "; ".join(f'printf "%s=%s\\n" {n} "${{{n}:-}}"' for n in names)
     out = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     return dict(line.split("=", 1) for line in out.splitlines())
@@ -303,6 +307,8 @@ def part_train(a) -> None:
     for v in a.variants:  # e.g. "nodrop:LORA_DROPOUT=0" -> ours-7b-nodrop with that knob
         label, _, assigns = v.partition(":")
         variants[label] = dict(kv.split("=", 1) for kv in assigns.split(",") if kv)
+    if a.variants_only:
+        variants.pop("")
     for cfg in a.train:
         if cfg.startswith("ours-"):
             stage = {"7b": "stage1", "3b": "stage2"}[cfg.split("-")[1]]
@@ -323,7 +329,7 @@ def part_train(a) -> None:
                    "--per_device_train_batch_size", r["BATCH_SIZE"], "--gradient_accumulation_steps", r["GRAD_ACCUM"],
                    "--split_dataset_ratio", "0", "--output_dir", str(a.work / "swift-out" / size), "--add_version",
                    "false", "--save_only_model", "true", *bench_flags(a, steps)]
-            run_config(a, cfg, cmd, {**extra_env, "FIRESAFE_VISION_ATTN": "off", "FIRESAFE_PATCH_EMBED": "conv"})
+            run_config(a, cfg, cmd, {**extra_env, **STOCK_ENV})
         elif cfg.startswith("peft-"):
             size = cfg.split("-")[1]
             run_config(a, cfg, [sys.executable, __file__, "peft-train", "--work", str(a.work), "--size", size,
@@ -379,7 +385,7 @@ def part_infer(a) -> None:
                    "--val_dataset", str(data), "--max_new_tokens", "1", "--temperature", "0", "--logprobs", "true",
                    "--top_logprobs", "5", "--max_batch_size", bs, "--max_pixels", str(MAX_PIXELS),
                    "--result_path", str(out)]
-            run_config(a, cfg, cmd, {"FIRESAFE_VISION_ATTN": "off", "FIRESAFE_PATCH_EMBED": "conv"}, kind="infer")
+            run_config(a, cfg, cmd, STOCK_ENV, kind="infer")
         elif cfg.startswith("generate-"):
             size = cfg.split("-")[1]
             ensure_checkpoint(a, "stage1" if size == "7b" else "stage2")
@@ -548,7 +554,8 @@ def score_sweep(data: dict, score, loaded, argv: list[str], sweep: list[str]) ->
                 data["sweep"][spec] = round(len(rows) / (time.perf_counter() - start), 2)
             else:
                 bs = int(vals[0])
-                batch = template.data_collator([score._Encoded(template, rows)[i] for i in range(bs)])
+                pixel_dtype = model.dtype if score.use_autocast(model) else None
+                batch = template.data_collator([score._Encoded(template, rows, pixel_dtype)[i] for i in range(bs)])
                 ctx = lambda: score.inference_context(model, autocast=False if kind == "gpu-noautocast" else None)
                 with ctx():
                     score.forward_probs(model, template, batch, label_ids)
@@ -726,11 +733,14 @@ def vision_micro(argv: list[str]) -> None:
     pixels = torch.randn(a.images * h * w, 1176, device="cuda", dtype=torch.bfloat16)
     data: dict = {}
     outs = {}
-    for label, mode, pe, mlp in (("transformers", None, None, None), ("varlen+conv", "varlen", "conv", "off"),
-                                 ("sdpa-batched+linear", "sdpa", "linear", "off"),
-                                 ("varlen+linear", "varlen", "linear", "off"),
-                                 ("varlen+linear+mlp-pad", "varlen", "linear", "auto")):
-        va.restore() if mode is None else va.apply(mode, pe, mlp)
+    for label, mode, pe, mlp, comp in (("transformers", None, None, None, None),
+                                       ("varlen+conv", "varlen", "conv", "off", "off"),
+                                       ("sdpa-batched+linear", "sdpa", "linear", "off", "off"),
+                                       ("varlen+linear", "varlen", "linear", "off", "off"),
+                                       ("varlen+linear+mlp-pad", "varlen", "linear", "auto", "off"),
+                                       ("+ compiled rotary, RMSNorm, SiLU*up (= ours)", "auto", "linear", "auto",
+                                        "auto")):
+        va.restore() if mode is None else va.apply(mode, pe, mlp, compile=comp)
         with torch.inference_mode():
             visual(pixels, grid_thw=grid)
             sync()
@@ -743,7 +753,8 @@ def vision_micro(argv: list[str]) -> None:
         print(f"{label}: {data[label]} ms", flush=True)
     ref = outs["transformers"]
     data["max_rel_diff_vs_transformers"] = {k: float((v - ref).abs().max() / ref.abs().max()) for k, v in outs.items()}
-    va.apply("auto", "linear", "auto")
+    data["compile_errors"] = va._COMPILE_ERROR
+    va.apply("auto", "linear", "auto", compile="auto")
     with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                                                     torch.profiler.ProfilerActivity.CPU]) as prof:
         visual(pixels, grid_thw=grid)
@@ -804,7 +815,7 @@ def train_micro(argv: list[str]) -> None:
         enc = processor(text=texts[:n], images=images[:n], return_tensors="pt", padding=True)
         return {k: v.to(DEVICE) for k, v in enc.items()}
 
-    batches = {4: batch_of(4), 8: batch_of(8)}
+    batches = {2: batch_of(2), 4: batch_of(4), 8: batch_of(8)}
     keep = 8  # supervised tail, as swift's logits_to_keep
 
     def step(b):
@@ -827,18 +838,19 @@ def train_micro(argv: list[str]) -> None:
             blk.gradient_checkpointing = False
 
     data: dict = {"settings": []}
-    stock = dict(vision="off", mlp="off", cast="always", drop=0.05)
-    ours = dict(vision="auto", mlp="auto", cast="auto", drop=0.05)
+    stock = dict(vision="off", mlp="off", cast="always", drop=0.05, comp="off")
+    ours = dict(vision="auto", mlp="auto", cast="auto", drop=0.05, comp="auto", liger=True)
     settings = [  # all under bf16 autocast with fp32 adapters, as swift trains
         ("stock transformers + PEFT (vision no-grad), dropout .05, ckpt", stock),
         ("+ varlen vision attention, patch embed as matmul", dict(stock, vision="auto")),
         ("+ vision MLP padded", dict(stock, vision="auto", mlp="auto")),
-        ("+ no LoRA input casts (= ours)", ours),
+        ("+ no LoRA input casts", dict(stock, vision="auto", mlp="auto", cast="auto")),
+        ("+ compiled vision elementwise", dict(stock, vision="auto", mlp="auto", cast="auto", comp="auto")),
+        ("+ liger (= ours)", ours),
         ("ours, dropout 0", dict(ours, drop=0.0)),
         ("ours, no ckpt", dict(ours, ckpt=False)),
-        ("ours + liger", dict(ours, liger=True)),
-        ("ours + liger, dropout 0", dict(ours, drop=0.0, liger=True)),
-        ("ours + liger, batch 8", dict(ours, liger=True, bs=8)),
+        ("ours, batch 8", dict(ours, bs=8)),
+        ("ours, batch 2", dict(ours, bs=2)),
     ]
     model.train()
     liger_done = False
@@ -849,7 +861,7 @@ def train_micro(argv: list[str]) -> None:
                 apply_liger_kernel_to_qwen2_5_vl(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                                  fused_linear_cross_entropy=False, model=model.base_model.model)
                 liger_done = True
-            va.apply(o["vision"], "conv" if o["vision"] == "off" else "linear", o["mlp"], o["cast"])
+            va.apply(o["vision"], "conv" if o["vision"] == "off" else "linear", o["mlp"], o["cast"], o["comp"])
             set_dropout(o["drop"])
             set_ckpt(o.get("n_off", 0), o.get("ckpt", True), o.get("reentrant", True))
             b = batches[o.get("bs", 4)]
@@ -873,7 +885,7 @@ def train_micro(argv: list[str]) -> None:
         data["settings"].append(row)
         Path(os.environ["BENCH_RESULT"]).write_text(json.dumps(data, indent=1))
     set_ckpt()
-    va.apply("auto", "linear", "auto", "auto")
+    va.apply("auto", "linear", "auto", "auto", "auto")
     set_dropout(0.05)
     if DEVICE == "cuda":
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
@@ -942,8 +954,9 @@ def part_table(a) -> str:
     v = res.get("vision-7b", {})
     if "transformers" in v:
         lines += ["", "| 7B vision tower, 4 images, inference | ms | max rel. diff vs transformers |", "|---|---:|---:|"]
-        for k in ("transformers", "varlen+conv", "sdpa-batched+linear", "varlen+linear", "varlen+linear+mlp-pad"):
-            if k in v:
+        for k in ("transformers", "varlen+conv", "sdpa-batched+linear", "varlen+linear", "varlen+linear+mlp-pad",
+                  "+ compiled rotary, RMSNorm, SiLU*up (= ours)"):
+            if isinstance(v.get(k), (int, float)):
                 lines.append(f"| {k} | {v[k]} | {v['max_rel_diff_vs_transformers'].get(k, 0):.1e} |")
     text = "\n".join(lines)
     print(text, flush=True)
@@ -967,6 +980,7 @@ def main() -> None:
     ap.add_argument("--train", default="ours-7b,ours-3b,swift-7b,peft-7b",
                     help="training configurations, in order (ours-7b, ours-3b, swift-7b, swift-3b, peft-7b)")
     ap.add_argument("--variants", default="", help="extra ours-7b runs: LABEL:KNOB=V[,KNOB=V];LABEL:...")
+    ap.add_argument("--variants-only", action="store_true", help="skip ours-7b's plain run")
     ap.add_argument("--infer", default="score-7b,score-3b,swift-infer-7b,generate-7b",
                     help="scoring configurations (score-7b[-bsN] = ours, score-3b, swift-infer-7b[-bsN], generate-7b)")
     ap.add_argument("--score-sweep", default="", help="extra score-7b timings: loop:BS:WORKERS, gpu:BS, "

@@ -30,6 +30,10 @@ Knobs (environment variables, read at import):
   FIRESAFE_PATCH_EMBED   linear (default) | conv (transformers' Conv3d)
   FIRESAFE_VISION_MLP    auto (default: padded on CUDA when misaligned) | pad (always) | off
   FIRESAFE_LORA_CAST     auto (default: no input cast under autocast) | always (PEFT's behaviour)
+  FIRESAFE_COMPILE       auto (default: on CUDA) | on | off: torch.compile (inductor, dynamic shapes) fuses the
+                         fp32 elementwise chains of the vision rotary embedding, RMSNorm and the vision MLP's
+                         SiLU*up, wherever no gradient flows through them (the frozen tower; every layer at
+                         inference). Compiled once per machine (cached); any compile error falls back to eager.
 The model's own attention implementation is left alone unless it is "sdpa" (the default without
 flash-attn): with flash_attention_2 transformers already does one varlen call.
 """
@@ -60,6 +64,9 @@ def _check(mode: str, patch_embed: str) -> tuple[str, str]:
 MODE, PATCH_EMBED = _check(os.environ.get("FIRESAFE_VISION_ATTN", "auto"),
                            os.environ.get("FIRESAFE_PATCH_EMBED", "linear"))
 VISION_MLP = os.environ.get("FIRESAFE_VISION_MLP", "auto").strip().lower()
+COMPILE = os.environ.get("FIRESAFE_COMPILE", "auto").strip().lower()
+if COMPILE not in ("auto", "on", "off"):
+    raise ValueError(f"FIRESAFE_COMPILE={COMPILE!r}: expected auto, on or off")
 LORA_CAST = os.environ.get("FIRESAFE_LORA_CAST", "auto").strip().lower()
 if VISION_MLP not in ("auto", "pad", "off"):
     raise ValueError(f"FIRESAFE_VISION_MLP={VISION_MLP!r}: expected auto, pad or off")
@@ -71,6 +78,9 @@ ORIGINAL_ATTENTION_FORWARD = getattr(qwen.Qwen2_5_VLVisionAttention.forward, "__
 ORIGINAL_PATCH_EMBED_FORWARD = getattr(qwen.Qwen2_5_VisionPatchEmbed.forward, "__wrapped_original__",
                                        qwen.Qwen2_5_VisionPatchEmbed.forward)
 ORIGINAL_MLP_FORWARD = getattr(qwen.Qwen2_5_VLMLP.forward, "__wrapped_original__", qwen.Qwen2_5_VLMLP.forward)
+ORIGINAL_NORM_FORWARD = getattr(qwen.Qwen2_5_VLRMSNorm.forward, "__wrapped_original__",
+                                qwen.Qwen2_5_VLRMSNorm.forward)
+ORIGINAL_ROTARY = qwen.apply_rotary_pos_emb_vision
 MLP_ALIGN = 64  # elements: 128 bytes in bf16
 
 
@@ -116,6 +126,57 @@ def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     return out
 
 
+_COMPILED: dict = {}
+_COMPILE_ERROR: list = []
+
+
+def fused(name: str, fn, *tensors: torch.Tensor):
+    """fn(*tensors), through torch.compile when FIRESAFE_COMPILE allows it and no gradient flows through it."""
+    first = tensors[0]
+    wanted = COMPILE == "on" or (COMPILE == "auto" and first.is_cuda)
+    if (not wanted or _COMPILE_ERROR
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors if isinstance(t, torch.Tensor)))):
+        return fn(*tensors)
+    try:
+        if name not in _COMPILED:
+            _COMPILED[name] = torch.compile(fn, dynamic=True)
+        return _COMPILED[name](*tensors)
+    except Exception as e:  # no compiler, an inductor bug, ...: eager from now on
+        _COMPILE_ERROR.append(f"{name}: {type(e).__name__}: {e}")
+        import warnings
+
+        warnings.warn(f"vision_attention: torch.compile failed, running eager ({_COMPILE_ERROR[-1][:300]})")
+        return fn(*tensors)
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"  # transformers' own class
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Qwen2_5_VLRMSNorm.forward's arithmetic, as a function of tensors."""
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + eps)
+    return weight * hidden_states.to(input_dtype)
+
+
+def norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Drop-in for Qwen2_5_VLRMSNorm.forward: compiled where no gradient flows (see FIRESAFE_COMPILE)."""
+    if COMPILE == "off" or not (COMPILE == "on" or hidden_states.is_cuda):
+        return ORIGINAL_NORM_FORWARD(self, hidden_states)
+    eps = getattr(self, "_firesafe_eps", None)
+    if eps is None or eps.device != hidden_states.device:
+        eps = self._firesafe_eps = torch.tensor(self.variance_epsilon, dtype=torch.float32,
+                                                device=hidden_states.device)
+    return fused("rms_norm", _rms_norm, hidden_states, self.weight, eps)
+
+
 def _use_varlen(q: torch.Tensor) -> bool:
     if MODE == "sdpa" or varlen_attn is None or not q.is_cuda:
         return False
@@ -133,7 +194,7 @@ def attention_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tenso
     seq_length = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
-    q, k = qwen.apply_rotary_pos_emb_vision(q, k, cos, sin)
+    q, k = fused("rotary", ORIGINAL_ROTARY, q, k, cos, sin)
     if _use_varlen(q):
         if max_seqlen is None:
             max_seqlen = _segments(cu_seqlens)[1]
@@ -210,7 +271,8 @@ def vision_mlp_forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
     if not use or needs_grad or inter % MLP_ALIGN == 0:
         return ORIGINAL_MLP_FORWARD(self, hidden_state)
     gate_w, gate_b, up_w, up_b, down_w = _mlp_padding(self)
-    act = self.act_fn(F.linear(hidden_state, gate_w, gate_b)) * F.linear(hidden_state, up_w, up_b)
+    gate, up = F.linear(hidden_state, gate_w, gate_b), F.linear(hidden_state, up_w, up_b)
+    act = fused("silu_mul", _silu_mul, gate, up) if _is_silu(self.act_fn) else self.act_fn(gate) * up
     return F.linear(act, down_w, self.down_proj.bias)
 
 
@@ -233,11 +295,13 @@ def _lora_cast_patch():
 
 
 def apply(mode: str | None = None, patch_embed: str | None = None, vision_mlp: str | None = None,
-          lora_cast: str | None = None) -> None:
+          lora_cast: str | None = None, compile: str | None = None) -> None:
     """Install the patches (idempotent); arguments override the environment's choice."""
-    global MODE, PATCH_EMBED, VISION_MLP, LORA_CAST
+    global MODE, PATCH_EMBED, VISION_MLP, LORA_CAST, COMPILE
     MODE, PATCH_EMBED = _check(mode or MODE, patch_embed or PATCH_EMBED)
-    VISION_MLP, LORA_CAST = vision_mlp or VISION_MLP, lora_cast or LORA_CAST
+    VISION_MLP, LORA_CAST, COMPILE = vision_mlp or VISION_MLP, lora_cast or LORA_CAST, compile or COMPILE
+    norm_forward.__wrapped_original__ = ORIGINAL_NORM_FORWARD
+    qwen.Qwen2_5_VLRMSNorm.forward = ORIGINAL_NORM_FORWARD if COMPILE == "off" else norm_forward
     attention_forward.__wrapped_original__ = ORIGINAL_ATTENTION_FORWARD
     patch_embed_forward.__wrapped_original__ = ORIGINAL_PATCH_EMBED_FORWARD
     vision_mlp_forward.__wrapped_original__ = ORIGINAL_MLP_FORWARD
@@ -255,6 +319,7 @@ def restore() -> None:
     qwen.Qwen2_5_VLVisionAttention.forward = ORIGINAL_ATTENTION_FORWARD
     qwen.Qwen2_5_VisionPatchEmbed.forward = ORIGINAL_PATCH_EMBED_FORWARD
     qwen.Qwen2_5_VLMLP.forward = ORIGINAL_MLP_FORWARD
+    qwen.Qwen2_5_VLRMSNorm.forward = ORIGINAL_NORM_FORWARD
     layer, cast = _lora_cast_patch()
     if layer is not None:
         layer._cast_input_dtype = cast.__wrapped_original__

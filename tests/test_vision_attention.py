@@ -125,3 +125,39 @@ def test_lora_input_not_cast_under_autocast():
     assert calls[0] == torch.bfloat16 and calls[1] == torch.float32
     assert torch.equal(got, expected)
     assert without_autocast.dtype == torch.bfloat16
+
+
+def test_compiled_paths_match_eager(model, monkeypatch):
+    """FIRESAFE_COMPILE=on with torch.compile stubbed to the identity: the rewritten RMSNorm, rotary and
+    SiLU*up calls give exactly transformers' results (the real compile runs on CUDA only, by default)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(va, "_COMPILED", {})
+    grids = [(12, 12), (16, 16)]
+    expected = vision(model, grids, "sdpa", "linear", "pad")
+    try:
+        va.apply(compile="on")
+        got = vision(model, grids, "sdpa", "linear", "pad")
+    finally:
+        va.apply(compile="auto")
+    assert set(va._COMPILED) == {"rotary", "rms_norm", "silu_mul"}
+    assert torch.equal(got, expected)
+
+
+def test_compile_failure_falls_back_to_eager(model, monkeypatch):
+    def broken(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no compiler here")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(va, "_COMPILED", {})
+    monkeypatch.setattr(va, "_COMPILE_ERROR", [])
+    grids = [(12, 12)]
+    expected = vision(model, grids, "sdpa", "linear")
+    try:
+        va.apply(compile="on")
+        with pytest.warns(UserWarning, match="torch.compile failed"):
+            got = vision(model, grids, "sdpa", "linear")
+    finally:
+        va.apply(compile="auto")
+    assert torch.equal(got, expected) and va._COMPILE_ERROR

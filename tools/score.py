@@ -86,10 +86,12 @@ def bucket_order(rows: list[dict]) -> list[int]:
 
 
 class _Encoded:
-    """Rows as a torch dataset of encoded model inputs (runs in DataLoader workers when there are any)."""
+    """Rows as a torch dataset of encoded model inputs (runs in DataLoader workers when there are any).
+    With `pixel_dtype` the pixel values travel in the model's dtype: half the bytes, the same values (the
+    vision tower casts them to its dtype first thing)."""
 
-    def __init__(self, template, rows: list[dict]):
-        self.template, self.rows = template, rows
+    def __init__(self, template, rows: list[dict], pixel_dtype=None):
+        self.template, self.rows, self.pixel_dtype = template, rows, pixel_dtype
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -98,8 +100,13 @@ class _Encoded:
         from swift.infer_engine import InferRequest
 
         row = self.rows[i]
-        return self.template.encode(InferRequest(messages=[m for m in row["messages"] if m["role"] != "assistant"],
-                                                 images=row.get("images", [])))
+        encoded = self.template.encode(InferRequest(messages=[m for m in row["messages"] if m["role"] != "assistant"],
+                                                    images=row.get("images", [])))
+        if self.pixel_dtype is not None:
+            for key in ("pixel_values", "pixel_values_videos"):
+                if key in encoded and encoded[key].is_floating_point():
+                    encoded[key] = encoded[key].to(self.pixel_dtype)
+        return encoded
 
 
 def use_autocast(model) -> bool:
@@ -162,7 +169,8 @@ def score_rows(model, template, label_ids: list[int], rows: list[dict], batch_si
     workers = default_workers(model) if workers is None else workers
     order = bucket_order(rows) if bucket else list(range(len(rows)))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    loader = DataLoader(_Encoded(template, rows), batch_sampler=batches, collate_fn=template.data_collator,
+    pixel_dtype = model.dtype if use_autocast(model) else None
+    loader = DataLoader(_Encoded(template, rows, pixel_dtype), batch_sampler=batches, collate_fn=template.data_collator,
                         num_workers=min(workers, len(batches)), prefetch_factor=4 if workers else None,
                         pin_memory=workers > 0 and torch.cuda.is_available())
     with inference_context(model):
