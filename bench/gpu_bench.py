@@ -266,7 +266,8 @@ def run_config(a, name: str, cmd: list[str], env: dict | None = None, kind: str 
             rc = "timeout"
     wall = time.time() - start
     data = json.loads(result.read_text()) if result.exists() else {}
-    data.update(name=name, kind=kind, rc=rc, wall_s=round(wall, 1), cmd=" ".join(shlex.quote(c) for c in cmd))
+    data.update(name=name, kind=kind, rc=rc, wall_s=round(wall, 1), cmd=" ".join(shlex.quote(c) for c in cmd),
+                device=device_name())
     if rc != 0:
         data["error"] = logf.read_text(errors="replace")[-3000:]
         log(f"{name}: FAILED (rc {rc}) after {wall:.0f} s; log tail:\n{data['error'][-1500:]}")
@@ -312,12 +313,12 @@ def part_train(a) -> None:
     for cfg in a.train:
         if cfg.startswith("ours-"):
             stage = {"7b": "stage1", "3b": "stage2"}[cfg.split("-")[1]]
-            for label, knobs in variants.items():
-                if label and stage != "stage1":
+            for label, knobs in variants.items():  # a label "3b-..." is a stage-2 variant, others stage 1
+                if label and (stage == "stage2") != label.startswith("3b-"):
                     continue
                 rv = {**r, **knobs}
                 env = {**extra_env, **knobs, "STAGES": stage}
-                run_config(a, cfg + (f"-{label}" if label else ""),
+                run_config(a, cfg + (f"-{label.removeprefix('3b-')}" if label else ""),
                            ["bash", "train.sh", *our_train_flags(rv), *bench_flags(a, steps)], env)
         elif cfg.startswith("swift-"):
             size = cfg.split("-")[1]
@@ -902,7 +903,8 @@ def part_table(a) -> str:
     import torch
 
     res = {f.stem: json.loads(f.read_text()) for f in sorted((a.work / "results").glob("*.json"))}
-    dev = device_name()
+    devices = sorted({d["device"] for d in res.values() if d.get("device")}) or [device_name()]
+    dev = " + ".join(devices)
     lines = [f"device: {dev}; torch {torch.__version__}; {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEGs, MAX_PIXELS {MAX_PIXELS}", "",
              "| training (LoRA r8 a32 all-linear, bf16) | batch x accum | grad ckpt; other knobs | samples/s | s/step "
              "| peak GiB reserved (allocated) | vs swift defaults |", "|---|---|---|---:|---:|---:|---:|"]
