@@ -237,7 +237,8 @@ def part_setup(a) -> None:
 def recipe() -> dict[str, str]:
     """recipes/real.env's values (as train.sh/test.sh see them, environment included)."""
     names = ["MAX_PIXELS", "BATCH_SIZE", "GRAD_ACCUM", "DATALOADER_WORKERS", "SCORE_BATCH_SIZE", "SCORE_WORKERS",
-             "GRADIENT_CHECKPOINTING", "VIT_GRADIENT_CHECKPOINTING", "USE_LIGER_KERNEL", "LORA_DROPOUT",
+             "GRADIENT_CHECKPOINTING", "VIT_GRADIENT_CHECKPOINTING", "USE_LIGER_KERNEL_STAGE1",
+             "USE_LIGER_KERNEL_STAGE2", "LORA_DROPOUT",
              "ATTN_IMPL", "FIRESAFE_VISION_ATTN", "FIRESAFE_PATCH_EMBED", "FIRESAFE_VISION_MLP", "FIRESAFE_LORA_CAST",
              "FIRESAFE_COMPILE", "LORA_RANK", "LORA_ALPHA"]
     script = f"source recipes/{RECIPE}.env; " + "; ".join(f'printf "%s=%s\\n" {n} "${{{n}:-}}"' for n in names)
@@ -279,13 +280,15 @@ def run_config(a, name: str, cmd: list[str], env: dict | None = None, kind: str 
 
 
 # --------------------------------------------------------------------------- training
-def our_train_flags(r: dict) -> list[str]:
+def our_train_flags(r: dict, stage: str = "stage1") -> list[str]:
     """The flags our knobs map to in train.sh (passed again here; the last occurrence wins)."""
     flags = []
+    liger = r.get("USE_LIGER_KERNEL") or r.get(f"USE_LIGER_KERNEL_{stage.upper()}")  # a variant may force it
+    if liger:
+        flags += ["--use_liger_kernel", liger]
     for knob, flag in (("GRADIENT_CHECKPOINTING", "--gradient_checkpointing"),
                        ("VIT_GRADIENT_CHECKPOINTING", "--vit_gradient_checkpointing"),
-                       ("USE_LIGER_KERNEL", "--use_liger_kernel"), ("LORA_DROPOUT", "--lora_dropout"),
-                       ("ATTN_IMPL", "--attn_impl")):
+                       ("LORA_DROPOUT", "--lora_dropout"), ("ATTN_IMPL", "--attn_impl")):
         if r.get(knob):
             flags += [flag, r[knob]]
     train_sh = (ROOT / "train.sh").read_text()
@@ -319,7 +322,7 @@ def part_train(a) -> None:
                 rv = {**r, **knobs}
                 env = {**extra_env, **knobs, "STAGES": stage}
                 run_config(a, cfg + (f"-{label.removeprefix('3b-')}" if label else ""),
-                           ["bash", "train.sh", *our_train_flags(rv), *bench_flags(a, steps)], env)
+                           ["bash", "train.sh", *our_train_flags(rv, stage), *bench_flags(a, steps)], env)
         elif cfg.startswith("swift-"):
             size = cfg.split("-")[1]
             stage = {"7b": "stage1", "3b": "stage2"}[size]
@@ -350,7 +353,7 @@ def ensure_checkpoint(a, stage: str) -> str:
         return checkpoint(a, stage)
     except subprocess.CalledProcessError:
         r = recipe()
-        run_config(a, f"prep-{stage}", ["bash", "train.sh", *our_train_flags(r), *bench_flags(a, 1)],
+        run_config(a, f"prep-{stage}", ["bash", "train.sh", *our_train_flags(r, stage), *bench_flags(a, 1)],
                    {"OUTPUT_DIR": str(a.work / "pipeline"), "STAGES": stage}, kind="prep")
         return checkpoint(a, stage)
 
@@ -369,11 +372,12 @@ def part_infer(a) -> None:
         if cfg.startswith("score-"):
             size, *rest = cfg.split("-")[1:]
             stage = {"7b": "stage1", "3b": "stage2"}[size]
-            bs = rest[0][2:] if rest and rest[0].startswith("bs") else r["SCORE_BATCH_SIZE"]
+            bs = next((x[2:] for x in rest if x.startswith("bs")), r["SCORE_BATCH_SIZE"])
             cmd = [sys.executable, "-m", "tools.score", "--checkpoint", ensure_checkpoint(a, stage),
                    "--dataset", str(pipe / "data" / "test.jsonl"), "--output", str(a.work / f"{cfg}.csv"),
                    "--batch-size", bs, "--", "--max_pixels", r["MAX_PIXELS"]]
             env = {"BENCH_SWEEP": a.score_sweep if size == "7b" and not rest else "",
+                   **({"SCORE_COMPILE": "off"} if "nocompile" in rest else {}),
                    **({"SCORE_WORKERS": r["SCORE_WORKERS"]} if r.get("SCORE_WORKERS") else {})}
             run_config(a, cfg, [sys.executable, __file__, "score-wrap", *cmd[3:]], env, kind="infer")
         elif cfg.startswith("swift-infer-"):
@@ -520,16 +524,21 @@ def score_wrap(argv: list[str]) -> None:
                     workers=score.default_workers(model) if kw.get("workers") is None else kw["workers"])
         return out
 
+    data["untimed_score_rows"] = orig  # the sweep must not overwrite the main run's numbers
     loaded = []
     orig_load = score.load
     score.load = lambda *x, **k: loaded.append(orig_load(*x, **k)) or loaded[-1]
     score.score_rows = timed
     rc = score.main(argv)
-    data.update(process_s=round(time.time() - T0, 1), peak_reserved_gib=peak("reserved"))
+    untimed = data.pop("untimed_score_rows")
+    data.update(process_s=round(time.time() - T0, 1), peak_reserved_gib=peak("reserved"),
+                compile=os.environ.get("FIRESAFE_COMPILE"))
     Path(os.environ["BENCH_RESULT"]).write_text(json.dumps(data, indent=1))
+    data["untimed_score_rows"] = untimed
     sweep = [x for x in os.environ.get("BENCH_SWEEP", "").split(",") if x]
     if sweep and loaded:
         score_sweep(data, score, loaded[0], argv, sweep)
+        data.pop("untimed_score_rows")
         Path(os.environ["BENCH_RESULT"]).write_text(json.dumps(data, indent=1))
     sys.exit(rc)
 
@@ -550,7 +559,7 @@ def score_sweep(data: dict, score, loaded, argv: list[str], sweep: list[str]) ->
                 bs, workers = int(vals[0]), int(vals[1])
                 sync()
                 start = time.perf_counter()
-                score.score_rows(model, template, label_ids, rows, bs, progress=False, workers=workers)
+                data["untimed_score_rows"](model, template, label_ids, rows, bs, progress=False, workers=workers)
                 sync()
                 data["sweep"][spec] = round(len(rows) / (time.perf_counter() - start), 2)
             else:
@@ -937,7 +946,8 @@ def part_table(a) -> str:
             lines.append(f"| {name} | | FAILED (rc {d.get('rc')}) | | | |")
             continue
         ratio = f"{d['images_per_s'] / ref:.2f}x" if ref and "7b" in name else ""
-        lines.append(f"| {name} | {d['images']} | {d['images_per_s']:.2f} | {d.get('process_s', d.get('wall_s'))} | "
+        label = f"{name} (compile {d['compile']})" if d.get("compile") else name
+        lines.append(f"| {label} | {d['images']} | {d['images_per_s']:.2f} | {d.get('process_s', d.get('wall_s'))} | "
                      f"{d.get('peak_reserved_gib', '')} | {ratio} |")
     sw = res.get("score-7b", {}).get("sweep")
     if sw:

@@ -195,6 +195,21 @@ def read_probs(path: str | Path) -> tuple[list[str], np.ndarray]:
     return [r[0] for r in rows[1:]], np.array([[float(v) for v in r[1:]] for r in rows[1:]])
 
 
+def choose_compile(n_images: int) -> str:
+    """Whether swift_plugins/vision_attention.py compiles its fused kernels in this process: SCORE_COMPILE=on|off,
+    or auto: only for at least SCORE_COMPILE_MIN_IMAGES images (default 500). Measured on an H200: compiling
+    costs ~5 s once per process and saves ~11 ms per image (bench/README.md). Set before the model (and with it
+    the plugin) is loaded."""
+    import os
+
+    policy = os.environ.get("SCORE_COMPILE", "auto").strip().lower()
+    if policy == "auto":
+        policy = "on" if n_images >= int(os.environ.get("SCORE_COMPILE_MIN_IMAGES", "500")) else "off"
+    if policy == "off":
+        os.environ["FIRESAFE_COMPILE"] = "off"
+    return policy
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ours, swift_argv = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
@@ -213,10 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(ours)
     if len(args.dataset) != len(args.output):
         ap.error("give one --output per --dataset")
+    datasets = [read_jsonl(d) for d in args.dataset]
+    choose_compile(sum(len(rows) for rows in datasets))
     model, template, label_ids, _ = load(["--adapters", args.checkpoint, *swift_argv])  # loaded once for all
-    for dataset, output in zip(args.dataset, args.output):
+    for rows, output in zip(datasets, args.output):
         start = time.time()
-        rows = read_jsonl(dataset)
         probs = score_rows(model, template, label_ids, rows, args.batch_size, workers=args.workers,
                            bucket=args.bucket)
         write_probs(output, [Path(r["images"][0]).name for r in rows], probs)
