@@ -35,7 +35,7 @@ from tools.fileio import atomic_open, write_jsonl, write_text
 from tools.task import LABELS, TEST_IMAGES, TEST_LIST, TRAIN_IMAGES, TRAIN_LIST
 
 # Bump when the images, the models or their pre-training change: it keys the model cache.
-VERSION = 2
+VERSION = 3
 
 # Class shares like the official training set (无风险 is the majority; 高风险 and 非楼道 are rare).
 CLASS_SHARES = {"无风险": 0.59, "中风险": 0.19, "低风险": 0.14, "高风险": 0.05, "非楼道": 0.03}
@@ -176,13 +176,21 @@ COPY_WORDS = (
     "安全", "消防", "电梯", "门口", "窗户", "灯光", "地面", "墙壁", "天空", "树木", "汽车", "房间", "桌子",
     "书本", "水杯", "手机", "钥匙", "雨伞", "衣服", "道路", "高速", "中心", "低头", "无人", "非法", "楼梯",
 )
-COPY_SHARE = 0.15
-CHOICE_SHARE = 0.45
+COPY_SHARE = 0.3
+CHOICE_SHARE = 0.35
+# Half of the copy answers are the label words. A tiny model trains an output row only when that token is
+# an answer; untrained, the label words' rows stay short (measured: norm 0.4 against 1.0 for the choice
+# answers) and a LoRA cannot lift them over the words pre-training did produce. A real LM has every row
+# trained. The copy task never shows the label words with an image they describe.
+COPY_LABEL_SHARE = 0.5
 
 
 def copy_example(rng: np.random.Generator) -> tuple[str, str]:
     words = [COPY_WORDS[i] for i in rng.permutation(len(COPY_WORDS))[:5]]
-    k = int(rng.integers(len(words)))
+    if rng.random() < COPY_LABEL_SHARE and not set(words) & set(LABELS):
+        words[int(rng.integers(len(words)))] = LABELS[int(rng.integers(len(LABELS)))]
+    labelled = [i for i, w in enumerate(words) if w in LABELS]
+    k = int(rng.choice(labelled)) if labelled and rng.random() < COPY_LABEL_SHARE else int(rng.integers(len(words)))
     return f"词语：{'、'.join(words)}。请写出第{k + 1}个词语。", words[k]
 
 
