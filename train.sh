@@ -53,6 +53,9 @@ train_stage() {
   local stage=$1 model=$2 epochs=$3 tuner=$4 loss=$5
   shift 5
   plugin_flags "$tuner" "$loss"
+  # Liger per stage: with a custom loss (stage 2's weighted_ce) swift keeps full logits and liger costs memory.
+  local liger_var="USE_LIGER_KERNEL_${stage^^}" stage_flags=("${recipe_flags[@]}")
+  [[ -n "${!liger_var:-}" ]] && stage_flags+=(--use_liger_kernel "${!liger_var}")
   log "$stage: tuner $tuner, loss ${loss:-cross_entropy}, best checkpoint by ${EVAL_METRIC:-eval loss}"
   rm -rf "${OUTPUT_DIR:?}/$stage"
   swift sft \
@@ -83,7 +86,7 @@ train_stage() {
     --dataloader_num_workers "$DATALOADER_WORKERS" \
     --dataset_num_proc 1 \
     --report_to tensorboard \
-    "${recipe_flags[@]}" \
+    "${stage_flags[@]}" \
     --seed "$SEED" \
     --data_seed "$SEED" \
     --output_dir "$OUTPUT_DIR/$stage" \

@@ -668,3 +668,11 @@ def test_train_sh_turns_plugins_on_for_stage1_and_passes_knobs(tmp_path):
         assert flag(argv, "--eval_metric") == [] and flag(argv, "--metric_for_best_model") == []
     env = (tmp_path / "calls.txt.env").read_text(encoding="utf-8")
     assert f"FIRESAFE_CLASS_WEIGHTS={HIGH_RISK}=3" in env and "FIRESAFE_AMP_LAYERS=auto" in env
+
+
+def test_train_sh_sets_liger_per_stage(tmp_path):
+    # recipes/real.env turns liger on for stage 1 only: with stage 2's custom loss it would keep full logits.
+    stage1, stage2 = run_train_sh(tmp_path, USE_LIGER_KERNEL_STAGE1="true", USE_LIGER_KERNEL_STAGE2="false")
+    assert flag(stage1, "--use_liger_kernel") == ["true"] and flag(stage2, "--use_liger_kernel") == ["false"]
+    stage1, stage2 = run_train_sh(tmp_path)  # the demo recipe sets neither: swift's default
+    assert flag(stage1, "--use_liger_kernel") == [] == flag(stage2, "--use_liger_kernel")
