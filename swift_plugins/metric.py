@@ -26,15 +26,14 @@ from swift.metrics.base import EvalMetrics  # noqa: E402
 from swift.utils import get_logger, is_master  # noqa: E402
 
 from swift_plugins._common import AnswerTokens  # noqa: E402
-from tools.metrics import score  # noqa: E402
+from tools.metrics import Scores, score  # noqa: E402
 from tools.task import HIGH_RISK_INDEX, LABELS  # noqa: E402
 
 logger = get_logger()
 
 
-def task_metrics(gold, pred) -> dict[str, float]:
-    """The numbers logged at each evaluation, from label indices (tools.task.LABELS order)."""
-    s = score(gold, pred)
+def task_metrics(s: Scores) -> dict[str, float]:
+    """The numbers logged at each evaluation, from tools.metrics' scores."""
     out = {"weighted_f1": s.weighted_f1, "accuracy": s.accuracy,
            "high_risk_recall": float(s.recall[HIGH_RISK_INDEX]),
            "high_risk_precision": float(s.precision[HIGH_RISK_INDEX])}
@@ -66,10 +65,10 @@ class WeightedF1Metrics(EvalMetrics):
         pairs = pairs[pairs[:, 1] >= 0]  # rows whose answer is not one of the labels, and DDP padding
         if len(pairs) == 0:
             return {}
-        out = task_metrics(pairs[:, 1], pairs[:, 0])
+        scores = score(pairs[:, 1], pairs[:, 0])
         if is_master():
-            logger.info(f"weighted_f1 on {len(pairs)} validation rows:\n{score(pairs[:, 1], pairs[:, 0]).table()}")
-        return out
+            logger.info(f"weighted_f1 on {len(pairs)} validation rows:\n{scores.table()}")
+        return task_metrics(scores)
 
 
 eval_metrics_map["weighted_f1"] = WeightedF1Metrics

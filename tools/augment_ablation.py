@@ -10,7 +10,6 @@ test.sh ran both stages. Scores are tools.metrics': weighted F1 = Σ w·F1 (max 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -20,17 +19,18 @@ import numpy as np
 from tools.dataset import DataError, read_list
 from tools.metrics import Scores, score
 from tools.predict import aligned_probs
-from tools.task import HIGH_RISK, HIGH_RISK_INDEX, LABEL_TO_INDEX, LABELS, MAX_SCORE, Layout, read_json
+from tools.report import read_probabilities
+from tools.task import HIGH_RISK, HIGH_RISK_INDEX, LABEL_TO_INDEX, MAX_SCORE, Layout, read_json
 
 TIMING = "ablation.json"  # written into each run folder by bench/augment_ablation.sh: {"seconds": train + test}
 
 
 def fused_probs(path: Path, names: list[str]) -> np.ndarray:
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
-    if [r["image"] for r in rows] != names:
+    """The fused columns of tools.predict's probabilities.csv, which must list exactly `names`, in order."""
+    got, _, _, fused = read_probabilities(path)
+    if got != names:
         raise DataError(f"{path}: does not match the test list")
-    return np.array([[float(r[f"fused_{label}"]) for label in LABELS] for r in rows])
+    return fused
 
 
 def run_scores(output_dir: str | Path) -> dict:

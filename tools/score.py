@@ -236,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         probs = score_rows(model, template, label_ids, rows, args.batch_size, workers=args.workers,
                            bucket=args.bucket)
         write_probs(output, [Path(r["images"][0]).name for r in rows], probs)
-        print(f"scored {len(rows)} images in {time.time() - start:.1f} s ({len(rows) / (time.time() - start):.1f}"
-              f" images/s) -> {output}")
+        seconds = time.time() - start
+        print(f"scored {len(rows)} images in {seconds:.1f} s ({len(rows) / seconds:.1f} images/s) -> {output}")
     return 0
 
 
