@@ -13,6 +13,7 @@ MODEL_STAGE1=${MODEL_STAGE1:-}                # id or folder; default: the recip
 MODEL_STAGE2=${MODEL_STAGE2:-}
 VAL_RATIO=${VAL_RATIO:-0.1}
 SEED=${SEED:-42}
+FOLDS=${FOLDS:-1}                             # k > 1: also k folds of the training split, for out-of-fold fusion tuning
 DEMO_DATA_DIR=$(realpath -m "${DEMO_DATA_DIR:-data/demo}")
 DEMO_MODELS_DIR=$(realpath -m "${DEMO_MODELS_DIR:-.cache/demo-models}")
 DEMO_SEED=${DEMO_SEED:-0}
@@ -31,6 +32,8 @@ CUTOUTS_DIR=${CUTOUTS_DIR:-auto}              # RGBA hazard cut-outs; auto = dem
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source tools/common.sh
 start=$SECONDS
+# Checked again, against the class counts, by tools.prepare_data; here so a typo fails before the demo build.
+[[ "$FOLDS" =~ ^[1-9][0-9]*$ ]] || { log "FOLDS must be a whole number >= 1 (1 = no folds), got '$FOLDS'"; exit 1; }
 
 if [[ -z "$DATA_DIR" ]]; then
   RECIPE=demo
@@ -62,6 +65,7 @@ step "validate and split" \
     --output-dir "$OUTPUT_DIR" \
     --val-ratio "$VAL_RATIO" \
     --seed "$SEED" \
+    --folds "$FOLDS" \
     --recipe "$RECIPE" \
     --model-stage1 "$MODEL_STAGE1" \
     --model-stage2 "$MODEL_STAGE2" \

@@ -301,3 +301,34 @@ def test_ablation_table_scores(tmp_path):
         else:
             assert r["fused"] is None
     assert main([f"off={tmp_path / 'a'}", f"on={tmp_path / 'b'}"]) == 0
+
+
+def test_fold_training_sets_get_no_copy_of_their_held_out_images(demo, tmp_path):
+    out = tmp_path / "out"  # no validation split: the demo's 2 非楼道 images then make 2 folds possible
+    prepare(build_parser().parse_args(["--data-dir", str(demo), "--output-dir", str(out), "--workers", "1",
+                                       "--val-ratio", "0", "--folds", "2"]))
+    layout = Layout(out)
+    heldout_rows = [layout.fold_heldout_jsonl(i).read_bytes() for i in range(2)]
+    AD.augment(augment_args(out, "--cutouts", str(demo / "cutouts"), "--filter", "0"))
+    aug = augmented_dir(layout)
+    index = AD.read_index(aug / "index.tsv")
+    source = {str((aug / "images" / r["image"]).resolve()): r for r in index}  # copy path -> its index row
+    manifest = json.loads(layout.manifest.read_text(encoding="utf-8"))
+    for i in range(2):
+        held = {line.split("\t")[0] for line in layout.fold_heldout_list(i).read_text(encoding="utf-8").splitlines()}
+        allowed = {p for p, r in source.items() if r["source"] not in held}
+        banned = set(source) - allowed
+        # not vacuous: each fold has copies of its held-out images, insertion copies among them
+        assert banned and allowed and any("insert" in source[p]["transforms"] for p in banned)
+        for stage in ("stage1", "stage2"):
+            rows = images_of(layout.fold_train_jsonl(i, stage))
+            assert not set(rows) & banned  # no copy of a held-out image ...
+            assert not {Path(p).name for p in rows if p not in source} & held  # ... nor the image itself
+            assert {p for p in rows if p in source} <= allowed
+        stage1 = images_of(layout.fold_train_jsonl(i, "stage1"))
+        assert {p for p in stage1 if p in source} == allowed  # stage 1 takes every copy it may have
+        high2 = [r["images"][0] for r in read_jsonl(layout.fold_train_jsonl(i, "stage2"))
+                 if r["messages"][1]["content"] == HIGH_RISK]
+        assert set(high2) & allowed  # the specialist's 高风险 block takes copies in place of repeats
+        assert layout.fold_heldout_jsonl(i).read_bytes() == heldout_rows[i]  # held-out rows untouched
+        assert sum(manifest["counts"]["folds"][i]["stage1_rows"].values()) == len(stage1)

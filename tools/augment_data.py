@@ -14,8 +14,10 @@ validation and test images are never read, so no copy of them can exist) and man
   report.json        counts per class (copies, inserted, dropped, kept), the filter's model and rule
   contact_sheet.png  one row per original: original | geometric | colour | padding | insert
 and rewrites stage1_train.jsonl and stage2_train.jsonl (tools.prepare_data.stage1_set / stage2_set with the
-kept copies: they take the place of plain repeats) and the counts in manifest.json. The validation and test
-JSONLs are not touched.
+kept copies: they take the place of plain repeats) and the counts in manifest.json. With folds (FOLDS > 1,
+data/folds/<i>/), each fold's two training JSONLs are rewritten the same way with only the copies whose source
+image is outside that fold (index.tsv's `source`), so a held-out image never reaches its fold's training rows,
+not even as a copy. The validation, test and held-out JSONLs are not touched.
 
 Consistency filter (--filter): `auto` scores with the stage-1 checkpoint when <output-dir>/stage1 has one
 trained from --model-stage1 (a train.sh run before), else with the stage-1 base model; it skips the filter
@@ -45,7 +47,7 @@ import numpy as np
 from tools import augment as A
 from tools.dataset import DataError, Sample, class_counts, read_list
 from tools.fileio import atomic_open, write_json, write_jsonl, write_text
-from tools.prepare_data import augmented_dir, count_table, stage1_set, stage2_set, train_split_list
+from tools.prepare_data import augmented_dir, count_table, read_folds, stage_sets, train_split_list, write_folds
 from tools.task import LABEL_TO_INDEX, LABELS, Layout, read_json, sft_row
 
 FILTER_MODES = ("auto", "0", "1")
@@ -185,7 +187,10 @@ def augment(args: argparse.Namespace, vectors_fn: VectorsFn | None = None) -> di
     layout = Layout(args.output_dir)
     manifest, fit, _ = load_split(layout)
     seed = manifest["seed"] if args.seed is None else args.seed
-    comp = manifest.get("composition", {})
+    comp = {"stage1_min_share": 0.1, "stage2_high_repeat": 3, "stage2_other_ratio": 2.0,
+            **manifest.get("composition", {})}
+    folds = manifest.get("folds", 1)
+    heldout = read_folds(layout, folds, manifest["train_images"]) if folds > 1 else []  # read before writing
     if args.cutouts and not Path(args.cutouts).is_dir():
         raise DataError(f"{args.cutouts}: cut-out folder not found (CUTOUTS_DIR=none turns insertion off)")
     out = augmented_dir(layout)
@@ -238,10 +243,12 @@ def augment(args: argparse.Namespace, vectors_fn: VectorsFn | None = None) -> di
             os.replace(r.path, dropped_dir / r.name)
 
     # new training sets: the kept copies take the place of plain repeats
-    stage1 = stage1_set(fit, comp.get("stage1_min_share", 0.1), seed, kept)
-    stage2 = stage2_set(fit, comp.get("stage2_high_repeat", 3), comp.get("stage2_other_ratio", 2.0), seed, kept)
+    stage1, stage2 = stage_sets(fit, comp, seed, kept)
     write_jsonl(layout.train_jsonl("stage1"), (sft_row(s.path, s.label) for s in stage1))
     write_jsonl(layout.train_jsonl("stage2"), (sft_row(s.path, s.label) for s in stage2))
+    if heldout:
+        sources = {r.name: j.sample.name for r, j in zip(records, jobs)}
+        manifest["counts"]["folds"] = write_folds(layout, fit, heldout, comp, seed, kept, sources)
     write_text(out / A.LIST_NAME, "".join(f"{r.name}\t{r.label}\n" for r in kept))
     write_index(out / "index.tsv", records, jobs, kept_names)
 

@@ -15,6 +15,15 @@ Writes, under <output-dir>/data/:
   manifest.json       inputs, seed, composition settings and counts, read by train.sh, test.sh and
                       tools.augment_data
 
+With --folds k > 1 (FOLDS in data-pre.sh) the training part is also dealt into k stratified, seeded folds for
+out-of-fold predictions (train.sh trains one model pair per fold, test.sh tunes fusion on their predictions of
+the images they did not see). Under <output-dir>/data/folds/<i>/:
+  stage1_train.jsonl  the other k-1 folds, composed as stage1_train.jsonl above
+  stage2_train.jsonl  the other k-1 folds, composed as stage2_train.jsonl above
+  heldout.jsonl       fold i's images (labelled rows, scored by test.sh with fold i's models)
+  heldout.txt         the same images as <image>\t<label>
+With k = 1 (the default) nothing of this is written.
+
 Augmentation (tools.augment_data, run by data-pre.sh after this) rewrites the two training JSONLs with
 stage1_set/stage2_set below, given its augmented copies: they take the place of plain repeats.
 """
@@ -31,6 +40,7 @@ import numpy as np
 
 from tools.dataset import DataError, Sample, class_counts, read_list
 from tools.fileio import write_json, write_jsonl, write_text
+from tools.fusion_search import stratified_folds as deal_folds
 from tools.task import HIGH_RISK, LABELS, TEST_IMAGES, TEST_LIST, TRAIN_IMAGES, TRAIN_LIST, Layout, sft_row
 
 TRAIN_SPLIT = "train_split.txt"  # in <output-dir>/data/: the training part of the split
@@ -116,6 +126,90 @@ def stage2_set(samples: list[Sample], high_repeat: int, other_ratio: float, seed
     return [rows[i] for i in rng.permutation(len(rows))]
 
 
+def stage_sets(samples: list[Sample], composition: dict, seed: int, augmented: Sequence[Sample] = ()
+               ) -> tuple[list[Sample], list[Sample]]:
+    """(stage-1 rows, stage-2 rows) with the manifest's composition settings."""
+    return (stage1_set(samples, composition["stage1_min_share"], seed, augmented),
+            stage2_set(samples, composition["stage2_high_repeat"], composition["stage2_other_ratio"], seed,
+                       augmented))
+
+
+def parse_folds(text: str) -> int:
+    """--folds / FOLDS: a whole number >= 1."""
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1 or str(k) != text.strip():
+        raise argparse.ArgumentTypeError(f"FOLDS (--folds) must be a whole number >= 1 (1 = no folds), got {text!r}")
+    return k
+
+
+def check_folds(k: int, fit: list[Sample]) -> None:
+    """k folds need at least k images of every label in the training split: then every fold holds out, and
+    trains on, at least one image of each label (a fold without 高风险 to train on is no model of the task)."""
+    if k < 1:
+        raise DataError(f"FOLDS (--folds) must be at least 1 (1 = no folds), got {k}")
+    if k == 1:
+        return
+    counts = {label: n for label, n in class_counts(fit).items() if n > 0}
+    if not counts:
+        raise DataError(f"FOLDS={k} (--folds): the training split is empty")
+    label, n = min(counts.items(), key=lambda kv: kv[1])
+    if n < k:
+        raise DataError(f"FOLDS={k} (--folds): the training split ({TRAIN_SPLIT}) has only {n} {label} image(s); "
+                        f"every fold must hold out and train on each label, so FOLDS can be at most {n}")
+
+
+def stratified_folds(fit: list[Sample], k: int, seed: int) -> list[list[Sample]]:
+    """The held-out part of each of k folds: every image in exactly one, each label dealt round-robin after a
+    seeded shuffle (per-label and total fold sizes differ by at most one). Each part keeps the input order.
+    Its own random stream: the split and the stage sets are the same with or without folds."""
+    gold = np.array([s.label_index for s in fit], dtype=int)
+    fold = deal_folds(gold, k, np.random.default_rng([seed, 4]))
+    return [[s for s, f in zip(fit, fold) if f == i] for i in range(k)]
+
+
+def read_folds(layout: Layout, k: int, train_images: str | Path) -> list[list[Sample]]:
+    """The held-out parts that prepare() wrote (tools.augment_data rebuilds the fold sets from them)."""
+    heldout = []
+    for i in range(k):
+        path = layout.fold_heldout_list(i)
+        if not path.exists():
+            raise DataError(f"{path}: not found, but manifest.json says {k} folds: run tools.prepare_data "
+                            "(data-pre.sh) again")
+        heldout.append(read_list(path, train_images, labelled=True, check_images=False, progress=False))
+    return heldout
+
+
+def write_folds(layout: Layout, fit: list[Sample], heldout: list[list[Sample]], composition: dict, seed: int,
+                augmented: Sequence[Sample] = (), sources: dict[str, str] | None = None) -> list[dict]:
+    """Fold i's training sets: the stage sets of the images outside fold i, plus the augmented copies whose
+    source image is outside fold i (sources: copy name -> source image name), so no held-out image reaches
+    its fold's training rows, not even as a copy. Returns the counts per fold for the manifest."""
+    sources = sources or {}
+    unsourced = [a.name for a in augmented if a.name not in sources]
+    if unsourced:
+        raise ValueError(f"no source image for the augmented copy {unsourced[0]}")
+    counts = []
+    fit_names = {s.name for s in fit}
+    for i, held in enumerate(heldout):
+        held_names = {s.name for s in held}
+        if not held_names <= fit_names:
+            raise DataError(f"{layout.fold_heldout_list(i)}: {sorted(held_names - fit_names)[0]} is not in the "
+                            f"training split ({TRAIN_SPLIT}): run tools.prepare_data (data-pre.sh) again")
+        rest = [s for s in fit if s.name not in held_names]
+        copies = [a for a in augmented if sources[a.name] not in held_names]
+        stage1, stage2 = stage_sets(rest, composition, seed, copies)
+        write_jsonl(layout.fold_train_jsonl(i, "stage1"), (sft_row(s.path, s.label) for s in stage1))
+        write_jsonl(layout.fold_train_jsonl(i, "stage2"), (sft_row(s.path, s.label) for s in stage2))
+        write_jsonl(layout.fold_heldout_jsonl(i), (sft_row(s.path, s.label) for s in held))
+        write_text(layout.fold_heldout_list(i), "".join(f"{s.name}\t{s.label}\n" for s in held))
+        counts.append({"heldout": class_counts(held), "stage1_rows": class_counts(stage1),
+                       "stage2_rows": class_counts(stage2)})
+    return counts
+
+
 def count_table(columns: dict[str, list[Sample]]) -> str:
     """A per-class count table, one column per named list."""
     counts = {name: class_counts(items) for name, items in columns.items()}
@@ -140,10 +234,13 @@ def prepare(args: argparse.Namespace) -> dict:
         raise DataError(f"{test_list}: {len(overlap)} test image(s) also in {train_list}, e.g. {sorted(overlap)[0]}")
 
     fit, val = stratified_split(train, args.val_ratio, args.seed)
-    stage1 = stage1_set(fit, args.stage1_min_share, args.seed)
-    stage2 = stage2_set(fit, args.stage2_high_repeat, args.stage2_other_ratio, args.seed)
+    check_folds(args.folds, fit)  # before anything is written
+    composition = {"stage1_min_share": args.stage1_min_share, "stage2_high_repeat": args.stage2_high_repeat,
+                   "stage2_other_ratio": args.stage2_other_ratio}
+    stage1, stage2 = stage_sets(fit, composition, args.seed)
     layout = Layout(args.output_dir)
     shutil.rmtree(augmented_dir(layout), ignore_errors=True)  # a new split: earlier copies no longer apply
+    shutil.rmtree(layout.folds_data_dir, ignore_errors=True)  # and neither do earlier folds
     val_rows = [sft_row(s.path, s.label) for s in val]
     write_jsonl(layout.train_jsonl("stage1"), (sft_row(s.path, s.label) for s in stage1))
     write_jsonl(layout.train_jsonl("stage2"), (sft_row(s.path, s.label) for s in stage2))
@@ -156,20 +253,26 @@ def prepare(args: argparse.Namespace) -> dict:
         "train_list": str(train_list.resolve()), "train_images": str(train_images.resolve()),
         "test_list": str(test_list.resolve()), "test_images": str(test_images.resolve()),
         "test_labelled": test[0].label is not None, "seed": args.seed, "val_ratio": args.val_ratio,
-        "composition": {"stage1_min_share": args.stage1_min_share, "stage2_high_repeat": args.stage2_high_repeat,
-                        "stage2_other_ratio": args.stage2_other_ratio},
+        "composition": composition, "folds": args.folds,
         "counts": {"train": class_counts(fit), "val": class_counts(val), "test": class_counts(test),
                    "stage1_rows": class_counts(stage1), "stage2_rows": class_counts(stage2)},
     }
+    if args.folds > 1:
+        manifest["counts"]["folds"] = write_folds(layout, fit, stratified_folds(fit, args.folds, args.seed),
+                                                  composition, args.seed)
     write_json(layout.manifest, manifest)
     write_pipeline_env(layout.pipeline_env, recipe=args.recipe, model_stage1=args.model_stage1,
                        model_stage2=args.model_stage2, test_list=manifest["test_list"],
-                       test_labelled=int(manifest["test_labelled"]))
+                       test_labelled=int(manifest["test_labelled"]),
+                       folds=args.folds if args.folds > 1 else None)  # FOLDS=1: the file is as before
     columns = {"train": fit, "val": val, "stage1": stage1, "stage2": stage2}
     if manifest["test_labelled"]:
         columns["test"] = test
     print(count_table(columns))
     print(f"test: {len(test)} images ({'labelled' if manifest['test_labelled'] else 'unlabelled'})")
+    if args.folds > 1:
+        sizes = ", ".join(str(sum(c["heldout"].values())) for c in manifest["counts"]["folds"])
+        print(f"{args.folds} folds of the training split for out-of-fold predictions: {sizes} images held out")
     print(f"wrote {layout.data_dir}")
     return manifest
 
@@ -199,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stage2-high-repeat", type=int, default=3, help="copies of each 高风险 image in stage 2")
     ap.add_argument("--stage2-other-ratio", type=float, default=2.0,
                     help="低风险/无风险/非楼道 images in stage 2, as a multiple of the 高风险 count")
+    ap.add_argument("--folds", type=parse_folds, default=1,
+                    help="k > 1: also deal the training split into k stratified folds, with training sets without "
+                         "each fold, for out-of-fold predictions (FOLDS; default: %(default)s = no folds)")
     ap.add_argument("--workers", type=int, default=None, help="processes for image checks (default: all cores)")
     ap.add_argument("--recipe", help="training recipe (recipes/<name>.env) recorded for train.sh/test.sh")
     ap.add_argument("--model-stage1", help="stage-1 base model (id or folder) recorded for train.sh")

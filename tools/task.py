@@ -99,6 +99,38 @@ class Layout:
     def fusion_params(self) -> Path:
         return self.root / "fusion.json"
 
+    # k-fold out-of-fold predictions (FOLDS > 1): fold i trains on the other folds of the training split and
+    # predicts its own held-out images; the final models above still train on the whole training split.
+    @property
+    def folds_data_dir(self) -> Path:  # the fold sets written by data-pre.sh
+        return self.data_dir / "folds"
+
+    def fold_train_jsonl(self, fold: int, stage: str) -> Path:
+        return self.folds_data_dir / str(fold) / f"{stage}_train.jsonl"
+
+    def fold_heldout_jsonl(self, fold: int) -> Path:  # fold i's images, labelled rows, scored by test.sh
+        return self.folds_data_dir / str(fold) / "heldout.jsonl"
+
+    def fold_heldout_list(self, fold: int) -> Path:  # the same images as name<TAB>label
+        return self.folds_data_dir / str(fold) / "heldout.txt"
+
+    @property
+    def folds_dir(self) -> Path:  # the fold runs (train.sh) and their predictions (test.sh)
+        return self.root / "folds"
+
+    def fold_run_dir(self, fold: int, stage: str) -> Path:  # swift --output_dir of fold i's stage
+        return self.folds_dir / str(fold) / stage
+
+    def fold_heldout_probs(self, fold: int, stage: str) -> Path:  # fold i's stage on fold i's held-out images
+        return self.fold_run_dir(fold, stage) / "heldout_probs.csv"
+
+    def oof_probs(self, stage: str) -> Path:  # every fold's held-out rows, then the validation split's
+        return self.folds_dir / f"oof_{stage}.csv"
+
+    @property
+    def oof_gold(self) -> Path:  # name<TAB>label for the rows of oof_probs
+        return self.folds_dir / "oof_gold.txt"
+
 
 def user_message() -> dict:
     return {"role": "user", "content": IMAGE_TAG + PROMPT}
