@@ -3,6 +3,8 @@
 # pass per batch. Tune fusion on the validation predictions, fuse, write $OUTPUT_DIR/b-submit.txt and
 # probabilities.csv, validate the submission; with a labelled test list, print scores and write report.md.
 # Extra arguments go to swift's inference arguments for both stages (e.g. --max_pixels 802816).
+# With FOLDS > 1 (set in data-pre.sh), each fold's models also score the fold they did not train on, and fusion is
+# tuned on those out-of-fold predictions pooled with the validation predictions (tools.oof).
 set -euo pipefail
 
 OUTPUT_DIR=$(realpath -m "${OUTPUT_DIR:-outputs}")
@@ -11,6 +13,8 @@ FUSION_PARAMS=${FUSION_PARAMS:-}              # fusion JSON to use as is; empty 
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source tools/common.sh
 load_pipeline
+FOLDS=${FOLDS:-1}                             # from pipeline.env (data-pre.sh); 1 = tune fusion on validation only
+if (( FOLDS > 1 )); then python -m tools.oof --output-dir "$OUTPUT_DIR" --folds "$FOLDS" --check; fi
 
 start=$SECONDS
 for stage in stage1 stage2; do
@@ -23,13 +27,34 @@ for stage in stage1 stage2; do
       --batch-size "$SCORE_BATCH_SIZE" \
       -- --max_pixels "$MAX_PIXELS" "$@"
 done
-if [[ -z "$FUSION_PARAMS" && -s "$OUTPUT_DIR/data/val.txt" ]]; then
+# Fusion is tuned on predictions of images the models did not train on: the validation split's, and with folds
+# each fold's models' predictions of their held-out fold too.
+tuned_on="the validation split" gold=$OUTPUT_DIR/data/val.txt
+probs1=$OUTPUT_DIR/stage1/val_probs.csv probs2=$OUTPUT_DIR/stage2/val_probs.csv
+if [[ -z "$FUSION_PARAMS" ]] && (( FOLDS > 1 )); then
+  for ((fold = 0; fold < FOLDS; fold++)); do
+    for stage in stage1 stage2; do
+      checkpoint=$(python -m tools.checkpoint --run-dir "$OUTPUT_DIR/folds/$fold/$stage" --read)
+      step "score fold $fold's held-out images with its $stage ($checkpoint)" \
+        python -m tools.score \
+          --checkpoint "$checkpoint" \
+          --dataset "$OUTPUT_DIR/data/folds/$fold/heldout.jsonl" \
+          --output "$OUTPUT_DIR/folds/$fold/$stage/heldout_probs.csv" \
+          --batch-size "$SCORE_BATCH_SIZE" \
+          -- --max_pixels "$MAX_PIXELS" "$@"
+    done
+  done
+  step "pool out-of-fold and validation predictions" python -m tools.oof --output-dir "$OUTPUT_DIR" --folds "$FOLDS"
+  tuned_on="the out-of-fold and validation predictions" gold=$OUTPUT_DIR/folds/oof_gold.txt
+  probs1=$OUTPUT_DIR/folds/oof_stage1.csv probs2=$OUTPUT_DIR/folds/oof_stage2.csv
+fi
+if [[ -z "$FUSION_PARAMS" && -s "$gold" ]]; then
   FUSION_PARAMS=$OUTPUT_DIR/fusion.json
-  step "fusion search on the validation split" \
+  step "fusion search on $tuned_on" \
     python -m tools.fusion_search \
-      --stage1 "$OUTPUT_DIR/stage1/val_probs.csv" \
-      --stage2 "$OUTPUT_DIR/stage2/val_probs.csv" \
-      --gold "$OUTPUT_DIR/data/val.txt" \
+      --stage1 "$probs1" \
+      --stage2 "$probs2" \
+      --gold "$gold" \
       --output "$FUSION_PARAMS"
 fi
 step "fuse and write submission" \

@@ -6,10 +6,15 @@
 #   bash train.sh --lora_rank 16 --num_train_epochs 3
 #   STAGES=stage2 bash train.sh          # retrain the specialist only
 #   STAGE1_LOSS=weighted_ce STAGE1_TUNER=hr_amplifier bash train.sh    # plugins for stage 1 too
+#   RUNS=final bash train.sh             # with FOLDS > 1: skip the fold runs
+# With FOLDS > 1 (set in data-pre.sh), each fold i first gets its own stage runs on the other folds
+# ($OUTPUT_DIR/folds/<i>/stageN; test.sh pools their predictions of fold i to tune fusion), then the final
+# models train as with FOLDS=1. Every run picks its checkpoint on the validation split, never on its held-out fold.
 set -euo pipefail
 
 OUTPUT_DIR=$(realpath -m "${OUTPUT_DIR:-outputs}")
 STAGES=${STAGES:-stage1 stage2}
+RUNS=${RUNS:-folds final}                     # folds: the k fold runs (FOLDS > 1 only); final: the models test.sh submits
 SEED=${SEED:-42}
 # Plugins: every swift_plugins/*.py not starting with _ is loaded (--external_plugins); these pick what is used.
 STAGE1_TUNER=${STAGE1_TUNER:-lora}            # lora | hr_amplifier (LoRA + High-Risk Feature Amplifier)
@@ -24,6 +29,8 @@ export FIRESAFE_AMP_LAYERS=${FIRESAFE_AMP_LAYERS:-auto}   # hr_amplifier: LLM la
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source tools/common.sh
 load_pipeline
+FOLDS=${FOLDS:-1}                             # from pipeline.env (data-pre.sh); 1 = no fold runs
+if (( FOLDS > 1 )); then python -m tools.oof --output-dir "$OUTPUT_DIR" --folds "$FOLDS" --check; fi
 
 mapfile -t PLUGINS < <(python -m swift_plugins --list)
 [[ ${#PLUGINS[@]} -gt 0 ]] || { log "no plugin files in swift_plugins/"; exit 1; }
@@ -49,20 +56,25 @@ for pair in LORA_DROPOUT:--lora_dropout GRADIENT_CHECKPOINTING:--gradient_checkp
   [[ -n "${!var:-}" ]] && recipe_flags+=("${pair#*:}" "${!var}")
 done
 
+# train_stage RUN STAGE MODEL EPOCHS TUNER LOSS [swift args]: RUN is `final` or a fold number.
 train_stage() {
-  local stage=$1 model=$2 epochs=$3 tuner=$4 loss=$5
-  shift 5
+  local run=$1 stage=$2 model=$3 epochs=$4 tuner=$5 loss=$6
+  shift 6
+  local train=$OUTPUT_DIR/data/${stage}_train.jsonl out=$OUTPUT_DIR/$stage
+  if [[ "$run" != final ]]; then
+    train=$OUTPUT_DIR/data/folds/$run/${stage}_train.jsonl out=$OUTPUT_DIR/folds/$run/$stage
+  fi
   plugin_flags "$tuner" "$loss"
   # Liger per stage: with a custom loss (stage 2's weighted_ce) swift keeps full logits and liger costs memory.
   local liger_var="USE_LIGER_KERNEL_${stage^^}" stage_flags=("${recipe_flags[@]}")
   [[ -n "${!liger_var:-}" ]] && stage_flags+=(--use_liger_kernel "${!liger_var}")
   log "$stage: tuner $tuner, loss ${loss:-cross_entropy}, best checkpoint by ${EVAL_METRIC:-eval loss}"
-  rm -rf "${OUTPUT_DIR:?}/$stage"
+  rm -rf "${out:?}"
   swift sft \
     --model "$model" \
     --template qwen2_5_vl \
     --check_model false \
-    --dataset "$OUTPUT_DIR/data/${stage}_train.jsonl" \
+    --dataset "$train" \
     --val_dataset "$OUTPUT_DIR/data/${stage}_val.jsonl" \
     "${flags[@]}" \
     --lora_rank "$LORA_RANK" \
@@ -89,21 +101,33 @@ train_stage() {
     "${stage_flags[@]}" \
     --seed "$SEED" \
     --data_seed "$SEED" \
-    --output_dir "$OUTPUT_DIR/$stage" \
+    --output_dir "$out" \
     --add_version false \
     "$@"
-  log "$stage checkpoint: $(python -m tools.checkpoint --run-dir "$OUTPUT_DIR/$stage")"
+  log "$stage checkpoint: $(python -m tools.checkpoint --run-dir "$out")"
 }
 
-start=$SECONDS
-log "recipe: ${RECIPE:-real}   output: $OUTPUT_DIR   stages: $STAGES"
-for stage in $STAGES; do
-  case $stage in
-    stage1) step "stage 1 ($MODEL_STAGE1)" \
-              train_stage stage1 "$MODEL_STAGE1" "$EPOCHS_STAGE1" "$STAGE1_TUNER" "$STAGE1_LOSS" "$@" ;;
-    stage2) step "stage 2 ($MODEL_STAGE2)" \
-              train_stage stage2 "$MODEL_STAGE2" "$EPOCHS_STAGE2" "$STAGE2_TUNER" "$STAGE2_LOSS" "$@" ;;
-    *) log "unknown stage '$stage' (expected stage1, stage2)"; exit 1 ;;
+runs=()
+for run in $RUNS; do
+  case $run in
+    folds) for ((fold = 0; FOLDS > 1 && fold < FOLDS; fold++)); do runs+=("$fold"); done ;;
+    final) runs+=(final) ;;
+    *) log "unknown run '$run' in RUNS (expected folds, final)"; exit 1 ;;
   esac
+done
+
+start=$SECONDS
+log "recipe: ${RECIPE:-real}   output: $OUTPUT_DIR   stages: $STAGES   runs: ${runs[*]}"
+for run in "${runs[@]}"; do
+  of=""; [[ "$run" == final ]] || of=", fold $run of $FOLDS"
+  for stage in $STAGES; do
+    case $stage in
+      stage1) step "stage 1 ($MODEL_STAGE1)$of" \
+                train_stage "$run" stage1 "$MODEL_STAGE1" "$EPOCHS_STAGE1" "$STAGE1_TUNER" "$STAGE1_LOSS" "$@" ;;
+      stage2) step "stage 2 ($MODEL_STAGE2)$of" \
+                train_stage "$run" stage2 "$MODEL_STAGE2" "$EPOCHS_STAGE2" "$STAGE2_TUNER" "$STAGE2_LOSS" "$@" ;;
+      *) log "unknown stage '$stage' (expected stage1, stage2)"; exit 1 ;;
+    esac
+  done
 done
 log "total $((SECONDS - start)) s; next: bash test.sh"
