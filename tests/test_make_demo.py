@@ -68,3 +68,22 @@ def test_tokenizer_has_qwen_special_ids(tmp_path):
     from tools.score import label_token_ids
 
     assert len(set(label_token_ids(tok))) == len(LABELS)
+
+
+def test_description_names_hazards_first_and_never_a_risk_label():
+    # The pre-training description's first word must depend on what the image shows (hazard, clutter, nothing,
+    # another scene), so the answer position learns to read the image; risk labels never appear in it.
+    assert make_demo.describe("outdoor", [], "没有") == "户外的街道"
+    assert make_demo.describe("room", [], "没有") == "家里的房间"
+    assert make_demo.describe("corridor", [], "没有") == "空的走廊"
+    assert make_demo.describe("corridor", ["box", "chair", "box"], "很多") == "很多物品：纸箱、椅子"
+    assert make_demo.describe("corridor", ["shoes"], "一两件") == "一两件物品：鞋子"
+    # Hazards lead, in a fixed order, whatever the drawing order.
+    assert make_demo.describe("corridor", ["box", "cable", "ebike"], "一两件") == "电动车、充电线，还有一两件物品：纸箱"
+    assert make_demo.describe("corridor", ["battery"], "一两件") == "电池"
+    texts = []
+    for seed in range(40):
+        *_, description = make_demo.pretrain_example(np.random.default_rng(seed))
+        texts.append(description)
+    assert not any(label in t for t in texts for label in LABELS)
+    assert len({t[:2] for t in texts}) >= 4  # several distinct openings over a few dozen images
