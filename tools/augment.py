@@ -46,8 +46,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from tools.dataset import DataError, Sample, read_list
-from tools.fileio import write_text
+from tools.dataset import DataError, Sample, read_list, write_list
 from tools.scenes import HAZARD_COLOURS
 from tools.task import HIGH_RISK, LABELS, LABEL_TO_INDEX
 
@@ -861,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     records = run_plan(jobs, out_dir, max_pixels=args.max_pixels, workers=args.workers,
                        progress=not args.no_progress)
-    write_text(out_dir / LIST_NAME, "".join(f"{r.name}\t{r.label}\n" for r in records))
+    write_list(out_dir / LIST_NAME, records)
     inserted = [r for r, j in zip(records, jobs) if "insert" in j.transforms]
     print(count_table({"original": samples, "augmented": records, "inserted": inserted,
                        "total": samples + records}))

@@ -45,9 +45,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from tools import augment as A
-from tools.dataset import DataError, Sample, class_counts, read_list
-from tools.fileio import atomic_open, write_json, write_jsonl, write_text
-from tools.prepare_data import augmented_dir, count_table, read_folds, stage_sets, train_split_list, write_folds
+from tools.dataset import DataError, Sample, class_counts, read_list, write_list
+from tools.fileio import atomic_open, write_json
+from tools.prepare_data import (DEFAULT_COMPOSITION, augmented_dir, count_table, read_folds, stage_sets,
+                                train_split_list, write_folds, write_sft_rows)
 from tools.task import LABEL_TO_INDEX, LABELS, Layout, read_json, sft_row
 
 FILTER_MODES = ("auto", "0", "1")
@@ -187,8 +188,7 @@ def augment(args: argparse.Namespace, vectors_fn: VectorsFn | None = None) -> di
     layout = Layout(args.output_dir)
     manifest, fit, _ = load_split(layout)
     seed = manifest["seed"] if args.seed is None else args.seed
-    comp = {"stage1_min_share": 0.1, "stage2_high_repeat": 3, "stage2_other_ratio": 2.0,
-            **manifest.get("composition", {})}
+    comp = {**DEFAULT_COMPOSITION, **manifest.get("composition", {})}
     folds = manifest.get("folds", 1)
     heldout = read_folds(layout, folds, manifest["train_images"]) if folds > 1 else []  # read before writing
     if args.cutouts and not Path(args.cutouts).is_dir():
@@ -244,12 +244,12 @@ def augment(args: argparse.Namespace, vectors_fn: VectorsFn | None = None) -> di
 
     # new training sets: the kept copies take the place of plain repeats
     stage1, stage2 = stage_sets(fit, comp, seed, kept)
-    write_jsonl(layout.train_jsonl("stage1"), (sft_row(s.path, s.label) for s in stage1))
-    write_jsonl(layout.train_jsonl("stage2"), (sft_row(s.path, s.label) for s in stage2))
+    write_sft_rows(layout.train_jsonl("stage1"), stage1)
+    write_sft_rows(layout.train_jsonl("stage2"), stage2)
     if heldout:
         sources = {r.name: j.sample.name for r, j in zip(records, jobs)}
         manifest["counts"]["folds"] = write_folds(layout, fit, heldout, comp, seed, kept, sources)
-    write_text(out / A.LIST_NAME, "".join(f"{r.name}\t{r.label}\n" for r in kept))
+    write_list(out / A.LIST_NAME, kept)
     write_index(out / "index.tsv", records, jobs, kept_names)
 
     sheet = out / "contact_sheet.png"

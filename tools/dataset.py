@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from tools.fileio import write_text
 from tools.task import LABELS, LABEL_TO_INDEX
 
 MAX_ERRORS_SHOWN = 20
@@ -137,6 +138,11 @@ def read_list(list_path: str | Path, image_dir: str | Path, *, labelled: bool | 
         more = f"\n... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
         raise DataError(f"{len(errors)} problem(s) in {list_path}:\n" + "\n".join(shown) + more)
     return samples
+
+
+def write_list(path: str | Path, samples) -> None:
+    """`<image>\t<label>` a line, the format read_list reads back (written atomically)."""
+    write_text(path, "".join(f"{s.name}\t{s.label}\n" for s in samples))
 
 
 def class_counts(samples: list[Sample]) -> dict[str, int]:

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tools import scenes
-from tools.fileio import atomic_open, write_jsonl, write_text
+from tools.fileio import atomic_open, write_text
 from tools.task import LABELS, TEST_IMAGES, TEST_LIST, TRAIN_IMAGES, TRAIN_LIST
 
 # Bump when the images, the models or their pre-training change: it keys the model cache.
@@ -441,10 +441,10 @@ def pretrain_model(model_dir: Path, work_dir: Path, spec: TinySpec, seed: int, w
     batches = [encode_batch(processor, train_rows[i:i + batch_size], max_pixels)
                for i in range(0, len(train_rows), batch_size)]
     steps = len(batches) * spec.pretrain_epochs
-    vision = [p for n, p in model.named_parameters() if n.startswith(VISION_PREFIXES)]
-    ids = {id(p) for p in vision}
-    opt = torch.optim.AdamW([{"params": vision, "lr": PRETRAIN_VISION_LR},
-                             {"params": [p for p in model.parameters() if id(p) not in ids], "lr": PRETRAIN_LR}],
+    vision, language = [], []
+    for name, p in model.named_parameters():
+        (vision if name.startswith(VISION_PREFIXES) else language).append(p)
+    opt = torch.optim.AdamW([{"params": vision, "lr": PRETRAIN_VISION_LR}, {"params": language, "lr": PRETRAIN_LR}],
                             weight_decay=0.0)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -38,7 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tools.dataset import DataError, Sample, class_counts, read_list
+from tools.dataset import DataError, Sample, class_counts, read_list, write_list
 from tools.fileio import write_json, write_jsonl, write_text
 from tools.fusion_search import stratified_folds as deal_folds
 from tools.task import HIGH_RISK, LABELS, TEST_IMAGES, TEST_LIST, TRAIN_IMAGES, TRAIN_LIST, Layout, sft_row
@@ -126,6 +126,16 @@ def stage2_set(samples: list[Sample], high_repeat: int, other_ratio: float, seed
     return [rows[i] for i in rng.permutation(len(rows))]
 
 
+# Stage-set composition (the --stage1-min-share, --stage2-high-repeat, --stage2-other-ratio defaults); the
+# manifest records the values used, and tools.augment_data falls back to these for an older manifest.
+DEFAULT_COMPOSITION = {"stage1_min_share": 0.1, "stage2_high_repeat": 3, "stage2_other_ratio": 2.0}
+
+
+def write_sft_rows(path: Path, samples: Sequence[Sample]) -> None:
+    """swift JSONL, one labelled row per sample (written atomically)."""
+    write_jsonl(path, (sft_row(s.path, s.label) for s in samples))
+
+
 def stage_sets(samples: list[Sample], composition: dict, seed: int, augmented: Sequence[Sample] = ()
                ) -> tuple[list[Sample], list[Sample]]:
     """(stage-1 rows, stage-2 rows) with the manifest's composition settings."""
@@ -201,10 +211,10 @@ def write_folds(layout: Layout, fit: list[Sample], heldout: list[list[Sample]], 
         rest = [s for s in fit if s.name not in held_names]
         copies = [a for a in augmented if sources[a.name] not in held_names]
         stage1, stage2 = stage_sets(rest, composition, seed, copies)
-        write_jsonl(layout.fold_train_jsonl(i, "stage1"), (sft_row(s.path, s.label) for s in stage1))
-        write_jsonl(layout.fold_train_jsonl(i, "stage2"), (sft_row(s.path, s.label) for s in stage2))
-        write_jsonl(layout.fold_heldout_jsonl(i), (sft_row(s.path, s.label) for s in held))
-        write_text(layout.fold_heldout_list(i), "".join(f"{s.name}\t{s.label}\n" for s in held))
+        write_sft_rows(layout.fold_train_jsonl(i, "stage1"), stage1)
+        write_sft_rows(layout.fold_train_jsonl(i, "stage2"), stage2)
+        write_sft_rows(layout.fold_heldout_jsonl(i), held)
+        write_list(layout.fold_heldout_list(i), held)
         counts.append({"heldout": class_counts(held), "stage1_rows": class_counts(stage1),
                        "stage2_rows": class_counts(stage2)})
     return counts
@@ -235,20 +245,18 @@ def prepare(args: argparse.Namespace) -> dict:
 
     fit, val = stratified_split(train, args.val_ratio, args.seed)
     check_folds(args.folds, fit)  # before anything is written
-    composition = {"stage1_min_share": args.stage1_min_share, "stage2_high_repeat": args.stage2_high_repeat,
-                   "stage2_other_ratio": args.stage2_other_ratio}
+    composition = {key: getattr(args, key) for key in DEFAULT_COMPOSITION}
     stage1, stage2 = stage_sets(fit, composition, args.seed)
     layout = Layout(args.output_dir)
     shutil.rmtree(augmented_dir(layout), ignore_errors=True)  # a new split: earlier copies no longer apply
     shutil.rmtree(layout.folds_data_dir, ignore_errors=True)  # and neither do earlier folds
-    val_rows = [sft_row(s.path, s.label) for s in val]
-    write_jsonl(layout.train_jsonl("stage1"), (sft_row(s.path, s.label) for s in stage1))
-    write_jsonl(layout.train_jsonl("stage2"), (sft_row(s.path, s.label) for s in stage2))
+    write_sft_rows(layout.train_jsonl("stage1"), stage1)
+    write_sft_rows(layout.train_jsonl("stage2"), stage2)
     for stage in ("stage1", "stage2"):
-        write_jsonl(layout.val_jsonl(stage), val_rows)
+        write_sft_rows(layout.val_jsonl(stage), val)
     write_jsonl(layout.test_jsonl, (sft_row(s.path, None) for s in test))
-    write_text(layout.val_list, "".join(f"{s.name}\t{s.label}\n" for s in val))
-    write_text(train_split_list(layout), "".join(f"{s.name}\t{s.label}\n" for s in fit))
+    write_list(layout.val_list, val)
+    write_list(train_split_list(layout), fit)
     manifest = {
         "train_list": str(train_list.resolve()), "train_images": str(train_images.resolve()),
         "test_list": str(test_list.resolve()), "test_images": str(test_images.resolve()),
@@ -297,10 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--test-images", help=f"default: <data-dir>/{TEST_IMAGES}/")
     ap.add_argument("--val-ratio", type=float, default=0.1, help="validation share per label (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--stage1-min-share", type=float, default=0.1,
+    ap.add_argument("--stage1-min-share", type=float, default=DEFAULT_COMPOSITION["stage1_min_share"],
                     help="repeat rare labels in stage 1 up to this share of rows; 0 = off (default: %(default)s)")
-    ap.add_argument("--stage2-high-repeat", type=int, default=3, help="copies of each 高风险 image in stage 2")
-    ap.add_argument("--stage2-other-ratio", type=float, default=2.0,
+    ap.add_argument("--stage2-high-repeat", type=int, default=DEFAULT_COMPOSITION["stage2_high_repeat"],
+                    help="copies of each 高风险 image in stage 2 (default: %(default)s)")
+    ap.add_argument("--stage2-other-ratio", type=float, default=DEFAULT_COMPOSITION["stage2_other_ratio"],
                     help="低风险/无风险/非楼道 images in stage 2, as a multiple of the 高风险 count")
     ap.add_argument("--folds", type=parse_folds, default=1,
                     help="k > 1: also deal the training split into k stratified folds, with training sets without "
