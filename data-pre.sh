@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Validate the data, split train/validation by label, write swift JSONL for both stages, then augment the
-# training split (VL-ADAS: docs/augmentation.md) and add the copies to both stages' training sets.
+# Prepare the data in three steps, each writing only its own files (tools.task.Layout):
+#   1. validate the lists and images, split train/validation by label, deal the folds  (tools.data.prepare)
+#   2. augment the training split, filter the copies with a model (VL-ADAS, docs/augmentation.md)  (tools.augment.run)
+#   3. compose both stages' training sets, write swift JSONL and the manifest  (tools.compose.stage_sets)
 # With no DATA_DIR, builds the embedded demo first (synthetic corridors + tiny pre-trained models, cached).
 #   bash data-pre.sh
 #   DATA_DIR=/data/ele MODEL_STAGE1=Qwen/Qwen2.5-VL-7B-Instruct MODEL_STAGE2=Qwen/Qwen2.5-VL-3B-Instruct bash data-pre.sh
-# Extra arguments go to tools.prepare_data (see: python -m tools.prepare_data --help).
+# Extra arguments go to tools.data.prepare (python -m tools.data.prepare --help), e.g. --test-list /data/ele/A.txt.
 set -euo pipefail
 
 DATA_DIR=${DATA_DIR:-}                        # competition data (train.txt, train/, B.txt, B/); empty = demo
@@ -14,6 +16,10 @@ MODEL_STAGE2=${MODEL_STAGE2:-}
 VAL_RATIO=${VAL_RATIO:-0.1}
 SEED=${SEED:-42}
 FOLDS=${FOLDS:-1}                             # k > 1: also k folds of the training split, for out-of-fold fusion tuning
+# Stage-set composition (empty = tools.compose.stage_sets' defaults, in its --help)
+STAGE1_MIN_SHARE=${STAGE1_MIN_SHARE:-}        # stage 1 repeats rare labels up to this share of its rows
+STAGE2_HIGH_REPEAT=${STAGE2_HIGH_REPEAT:-}    # stage 2 rows per 高风险 image (augmented copies first)
+STAGE2_OTHER_RATIO=${STAGE2_OTHER_RATIO:-}    # stage 2 低/无/非 images, as a multiple of the 高风险 count
 DEMO_DATA_DIR=$(realpath -m "${DEMO_DATA_DIR:-data/demo}")
 DEMO_MODELS_DIR=$(realpath -m "${DEMO_MODELS_DIR:-.cache/demo-models}")
 DEMO_SEED=${DEMO_SEED:-0}
@@ -25,6 +31,7 @@ AUGMENT_FILTER=${AUGMENT_FILTER:-auto}        # consistency filter: auto (demo, 
 AUGMENT_FILTER_RATIO=${AUGMENT_FILTER_RATIO:-0.5}
 AUGMENT_MULTIPLIERS=${AUGMENT_MULTIPLIERS:-}  # extra copies per original, e.g. 高风险=10,非楼道=4 (empty = these)
 AUGMENT_INSERT=${AUGMENT_INSERT:-}            # hazard-insertion copies (empty = 2 x the 高风险 originals)
+AUGMENT_HAZARD_HUES=${AUGMENT_HAZARD_HUES:-}  # hues (degrees) the colour jitter keeps (empty = 0,27.3,50.2,223.3)
 CUTOUTS_DIR=${CUTOUTS_DIR:-auto}              # RGBA hazard cut-outs; auto = demo's / $DATA_DIR/cutouts; none = off
 [[ -n "$DATA_DIR" ]] && DATA_DIR=$(realpath -m "$DATA_DIR")
 [[ "$CUTOUTS_DIR" != auto && "$CUTOUTS_DIR" != none ]] && CUTOUTS_DIR=$(realpath -m "$CUTOUTS_DIR")
@@ -32,13 +39,14 @@ CUTOUTS_DIR=${CUTOUTS_DIR:-auto}              # RGBA hazard cut-outs; auto = dem
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source tools/common.sh
 start=$SECONDS
-# Checked again, against the class counts, by tools.prepare_data; here so a typo fails before the demo build.
+# Checked again, against the class counts, by tools.data.prepare; here so a typo fails before the demo build.
 [[ "$FOLDS" =~ ^[1-9][0-9]*$ ]] || { log "FOLDS must be a whole number >= 1 (1 = no folds), got '$FOLDS'"; exit 1; }
+[[ "$AUGMENT" == 0 || "$AUGMENT" == 1 ]] || { log "AUGMENT must be 0 or 1, got '$AUGMENT'"; exit 1; }
 
 if [[ -z "$DATA_DIR" ]]; then
   RECIPE=demo
   DATA_DIR=$DEMO_DATA_DIR
-  demo=(python -m tools.make_demo --models-dir "$DEMO_MODELS_DIR" --seed "$DEMO_SEED")
+  demo=(python -m tools.demo.make --models-dir "$DEMO_MODELS_DIR" --seed "$DEMO_SEED")
   [[ "$DEMO_QUICK" == 1 ]] && demo+=(--quick)
   step "demo data and models (models cached in $DEMO_MODELS_DIR)" \
     "${demo[@]}" --data-dir "$DATA_DIR" --train "$DEMO_TRAIN" --test "$DEMO_TEST"
@@ -60,23 +68,40 @@ log "data: $DATA_DIR   recipe: $RECIPE   output: $OUTPUT_DIR"
 log "stage 1 model: $MODEL_STAGE1"
 log "stage 2 model: $MODEL_STAGE2"
 step "validate and split" \
-  python -m tools.prepare_data \
+  python -m tools.data.prepare \
     --data-dir "$DATA_DIR" \
     --output-dir "$OUTPUT_DIR" \
     --val-ratio "$VAL_RATIO" \
     --seed "$SEED" \
     --folds "$FOLDS" \
-    --recipe "$RECIPE" \
-    --model-stage1 "$MODEL_STAGE1" \
-    --model-stage2 "$MODEL_STAGE2" \
     "$@"
 if [[ "$AUGMENT" == 1 ]]; then
-  augment=(python -m tools.augment_data --output-dir "$OUTPUT_DIR" --seed "$SEED" --max-pixels "$MAX_PIXELS"
-           --filter "$AUGMENT_FILTER" --filter-ratio "$AUGMENT_FILTER_RATIO" --model-stage1 "$MODEL_STAGE1"
-           --recipe "$RECIPE" --torch-dtype "$TORCH_DTYPE" --score-batch-size "$SCORE_BATCH_SIZE")
-  [[ "$CUTOUTS_DIR" != none ]] && augment+=(--cutouts "$CUTOUTS_DIR")
-  [[ -n "$AUGMENT_MULTIPLIERS" ]] && augment+=(--multipliers "$AUGMENT_MULTIPLIERS")
-  [[ -n "$AUGMENT_INSERT" ]] && augment+=(--insert "$AUGMENT_INSERT")
-  step "augment the training split" "${augment[@]}"
+  augment_args=()
+  [[ "$CUTOUTS_DIR" != none ]] && augment_args+=(--cutouts "$CUTOUTS_DIR")
+  [[ -n "$AUGMENT_MULTIPLIERS" ]] && augment_args+=(--multipliers "$AUGMENT_MULTIPLIERS")
+  [[ -n "$AUGMENT_INSERT" ]] && augment_args+=(--insert "$AUGMENT_INSERT")
+  [[ -n "$AUGMENT_HAZARD_HUES" ]] && augment_args+=(--hazard-hues "$AUGMENT_HAZARD_HUES")
+  step "augment the training split" \
+    python -m tools.augment.run \
+      --output-dir "$OUTPUT_DIR" \
+      --seed "$SEED" \
+      --max-pixels "$MAX_PIXELS" \
+      --filter "$AUGMENT_FILTER" \
+      --filter-ratio "$AUGMENT_FILTER_RATIO" \
+      --model-stage1 "$MODEL_STAGE1" \
+      --recipe "$RECIPE" \
+      --torch-dtype "$TORCH_DTYPE" \
+      --score-batch-size "$SCORE_BATCH_SIZE" \
+      "${augment_args[@]}"
 fi
+step "compose the stage sets" \
+  python -m tools.compose.stage_sets \
+    --output-dir "$OUTPUT_DIR" \
+    --augment "$AUGMENT" \
+    ${STAGE1_MIN_SHARE:+--stage1-min-share "$STAGE1_MIN_SHARE"} \
+    ${STAGE2_HIGH_REPEAT:+--stage2-high-repeat "$STAGE2_HIGH_REPEAT"} \
+    ${STAGE2_OTHER_RATIO:+--stage2-other-ratio "$STAGE2_OTHER_RATIO"} \
+    --recipe "$RECIPE" \
+    --model-stage1 "$MODEL_STAGE1" \
+    --model-stage2 "$MODEL_STAGE2"
 log "total $((SECONDS - start)) s; next: bash train.sh"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Augmentation off vs on, on the demo: the whole pipeline twice with the same seed and demo data (AUGMENT=0,
 # then AUGMENT=1), each in its own output folder, one shared demo model cache; then a Markdown table of
-# stage-1 (and fused) weighted F1 and 高风险 F1 on the labelled demo test set (tools.augment_ablation).
+# stage-1 (and fused) weighted F1 and 高风险 F1 on the labelled demo test set (tools.report.ablation).
 #   bash bench/augment_ablation.sh                                                  # the README comparison
 #   DEMO_QUICK=1 DEMO_TRAIN=60 DEMO_TEST=20 STAGES=stage1 bash bench/augment_ablation.sh   # plumbing check
 # Every data-pre.sh/train.sh knob applies to both runs (SEED, DEMO_*, AUGMENT_FILTER, EPOCHS_STAGE1, ...).
@@ -30,15 +30,15 @@ for aug in 0 1; do
     (
       OUTPUT_DIR=$out
       load_pipeline
-      python -m tools.score \
-        --checkpoint "$(python -m tools.checkpoint --run-dir "$out/stage1" --read)" \
-        --dataset "$out/data/test.jsonl" --output "$out/stage1/test_probs.csv" \
+      python -m tools.model.score \
+        --checkpoint "$(python -m tools.model.checkpoint --run-dir "$(path run_dir stage1)" --read)" \
+        --dataset "$(path test_jsonl)" --output "$(path probs stage1 test)" \
         --batch-size "$SCORE_BATCH_SIZE" \
         -- --max_pixels "$MAX_PIXELS"
     )
   fi
   printf '{"seconds": %d}\n' "$((SECONDS - run_start))" > "$out/ablation.json"
 done
-python -m tools.augment_ablation "off=$ABLATION_DIR/augment0" "on=$ABLATION_DIR/augment1" \
+python -m tools.report.ablation "off=$ABLATION_DIR/augment0" "on=$ABLATION_DIR/augment1" \
   | tee "$ABLATION_DIR/table.md"
 log "table: $ABLATION_DIR/table.md"

@@ -1,8 +1,8 @@
-"""Augmentation speed: end-to-end images/s of tools.augment.run_plan, and a per-stage breakdown.
+"""Augmentation speed: end-to-end images/s of tools.augment.render.run_plan, and a per-stage breakdown.
 
     .venv/bin/python bench/augment_speed.py [--n-images 40] [--copies 8] [--workers 2] [--max-pixels 1003520]
 
-Source images: demo corridor scenes (tools.make_demo.risk_scene) upscaled to 1280×960 and passed through
+Source images: demo corridor scenes (tools.demo.data.risk_scene) upscaled to 1280×960 and passed through
 the demo's camera model (exposure, sensor noise, some blur), saved as JPEG quality 92 in a temporary folder,
 with the demo's hazard cut-outs. End to end = run_plan over n_images × copies jobs (decode, resize to the
 max_pixels rule, the job's transforms, JPEG q90 encode, write), with the planner's default transform mix
@@ -32,9 +32,12 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tools import augment as A  # noqa: E402
-from tools import make_demo, scenes  # noqa: E402
-from tools.dataset import Sample  # noqa: E402
+from tools.augment import images as IMG  # noqa: E402
+from tools.augment import plan as P  # noqa: E402
+from tools.augment import transforms as T  # noqa: E402
+from tools.augment.render import run_plan  # noqa: E402
+from tools.data.lists import Sample  # noqa: E402
+from tools.demo import data as demo_data, scenes  # noqa: E402
 from tools.task import LABELS  # noqa: E402
 
 CORRIDOR_LABELS = ("无风险", "低风险", "中风险", "高风险")
@@ -46,7 +49,7 @@ def make_sources(folder: Path, n: int, width: int, height: int, seed: int) -> li
     for i in range(n):
         label = CORRIDOR_LABELS[i % len(CORRIDOR_LABELS)]
         rng = np.random.default_rng([seed, i])
-        small = np.asarray(make_demo.risk_scene(rng, label).image)
+        small = np.asarray(demo_data.risk_scene(rng, label).image)
         big = Image.fromarray(cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC))
         path = folder / f"src{i:03d}.jpg"
         scenes.finish(rng, big).save(path, format="JPEG", quality=92)
@@ -54,12 +57,12 @@ def make_sources(folder: Path, n: int, width: int, height: int, seed: int) -> li
     return samples
 
 
-def breakdown(samples: list[Sample], cutouts: list[Path], cfg: A.AugmentConfig, max_pixels: int,
+def breakdown(samples: list[Sample], cutouts: list[Path], cfg: T.AugmentConfig, max_pixels: int,
               repeat: int) -> dict[str, tuple[float, float]]:
     """Mean (wall ms, CPU ms) per image of each stage, every stage on every image, one process, one OpenCV
     thread. The CPU time (time.thread_time) does not count time the stage waited for a shared core."""
     cv2.setNumThreads(1)
-    cuts = [A.load_cutout(p) for p in cutouts]
+    cuts = [IMG.load_cutout(p) for p in cutouts]
     stages = ("decode", "resize", "geometric", "colour", "padding", "insertion", "encode")
     wall, cpu = dict.fromkeys(stages, 0.0), dict.fromkeys(stages, 0.0)
     count = 0
@@ -68,13 +71,13 @@ def breakdown(samples: list[Sample], cutouts: list[Path], cfg: A.AugmentConfig, 
             rng = np.random.default_rng([r, i])
             raw = img = None
             steps = {
-                "decode": lambda: A.decode_image(s.path, max_pixels),
-                "resize": lambda: A.resize_for_model(raw, max_pixels),
-                "geometric": lambda: A.random_geometric(img, rng, cfg),
-                "colour": lambda: A.random_colour(img, rng, cfg),
-                "padding": lambda: A.random_padding(img, rng, cfg, max_pixels),  # straight to the model's size
-                "insertion": lambda: A.insert_hazard(img, cuts[i % len(cuts)], rng, cfg),
-                "encode": lambda: A.encode_jpeg(img, cfg.jpeg_quality),
+                "decode": lambda: IMG.decode_image(s.path, max_pixels),
+                "resize": lambda: IMG.resize_for_model(raw, max_pixels),
+                "geometric": lambda: T.random_geometric(img, rng, cfg),
+                "colour": lambda: T.random_colour(img, rng, cfg),
+                "padding": lambda: T.random_padding(img, rng, cfg, max_pixels),  # straight to the model's size
+                "insertion": lambda: T.insert_hazard(img, cuts[i % len(cuts)], rng, cfg),
+                "encode": lambda: IMG.encode_jpeg(img, cfg.jpeg_quality),
             }
             for name in stages:
                 t, c = time.perf_counter(), time.thread_time()
@@ -98,15 +101,15 @@ def cpu_seconds() -> float:
 
 def end_to_end(samples: list[Sample], cutouts: Path, out: Path, copies: int, workers: int, max_pixels: int,
                all_transforms: bool) -> tuple[int, float, float, dict[str, int]]:
-    cfg = A.AugmentConfig(p_geometric=1, p_colour=1, p_padding=1) if all_transforms else A.AugmentConfig()
-    n_insert = sum(s.label in A.INSERT_SOURCES for s in samples)  # one insertion copy per eligible source
-    jobs = A.plan_augmentation(samples, {label: copies for label in LABELS}, seed=0, config=cfg, cutouts=cutouts,
+    cfg = T.AugmentConfig(p_geometric=1, p_colour=1, p_padding=1) if all_transforms else T.AugmentConfig()
+    n_insert = sum(s.label in P.INSERT_SOURCES for s in samples)  # one insertion copy per eligible source
+    jobs = P.plan_augmentation(samples, {label: copies for label in LABELS}, seed=0, config=cfg, cutouts=cutouts,
                                n_insert=n_insert)
     shutil.rmtree(out, ignore_errors=True)
     t, c = time.perf_counter(), cpu_seconds()
-    A.run_plan(jobs, out, config=cfg, max_pixels=max_pixels, workers=workers, progress=False)
+    run_plan(jobs, out, config=cfg, max_pixels=max_pixels, workers=workers, progress=False)
     wall, cpu = time.perf_counter() - t, cpu_seconds() - c
-    mix = {name: sum(name in j.transforms for j in jobs) for name in A.TRANSFORMS}
+    mix = {name: sum(name in j.transforms for j in jobs) for name in T.TRANSFORMS}
     return len(jobs), wall, cpu, mix
 
 
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-images", type=int, default=40)
     ap.add_argument("--copies", type=int, default=8, help="augmented copies per source image (end to end)")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--max-pixels", type=int, default=A.DEFAULT_MAX_PIXELS)
+    ap.add_argument("--max-pixels", type=int, default=IMG.DEFAULT_MAX_PIXELS)
     ap.add_argument("--width", type=int, default=1280)
     ap.add_argument("--height", type=int, default=960)
     ap.add_argument("--repeat", type=int, default=3, help="passes over the images for the breakdown")
@@ -126,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         load_before = os.getloadavg()
         samples = make_sources(tmp / "src", args.n_images, args.width, args.height, args.seed)
-        make_demo.write_cutouts(tmp / "cutouts", args.seed)
-        cutouts = A.list_cutouts(tmp / "cutouts")
-        h, w = A.smart_resize(args.height, args.width, max_pixels=args.max_pixels)
-        cfg = A.AugmentConfig()
+        demo_data.write_cutouts(tmp / "cutouts", args.seed)
+        cutouts = IMG.list_cutouts(tmp / "cutouts")
+        h, w = IMG.smart_resize(args.height, args.width, max_pixels=args.max_pixels)
+        cfg = T.AugmentConfig()
 
         stages = breakdown(samples, cutouts, cfg, args.max_pixels, args.repeat)
         runs = []

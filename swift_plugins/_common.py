@@ -6,8 +6,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from tools.score import label_token_ids
-from tools.task import CLASS_WEIGHTS, LABEL_TO_INDEX, LABELS
+from tools.task import CLASS_WEIGHTS, LABEL_TO_INDEX, LABELS, label_token_ids
 
 # Environment knobs (swift's `--model_kwargs '{"FIRESAFE_CLASS_WEIGHTS": "..."}'` sets them from the command
 # line too, and records them in args.json).

@@ -8,18 +8,11 @@ Without an amplifier in the model it does nothing.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-# swift imports this file by path: make the repository root importable for swift_plugins._amplifier.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+from swift.callbacks import TrainerCallback, callbacks_map
+from swift.utils import get_logger
 
-from swift.callbacks import TrainerCallback, callbacks_map  # noqa: E402
-from swift.utils import get_logger  # noqa: E402
-
-from swift_plugins._amplifier import find_amplifier  # noqa: E402
+from swift_plugins._amplifier import find_amplifier
 
 logger = get_logger()
 

@@ -17,21 +17,14 @@ swift's cross_entropy: Σ weight · CE over supervised tokens / number of superv
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-# swift imports this file by path: make the repository root importable for swift_plugins._common and tools.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import torch
+import torch.nn.functional as F
+from swift.loss import BaseLoss, loss_map
+from swift.utils import get_logger
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from swift.loss import BaseLoss, loss_map  # noqa: E402
-from swift.utils import get_logger  # noqa: E402
-
-from swift_plugins._common import (AnswerTokens, class_weights_from_env, focal_gamma_from_env)  # noqa: E402
-from tools.task import LABELS  # noqa: E402
+from swift_plugins._common import (AnswerTokens, class_weights_from_env, focal_gamma_from_env)
+from tools.task import LABELS
 
 logger = get_logger()
 

@@ -4,36 +4,29 @@ Logged at every evaluation (HF adds the `eval_` prefix): weighted_f1 (Σ w·F1, 
 high_risk_recall, high_risk_precision and f1_<label> for each label. Choose the best checkpoint with
 `--metric_for_best_model weighted_f1 --greater_is_better true` (train.sh does when the metric is on).
 
-The prediction is what tools.score reads at test time: the argmax over the five labels' first tokens at the
+The prediction is what tools.model.score reads at test time: the argmax over the five labels' first tokens at the
 position where the answer starts (teacher forcing: one forward pass, no generation). The gold label is the
 answer's first token. With `--task_type seq_cls` it is the argmax of the class logits and the class index.
 Needs a validation split (`--val_dataset` or `--split_dataset_ratio`) and an eval strategy.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-# swift imports this file by path: make the repository root importable for swift_plugins._common and tools.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import numpy as np
+import torch
+from swift.metrics import eval_metrics_map
+from swift.metrics.base import EvalMetrics
+from swift.utils import get_logger, is_master
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from swift.metrics import eval_metrics_map  # noqa: E402
-from swift.metrics.base import EvalMetrics  # noqa: E402
-from swift.utils import get_logger, is_master  # noqa: E402
-
-from swift_plugins._common import AnswerTokens  # noqa: E402
-from tools.metrics import Scores, score  # noqa: E402
-from tools.task import HIGH_RISK_INDEX, LABELS  # noqa: E402
+from swift_plugins._common import AnswerTokens
+from tools.report.metrics import Evaluation, evaluate
+from tools.task import HIGH_RISK_INDEX, LABELS
 
 logger = get_logger()
 
 
-def task_metrics(s: Scores) -> dict[str, float]:
-    """The numbers logged at each evaluation, from tools.metrics' scores."""
+def task_metrics(s: Evaluation) -> dict[str, float]:
+    """The numbers logged at each evaluation, from tools.report.metrics."""
     out = {"weighted_f1": s.weighted_f1, "accuracy": s.accuracy,
            "high_risk_recall": float(s.recall[HIGH_RISK_INDEX]),
            "high_risk_precision": float(s.precision[HIGH_RISK_INDEX])}
@@ -65,10 +58,10 @@ class WeightedF1Metrics(EvalMetrics):
         pairs = pairs[pairs[:, 1] >= 0]  # rows whose answer is not one of the labels, and DDP padding
         if len(pairs) == 0:
             return {}
-        scores = score(pairs[:, 1], pairs[:, 0])
+        evaluation = evaluate(pairs[:, 1], pairs[:, 0])
         if is_master():
-            logger.info(f"weighted_f1 on {len(pairs)} validation rows:\n{scores.table()}")
-        return task_metrics(scores)
+            logger.info(f"weighted_f1 on {len(pairs)} validation rows:\n{evaluation.table()}")
+        return task_metrics(evaluation)
 
 
 eval_metrics_map["weighted_f1"] = WeightedF1Metrics

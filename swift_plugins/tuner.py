@@ -15,19 +15,12 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
-from pathlib import Path
 
-# swift imports this file by path: make the repository root importable for swift_plugins._amplifier.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+from peft import PeftModel
+from swift.tuner_plugin import Tuner, tuners_map
+from swift.utils import get_logger
 
-from peft import PeftModel  # noqa: E402
-from swift.tuner_plugin import Tuner, tuners_map  # noqa: E402
-from swift.utils import get_logger  # noqa: E402
-
-from swift_plugins._amplifier import attach_new, attach_saved, find_amplifier  # noqa: E402
+from swift_plugins._amplifier import attach_new, attach_saved, find_amplifier
 
 logger = get_logger()
 

@@ -1,20 +1,12 @@
-"""Shared fixtures: small image folders in the official layout, made on the fly."""
+"""Shared fixtures: small image folders in the official layout and hazard cut-outs, made on the fly. Plain helper
+functions live in tests/helpers.py."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-
-def write_image(path: Path, colour=(120, 130, 140), size=(32, 24)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, colour).save(path, format="JPEG")
-    return path
+from tests.helpers import write_image
 
 
 @pytest.fixture
@@ -25,3 +17,13 @@ def images(tmp_path):
     for i, name in enumerate(names):
         write_image(folder / name, colour=(40 * i, 100, 200 - 30 * i))
     return folder, names
+
+
+@pytest.fixture(scope="session")
+def cutouts(tmp_path_factory) -> Path:
+    """Three RGBA hazard cut-outs from the demo (tools.demo.data.write_cutouts)."""
+    from tools.demo.data import write_cutouts
+
+    folder = tmp_path_factory.mktemp("cutouts")
+    write_cutouts(folder, 0, n=3)
+    return folder

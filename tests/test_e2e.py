@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tools.dataset import read_list
-from tools.task import LABELS
+from tools.data.lists import read_list
+from tools.task import LABELS, Layout
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
@@ -30,8 +30,11 @@ def test_four_scripts_on_reduced_demo(tmp_path):
            "EPOCHS_STAGE1": "1", "EPOCHS_STAGE2": "1", "BATCH_SIZE": "8"}
     out = run("data-pre.sh", env)
     assert "validate and split done" in out and "高风险" in out
+    assert "augment the training split done" in out and "compose the stage sets done" in out
+    layout = Layout(tmp_path / "out")
+    assert layout.split_record.exists() and layout.augment_report.exists() and layout.manifest.exists()
     out = run("train.sh", env, "--lora_rank", "4")  # extra flags reach swift sft and override ours
-    assert "stage 1" in out and "stage 2" in out
+    assert "stage1 (" in out and "stage2 (" in out
     for stage in ("stage1", "stage2"):
         ckpt = Path((tmp_path / "out" / stage / "final_checkpoint.txt").read_text().strip())
         assert json.loads((ckpt / "adapter_config.json").read_text())["r"] == 4

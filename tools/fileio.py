@@ -1,4 +1,5 @@
-"""Atomic file writing: a reader never sees a half-written output."""
+"""File I/O shared by every step: atomic writes (a reader never sees a half-written output), JSON/JSONL, and the
+error type for bad input."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,10 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, TextIO
+
+
+class DataError(ValueError):
+    """Bad input data or a missing earlier step; the message names each offending file and line."""
 
 
 @contextmanager
@@ -54,3 +59,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
     return rows
+
+
+def read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

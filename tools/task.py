@@ -1,15 +1,19 @@
-"""The task, in one place: labels, their order, competition weights, the prompt, file layout.
+"""The task, in one place: labels, their order, competition weights, the prompt, and every file's path.
 
-Scripts, plugins and tests import this module; nothing else spells a label or a path.
+Scripts, plugins and tests ask this module instead of spelling a label or a path. Scripts ask for paths with
+
+    python -m tools.task --output-dir outputs run_dir stage1 final      # prints <outputs>/stage1
 """
 from __future__ import annotations
 
-import json
+import argparse
+import sys
 from pathlib import Path
 
 # Order matters: it is the column order of every probability vector, CSV and confusion matrix.
 LABELS: tuple[str, ...] = ("高风险", "中风险", "低风险", "无风险", "非楼道")
 HIGH_RISK = "高风险"
+MEDIUM_RISK = "中风险"
 LABEL_TO_INDEX = {label: i for i, label in enumerate(LABELS)}
 HIGH_RISK_INDEX = LABEL_TO_INDEX[HIGH_RISK]
 
@@ -32,7 +36,7 @@ PROMPT = (
 )
 IMAGE_TAG = "<image>"  # swift's placeholder: one per image in the user turn.
 # The answer is the bare label. The five labels start with distinct characters, so the first answer token
-# alone identifies the label (checked against the tokenizer in tools.scoring.label_token_ids).
+# alone identifies the label (checked against the tokenizer by label_token_ids).
 
 # Official layout inside DATA_DIR (each path can be overridden on the command line).
 TRAIN_LIST = "train.txt"
@@ -41,95 +45,160 @@ TEST_LIST = "B.txt"
 TEST_IMAGES = "B"
 SUBMISSION = "b-submit.txt"
 
-# Layout inside OUTPUT_DIR, shared by data-pre.sh, train.sh and test.sh.
 STAGES = ("stage1", "stage2")
+FINAL = "final"  # the run whose models test.sh submits; the other runs are folds 0..k-1 (FOLDS > 1)
+POINTER = "final_checkpoint.txt"  # in a run folder: the checkpoint train.sh chose, the one test.sh uses
+
+
+def label_token_ids(tokenizer) -> list[int]:
+    """The first token of each label; they must differ, or one forward pass could not tell them apart."""
+    ids = [tokenizer.encode(label, add_special_tokens=False)[0] for label in LABELS]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"labels share a first token under this tokenizer: {dict(zip(LABELS, ids))}")
+    return ids
 
 
 class Layout:
-    """Every file the pipeline writes, relative to one output directory."""
+    """Every file the pipeline writes, relative to one output directory, grouped by the step that writes it.
+
+    `run` is FINAL (the models test.sh submits) or a fold number (FOLDS > 1: a model pair trained without
+    that fold of the training split, which predicts it for tuning fusion)."""
 
     def __init__(self, output_dir: str | Path):
         self.root = Path(output_dir).resolve()
 
     @property
-    def data_dir(self) -> Path:  # JSONL written by data-pre.sh
+    def data_dir(self) -> Path:
         return self.root / "data"
 
-    def train_jsonl(self, stage: str) -> Path:
-        return self.data_dir / f"{stage}_train.jsonl"
+    # ------------------------------------------------------------------ prepare (tools.data.prepare)
+    @property
+    def split_dir(self) -> Path:
+        return self.data_dir / "split"
+
+    @property
+    def split_record(self) -> Path:  # inputs, seed, ratios and counts of the split
+        return self.split_dir / "split.json"
+
+    @property
+    def train_split(self) -> Path:  # the training part of the split, <image>\t<label>: augmentation's input
+        return self.split_dir / "train.txt"
+
+    @property
+    def val_list(self) -> Path:  # the held-out part, <image>\t<label>: checkpoint choice and fusion tuning
+        return self.split_dir / "val.txt"
+
+    @property
+    def test_list(self) -> Path:  # the checked test list, in its order (<image> or <image>\t<label>)
+        return self.split_dir / "test.txt"
+
+    def fold_list(self, fold: int) -> Path:  # fold i's images, <image>\t<label> (FOLDS > 1)
+        return self.split_dir / "folds" / f"{int(fold)}.txt"
+
+    # ------------------------------------------------------------------ augment (tools.augment.run)
+    @property
+    def augmented_dir(self) -> Path:
+        return self.data_dir / "augmented"
+
+    @property
+    def augmented_images(self) -> Path:  # the kept copies
+        return self.augmented_dir / "images"
+
+    @property
+    def augmented_dropped(self) -> Path:  # copies the consistency filter dropped, for inspection
+        return self.augmented_dir / "dropped"
+
+    @property
+    def augmented_list(self) -> Path:  # the kept copies, <image>\t<label>
+        return self.augmented_dir / "augmented.txt"
+
+    @property
+    def augmented_index(self) -> Path:  # every copy with its source image and transforms
+        return self.augmented_dir / "index.tsv"
+
+    @property
+    def augment_report(self) -> Path:
+        return self.augmented_dir / "report.json"
+
+    @property
+    def contact_sheet(self) -> Path:
+        return self.augmented_dir / "contact_sheet.png"
+
+    # ------------------------------------------------------------------ compose (tools.compose.stage_sets)
+    def train_jsonl(self, stage: str, run: str | int = FINAL) -> Path:
+        return self._data_run(run) / f"{stage}_train.jsonl"
 
     def val_jsonl(self, stage: str) -> Path:
         return self.data_dir / f"{stage}_val.jsonl"
 
     @property
-    def val_list(self) -> Path:  # the held-out split as name<TAB>label, for tuning fusion
-        return self.data_dir / "val.txt"
-
-    @property
     def test_jsonl(self) -> Path:
         return self.data_dir / "test.jsonl"
 
-    @property
-    def pipeline_env(self) -> Path:  # recipe and model paths chosen by data-pre.sh, sourced by the others
-        return self.root / "pipeline.env"
+    def heldout_jsonl(self, fold: int) -> Path:  # fold i's images as labelled rows, scored by fold i's models
+        return self._data_run(fold) / "heldout.jsonl"
 
     @property
-    def manifest(self) -> Path:  # where data-pre.sh records its inputs, for train.sh/test.sh
+    def manifest(self) -> Path:  # what data-pre.sh prepared: inputs, split, augmentation, stage-set counts
         return self.data_dir / "manifest.json"
 
-    def run_dir(self, stage: str) -> Path:  # swift --output_dir
-        return self.root / stage
+    @property
+    def pipeline_env(self) -> Path:  # recipe and models chosen by data-pre.sh, read by train.sh and test.sh
+        return self.root / "pipeline.env"
 
-    def checkpoint_pointer(self, stage: str) -> Path:  # written by train.sh, read by test.sh
-        return self.root / stage / "final_checkpoint.txt"
+    def _data_run(self, run: str | int) -> Path:
+        return self.data_dir if str(run) == FINAL else self.data_dir / "folds" / str(int(run))
+
+    # ------------------------------------------------------------------ train (train.sh, tools.model.checkpoint)
+    def run_dir(self, stage: str, run: str | int = FINAL) -> Path:  # swift --output_dir
+        return self.root / stage if str(run) == FINAL else self.folds_dir / str(int(run)) / stage
+
+    def checkpoint_pointer(self, stage: str, run: str | int = FINAL) -> Path:
+        return self.run_dir(stage, run) / POINTER
+
+    # ------------------------------------------------------------------ score (tools.model.score)
+    def probs(self, stage: str, part: str, run: str | int = FINAL) -> Path:
+        """A stage's five-label probabilities of one part: test, val (final run) or heldout (a fold's run)."""
+        if part not in ("test", "val", "heldout"):
+            raise ValueError(f"part must be test, val or heldout, got {part!r}")
+        return self.run_dir(stage, run) / f"{part}_probs.csv"
+
+    # ------------------------------------------------------------------ decide (tools.decide.*)
+    @property
+    def folds_dir(self) -> Path:  # the fold runs and their pooled predictions
+        return self.root / "folds"
+
+    def oof_probs(self, stage: str) -> Path:  # every fold's held-out rows, then the validation split's
+        return self.folds_dir / f"oof_{stage}.csv"
+
+    @property
+    def oof_gold(self) -> Path:  # <image>\t<label> for the rows of oof_probs
+        return self.folds_dir / "oof_gold.txt"
+
+    @property
+    def fusion_params(self) -> Path:
+        return self.root / "fusion.json"
 
     @property
     def submission(self) -> Path:
         return self.root / SUBMISSION
 
     @property
-    def probabilities(self) -> Path:
+    def probabilities(self) -> Path:  # both stages' vectors, the fused one and the label, per test image
         return self.root / "probabilities.csv"
 
+    # ------------------------------------------------------------------ report (tools.report.report)
     @property
     def report(self) -> Path:
         return self.root / "report.md"
 
     @property
-    def fusion_params(self) -> Path:
-        return self.root / "fusion.json"
-
-    # k-fold out-of-fold predictions (FOLDS > 1): fold i trains on the other folds of the training split and
-    # predicts its own held-out images; the final models above still train on the whole training split.
-    @property
-    def folds_data_dir(self) -> Path:  # the fold sets written by data-pre.sh
-        return self.data_dir / "folds"
-
-    def fold_train_jsonl(self, fold: int, stage: str) -> Path:
-        return self.folds_data_dir / str(fold) / f"{stage}_train.jsonl"
-
-    def fold_heldout_jsonl(self, fold: int) -> Path:  # fold i's images, labelled rows, scored by test.sh
-        return self.folds_data_dir / str(fold) / "heldout.jsonl"
-
-    def fold_heldout_list(self, fold: int) -> Path:  # the same images as name<TAB>label
-        return self.folds_data_dir / str(fold) / "heldout.txt"
+    def confusion_png(self) -> Path:
+        return self.root / "confusion.png"
 
     @property
-    def folds_dir(self) -> Path:  # the fold runs (train.sh) and their predictions (test.sh)
-        return self.root / "folds"
-
-    def fold_run_dir(self, fold: int, stage: str) -> Path:  # swift --output_dir of fold i's stage
-        return self.folds_dir / str(fold) / stage
-
-    def fold_heldout_probs(self, fold: int, stage: str) -> Path:  # fold i's stage on fold i's held-out images
-        return self.fold_run_dir(fold, stage) / "heldout_probs.csv"
-
-    def oof_probs(self, stage: str) -> Path:  # every fold's held-out rows, then the validation split's
-        return self.folds_dir / f"oof_{stage}.csv"
-
-    @property
-    def oof_gold(self) -> Path:  # name<TAB>label for the rows of oof_probs
-        return self.folds_dir / "oof_gold.txt"
+    def reliability_png(self) -> Path:
+        return self.root / "reliability.png"
 
 
 def user_message() -> dict:
@@ -144,5 +213,28 @@ def sft_row(image_path: str | Path, label: str | None) -> dict:
     return {"messages": messages, "images": [str(Path(image_path).resolve())]}
 
 
-def read_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.task", description="Print one path of the output layout.",
+                                 epilog="NAME is a Layout attribute (run_dir, train_jsonl, probs, ...); ARGS are "
+                                        "its arguments, e.g. `run_dir stage1 0` for fold 0's stage-1 run.")
+    ap.add_argument("--output-dir", default="outputs", help="pipeline output folder (default: %(default)s)")
+    ap.add_argument("name", help="a Layout attribute")
+    ap.add_argument("args", nargs="*", help="its arguments")
+    args = ap.parse_args(argv)
+    layout = Layout(args.output_dir)
+    attr = getattr(type(layout), args.name, None) if not args.name.startswith("_") else None
+    if attr is None:
+        ap.error(f"no path named {args.name!r}")
+    value = getattr(layout, args.name)
+    try:
+        path = value(*args.args) if callable(value) else value
+    except (TypeError, ValueError) as e:
+        ap.error(f"{args.name}: {e}")
+    if args.args and not callable(value):
+        ap.error(f"{args.name} takes no arguments")
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""Helpers shared by the test modules (no tests here): images and samples made on the fly, the official data
+layout, the pipeline's data steps run in-process, and the fake `swift` / fake scorer the script tests put on PATH.
+
+Heavy imports (torch, swift) happen inside the functions that need them, so importing this module is cheap.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tools.data.lists import Sample
+from tools.fileio import read_jsonl
+from tools.task import LABELS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- images and samples
+def write_image(path: Path, colour=(120, 130, 140), size=(32, 24)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, format="JPEG")
+    return path
+
+
+# Images per label of fake_samples: every label, 无风险 the majority, 非楼道 (3) the rarest.
+SHARES = {"高风险": 6, "中风险": 20, "低风险": 14, "无风险": 50, "非楼道": 3}
+
+
+def fake_samples(counts: dict[str, int] = SHARES) -> list[Sample]:
+    """Labelled samples whose images do not exist (for the pure functions: split, folds, composition, plan)."""
+    return [Sample(f"{label}{i}.jpg", Path(f"/x/{label}{i}.jpg"), label, f"t:{label}{i}")
+            for label, n in counts.items() for i in range(n)]
+
+
+def copies_of(samples: list[Sample], label: str, n: int, new_label: str | None = None) -> list[Sample]:
+    """n augmented copies (distinct names) of the label's originals, as tools.augment.run makes them."""
+    src = [s for s in samples if s.label == label]
+    return [Sample(f"{Path(src[i % len(src)].name).stem}_aug{i}.jpg", Path(f"/aug/{label}{i}.jpg"),
+                   new_label or label, f"augment:{i}") for i in range(n)]
+
+
+def corridor(i: int, label: str = "无风险") -> np.ndarray:
+    """A demo scene (tools.demo.data.risk_scene) as an RGB array, seeded by i."""
+    from tools.demo.data import risk_scene
+
+    return np.asarray(risk_scene(np.random.default_rng(i), label).image)
+
+
+def write_samples(folder: Path, labels: list[str], start: int = 0) -> list[Sample]:
+    """Demo scenes of the given labels written as JPEGs img00.jpg, img01.jpg, ...; returns their samples."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, label in enumerate(labels, start):
+        path = folder / f"img{i:02d}.jpg"
+        Image.fromarray(corridor(i, label)).save(path, quality=92)
+        out.append(Sample(path.name, path.resolve(), label, f"train.txt:{i + 1}"))
+    return out
+
+
+# --------------------------------------------------------------------------- data in the official layout
+def make_official(root: Path, n_per_label: int = 4) -> Path:
+    """train.txt + train/ (n_per_label images of each label) and an unlabelled B.txt + B/ (one per label)."""
+    lines, test_lines = [], []
+    for li, label in enumerate(LABELS):
+        for i in range(n_per_label):
+            name = f"{li}_{i}.jpg"
+            write_image(root / "train" / name, colour=(50 * li, 10 * i, 90))
+            lines.append(f"{name}\t{label}")
+        test_name = f"t{li}.jpg"
+        write_image(root / "B" / test_name, colour=(20, 50 * li, 90))
+        test_lines.append(test_name)
+    (root / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / "B.txt").write_text("\n".join(test_lines) + "\n", encoding="utf-8")
+    return root
+
+
+def prepare(data: Path, out: Path, *extra: str) -> dict:
+    """tools.data.prepare (validate and split) in-process; returns split.json's record."""
+    from tools.data import prepare as P
+
+    return P.prepare(P.build_parser().parse_args(["--data-dir", str(data), "--output-dir", str(out), "--workers", "1",
+                                                  *extra]))
+
+
+def compose(out: Path, *extra: str) -> dict:
+    """tools.compose.stage_sets in-process with the demo recipe and models /m1, /m2; returns the manifest."""
+    from tools.compose import stage_sets as C
+
+    return C.compose(C.build_parser().parse_args(["--output-dir", str(out), "--recipe", "demo", "--model-stage1", "/m1",
+                                                  "--model-stage2", "/m2", *extra]))
+
+
+def prepare_and_compose(data: Path, out: Path, *prepare_extra: str, compose_extra: tuple[str, ...] = ()) -> dict:
+    """data-pre.sh without augmentation (AUGMENT=0), in-process; returns the manifest."""
+    prepare(data, out, *prepare_extra)
+    return compose(out, *compose_extra)
+
+
+def names_in(path: Path) -> list[str]:
+    """Image file names of a swift JSONL, in row order."""
+    return [Path(r["images"][0]).name for r in read_jsonl(path)]
+
+
+def images_of(path: Path) -> list[str]:
+    """Image paths of a swift JSONL, in row order."""
+    return [r["images"][0] for r in read_jsonl(path)]
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def list_pairs(path: Path) -> list[tuple[str, str]]:
+    """(image, label) of an <image>\\t<label> list."""
+    return [tuple(line.split("\t")) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def random_probs(n: int, seed) -> np.ndarray:
+    p = np.random.default_rng(seed).random((n, len(LABELS))) + 0.01
+    return p / p.sum(1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- the scripts, with fakes on PATH
+FAKE_SWIFT = """#!/usr/bin/env bash
+# Records each call's arguments (one a line, then a blank line) and makes the checkpoint train.sh looks for.
+printf '%s\\n' "$@" >> "$SWIFT_CALLS"; echo >> "$SWIFT_CALLS"
+env | grep '^FIRESAFE_' | sort >> "$SWIFT_CALLS.env"
+while [[ $# -gt 0 ]]; do [[ $1 == --output_dir ]] && mkdir -p "$2/checkpoint-1"; shift; done
+"""
+# `python -m tools.model.score` runs FAKE_SCORE instead (no model); every other python call is the real one.
+FAKE_PYTHON = """#!/usr/bin/env bash
+if [[ "${1-} ${2-}" == "-m tools.model.score" ]]; then shift 2; exec "$REAL_PYTHON" "$FAKE_SCORE" "$@"; fi
+exec "$REAL_PYTHON" "$@"
+"""
+# The fake scorer takes tools.model.score's --output-dir form, asks tools.model.score.jobs_for what to score (the
+# checkpoints train.sh recorded), writes random probabilities where Layout puts them, and records its call.
+FAKE_SCORE = """import json, os, sys
+from pathlib import Path
+import numpy as np
+from tools.fileio import read_json, read_jsonl
+from tools.model.score import jobs_for
+from tools.probs import write_probs
+from tools.task import Layout
+argv = sys.argv[1:]
+ours = argv[:argv.index("--")] if "--" in argv else argv
+layout = Layout(ours[ours.index("--output-dir") + 1])
+runs = ours[ours.index("--runs") + 1:]
+runs = runs[:next((i for i, a in enumerate(runs) if a.startswith("--")), len(runs))]
+jobs = jobs_for(layout, runs, int(read_json(layout.manifest).get("folds", 1)))
+with open(os.environ["SCORE_CALLS"], "a", encoding="utf-8") as f:
+    f.write(json.dumps({"argv": argv, "jobs": [[str(c), [[str(d), str(o)] for d, o in parts]] for c, parts in jobs]})
+            + "\\n")
+for _, parts in jobs:
+    for dataset, output in parts:
+        names = [Path(r["images"][0]).name for r in read_jsonl(dataset)]
+        p = np.random.default_rng(len(names)).random((len(names), 5)) + 0.01
+        write_probs(output, names, p / p.sum(1, keepdims=True))
+"""
+
+
+def _recipe_knobs() -> set[str]:
+    names = set()
+    for recipe in (ROOT / "recipes").glob("*.env"):
+        names |= set(re.findall(r"\$\{(\w+):=", recipe.read_text(encoding="utf-8")))
+    return names
+
+
+# Variables the scripts read: a value in the environment that runs the tests must not leak into them.
+SCRIPT_KNOBS = _recipe_knobs() | {"OUTPUT_DIR", "DATA_DIR", "RECIPE", "MODEL_STAGE1", "MODEL_STAGE2", "FOLDS", "RUNS",
+                                  "STAGES", "SEED", "VAL_RATIO", "TEST_LIST", "TEST_LABELLED", "FUSION_PARAMS",
+                                  "EVAL_METRIC", "CUTOUTS_DIR", "PYTHONPATH"}
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items()
+            if k not in SCRIPT_KNOBS and not k.startswith(("FIRESAFE_", "STAGE", "AUGMENT", "DEMO_", "SCORE_"))}
+
+
+def install_fakes(tmp_path: Path) -> Path:
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    for name, text in (("swift", FAKE_SWIFT), ("python", FAKE_PYTHON)):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    (tmp_path / "fake_score.py").write_text(FAKE_SCORE)
+    return fake
+
+
+def run_script(script: str, tmp_path: Path, out: Path, *args: str, rc: int = 0, **env: str) -> str:
+    """bash <script> with the fake swift and scorer first on PATH (then the test's own python); returns the log."""
+    fake = install_fakes(tmp_path)
+    full_env = clean_env()
+    full_env.update(PATH=f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}", VENV=str(tmp_path / "novenv"),
+                    OUTPUT_DIR=str(out), REAL_PYTHON=sys.executable, FAKE_SCORE=str(tmp_path / "fake_score.py"),
+                    SWIFT_CALLS=str(tmp_path / "swift_calls.txt"), SCORE_CALLS=str(tmp_path / "score_calls.jsonl"),
+                    **env)
+    proc = subprocess.run(["bash", str(ROOT / script), *args], env=full_env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == rc, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def run_data_pre(env: dict[str, str], *args: str, rc: int = 0) -> str:
+    """bash data-pre.sh with the test's virtual environment (no fakes: the real tools run)."""
+    proc = subprocess.run(["bash", str(ROOT / "data-pre.sh"), *args], env={**clean_env(), "VENV": sys.prefix, **env},
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == rc, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def swift_calls(tmp_path: Path) -> list[list[str]]:
+    """The fake swift's calls since the last look (each its argument list); forgets them."""
+    path = tmp_path / "swift_calls.txt"
+    calls = [call.split("\n") for call in path.read_text().split("\n\n") if call.strip()] if path.exists() else []
+    path.unlink(missing_ok=True)
+    return calls
+
+
+def swift_env(tmp_path: Path) -> str:
+    """The FIRESAFE_* variables the fake swift saw, one NAME=value a line."""
+    path = tmp_path / "swift_calls.txt.env"
+    return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+def score_calls(tmp_path: Path) -> list[dict]:
+    """The fake scorer's calls since the last look ({"argv": [...], "jobs": [[checkpoint, [[dataset, csv]]]]})."""
+    path = tmp_path / "score_calls.jsonl"
+    calls = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    path.unlink(missing_ok=True)
+    return calls
+
+
+def value(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def flag(argv: list[str], name: str) -> list[str]:
+    """Values after --name, up to the next flag (none if the flag is absent)."""
+    if name not in argv:
+        return []
+    i = argv.index(name) + 1
+    values = []
+    while i < len(argv) and not argv[i].startswith("--"):
+        values.append(argv[i])
+        i += 1
+    return values
+
+
+# --------------------------------------------------------------------------- tiny models (swift, torch)
+MAX_PIXELS = "3136"  # 56 x 56 images: 4 visual tokens each, to keep every forward pass cheap
+
+
+def base_args(model_dir: Path, train: bool = False) -> list[str]:
+    """swift arguments for a tiny fp32 demo model at MAX_PIXELS."""
+    return ["--model", str(model_dir), "--template", "qwen2_5_vl", "--torch_dtype", "float32",
+            "--max_pixels", MAX_PIXELS] + (["--check_model", "false"] if train else [])
+
+
+def forward_logits(model, template, rows):
+    """The model's logits on the prompts of `rows` (answers dropped), one padded batch, in inference mode."""
+    import torch
+    from swift.infer_engine import InferRequest
+    from swift.utils import to_device
+
+    encoded = [template.encode(InferRequest(messages=[m for m in r["messages"] if m["role"] != "assistant"],
+                                            images=r["images"])) for r in rows]
+    inputs = to_device(template.data_collator(encoded), model.device)
+    _, inputs = template.pre_forward_hook(model, None, inputs)
+    inputs.pop("labels", None)
+    with torch.no_grad():
+        return model(**inputs).logits.float()
+
+
+def last_logits(model, template, rows):
+    """[B, V] next-token logits after each prompt (answers dropped), one padded batch, as tools.model.score runs."""
+    return forward_logits(model, template, rows)[:, -1]
+
+
+def stub_trainer(template, training=False, accumulation=1):
+    """What the loss and metric plugins read from swift's trainer."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(template=template, model=SimpleNamespace(training=training), model_accepts_loss_kwargs=False,
+                           args=SimpleNamespace(gradient_accumulation_steps=accumulation),
+                           current_gradient_accumulation_steps=accumulation)
+
+
+def training_batch(model, template, rows):
+    """(logits [B, T, V], labels [B, T]) of a supervised batch, encoded and run the way swift trains."""
+    import torch
+
+    template.set_mode("train")
+    try:
+        batch = template.data_collator([template.encode(r) for r in rows])
+        _, inputs = template.pre_forward_hook(model, None, batch)
+        labels = inputs.pop("labels")
+        inputs.pop("loss_scale", None)
+        with torch.no_grad():
+            logits = model(**inputs).logits.float()
+    finally:
+        template.set_mode("transformers")
+    return logits, labels

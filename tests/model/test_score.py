@@ -1,0 +1,227 @@
+"""tools.model.score: the label tokens, the batching order, the probabilities of a tiny random Qwen2.5-VL against a
+plain transformers forward pass, and what the --output-dir form scores (jobs_for, score_jobs, the CLI)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import write_image
+from tools.demo.models import TinySpec, build_tiny_model, write_tokenizer
+from tools.fileio import write_jsonl
+from tools.model import score as S
+from tools.model.checkpoint import write_pointer
+from tools.probs import read_probs
+from tools.task import LABELS, STAGES, Layout, label_token_ids, sft_row
+
+TINY = TinySpec(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=32, vision_depth=2,
+                pretrain_samples=0, pretrain_epochs=0)
+# Every image has 3136 pixels (Qwen's minimum and our max_pixels), sides multiples of 28: neither swift nor the
+# transformers processor resizes it, so both see the same pixels.
+SIZES = [(56, 56), (112, 28), (28, 112)]  # (width, height)
+
+
+# --------------------------------------------------------------------------- label tokens
+def test_label_token_ids_with_the_real_qwen_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    write_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    ids = label_token_ids(tok)
+    assert len(ids) == len(set(ids)) == len(LABELS)
+    for label, token_id in zip(LABELS, ids):
+        piece = tok.decode([token_id])
+        assert piece and label.startswith(piece), (label, piece)  # the first token is the start of the label
+
+
+def test_labels_sharing_a_first_token_are_refused():
+    by_second_character = SimpleNamespace(encode=lambda text, add_special_tokens=False: [ord(c) for c in text[1:]])
+    with pytest.raises(ValueError, match="labels share a first token"):
+        label_token_ids(by_second_character)  # 高风险, 中风险, ... all start with 风 here
+    by_character = SimpleNamespace(encode=lambda text, add_special_tokens=False: [ord(c) for c in text])
+    assert label_token_ids(by_character) == [ord(label[0]) for label in LABELS]
+
+
+# --------------------------------------------------------------------------- batching order
+def test_bucket_order_groups_equal_image_sizes(tmp_path):
+    sizes = [(56, 56), (112, 28), (56, 56), (28, 112), (112, 28), (56, 56)]
+    rows = [sft_row(write_image(tmp_path / f"{i}.jpg", size=s), None) for i, s in enumerate(sizes)]
+    assert S.bucket_order(rows) == [3, 0, 2, 5, 1, 4]  # by size, ties in input order
+    rows[2]["messages"][0]["content"] = "<image>短"  # a shorter prompt goes first among its size
+    rows[1]["messages"].append({"role": "assistant", "content": "高风险" * 50})  # answers do not count
+    assert S.bucket_order(rows) == [3, 2, 0, 5, 1, 4]
+    rows.append(sft_row(tmp_path / "missing.jpg", None))  # unreadable: first (the encoder will report it)
+    assert S.bucket_order(rows)[0] == 6
+    assert S.bucket_order([]) == []
+
+
+# --------------------------------------------------------------------------- probabilities of a tiny model
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", TINY, seed=0)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    """(model, template, label ids) as tools.model.score loads them."""
+    model, template, label_ids, _ = S.load(["--model", str(tiny_model), "--template", "qwen2_5_vl", "--torch_dtype",
+                                            "float32", "--max_pixels", "3136"])
+    return model, template, label_ids
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> list[dict]:
+    """Seven rows of noise images of three sizes, interleaved; one with a shorter prompt, one with an answer."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(7):
+        w, h = SIZES[i % 3]
+        path = folder / f"r{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, quality=95)
+        out.append(sft_row(path, LABELS[i % 5] if i == 4 else None))
+    out[5]["messages"][0]["content"] = "<image>这是楼道吗？"
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, rows, loaded) -> np.ndarray:
+    """Softmax over the five label tokens' logits at the last prompt position of a plain transformers forward pass
+    (its own processor and chat template, the model loaded by transformers), one row at a time."""
+    import torch
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    label_ids = loaded[2]
+    out = []
+    for row in rows:
+        text = row["messages"][0]["content"].removeprefix("<image>")
+        chat = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                              "text": text}]}],
+                                             add_generation_prompt=True, tokenize=False)
+        with Image.open(row["images"][0]) as img:
+            inputs = processor(text=[chat], images=[img.convert("RGB")], return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -1].double()
+        out.append(torch.softmax(logits[label_ids], -1).numpy())
+    return np.array(out)
+
+
+def test_score_rows_is_the_label_softmax_at_the_answer_position(loaded, rows, reference):
+    model, template, label_ids = loaded
+    got = S.score_rows(model, template, label_ids, rows, batch_size=1, progress=False)
+    assert got.shape == (len(rows), len(LABELS))
+    np.testing.assert_allclose(got, reference, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(got.sum(1), 1, atol=1e-9)
+    # not vacuous: the rows differ from each other by far more than the tolerance
+    diffs = [np.abs(reference[i] - reference[j]).max() for i in range(len(rows)) for j in range(i)]
+    assert min(diffs) > 1e-4
+
+
+@pytest.mark.parametrize("bucket", [True, False])
+def test_batching_and_bucketing_keep_row_order_and_values(loaded, rows, reference, bucket):
+    model, template, label_ids = loaded
+    got = S.score_rows(model, template, label_ids, rows, batch_size=3, progress=False, bucket=bucket)
+    np.testing.assert_allclose(got, reference, rtol=0, atol=2e-5)  # left padding in mixed batches included
+    assert (got.argmax(1) == reference.argmax(1)).all()
+    reversed_rows = rows[::-1]
+    np.testing.assert_allclose(S.score_rows(model, template, label_ids, reversed_rows, batch_size=3, progress=False,
+                                            bucket=bucket), reference[::-1], rtol=0, atol=2e-5)
+
+
+def test_an_answer_turn_is_ignored_and_no_rows_is_no_scores(loaded, rows):
+    model, template, label_ids = loaded
+    with_answer = rows[4]
+    assert len(with_answer["messages"]) == 2
+    plain = {**with_answer, "messages": with_answer["messages"][:1]}
+    np.testing.assert_allclose(S.score_rows(model, template, label_ids, [with_answer], progress=False),
+                               S.score_rows(model, template, label_ids, [plain], progress=False), rtol=0, atol=0)
+    assert S.score_rows(model, template, label_ids, [], progress=False).shape == (0, len(LABELS))
+
+
+# --------------------------------------------------------------------------- what --output-dir scores
+def pointed_runs(layout: Layout, folds: int) -> dict:
+    """A checkpoint-1 and its pointer for each stage of the final run and of each fold."""
+    ckpts = {}
+    for run in ["final", *range(folds if folds > 1 else 0)]:
+        for stage in STAGES:
+            (layout.run_dir(stage, run) / "checkpoint-1").mkdir(parents=True)
+            ckpts[(run, stage)] = write_pointer(layout.run_dir(stage, run))
+    return ckpts
+
+
+def test_jobs_for_final_and_folds(tmp_path):
+    layout = Layout(tmp_path / "out")
+    ckpts = pointed_runs(layout, 2)
+    final = [(ckpts[("final", s)], [(layout.test_jsonl, layout.probs(s, "test")),
+                                     (layout.val_jsonl(s), layout.probs(s, "val"))]) for s in STAGES]
+    folds = [(ckpts[(i, s)], [(layout.heldout_jsonl(i), layout.probs(s, "heldout", i))])
+             for i in range(2) for s in STAGES]
+    assert S.jobs_for(layout, ["final"], 2) == final
+    assert S.jobs_for(layout, ["final", "folds"], 2) == final + folds
+    assert S.jobs_for(layout, ["folds"], 2) == folds
+    assert S.jobs_for(layout, ["final", "folds"], 1) == final  # no folds: nothing more
+    assert layout.probs("stage2", "heldout", 1) == layout.root / "folds" / "1" / "stage2" / "heldout_probs.csv"
+    assert ckpts[(1, "stage2")] == (layout.root / "folds" / "1" / "stage2" / "checkpoint-1").resolve()
+    with pytest.raises(FileNotFoundError, match="final_checkpoint.txt not found"):
+        S.jobs_for(layout, ["folds"], 3)  # fold 2 was never trained
+
+
+def test_score_jobs_loads_each_checkpoint_once_and_writes_csvs(loaded, rows, tmp_path, monkeypatch):
+    model, template, label_ids = loaded
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_jsonl(a, rows[:4])
+    write_jsonl(b, rows[4:])
+    calls = []
+    monkeypatch.setattr(S, "load", lambda argv: calls.append(argv) or (model, template, label_ids, None))
+    monkeypatch.setenv("FIRESAFE_COMPILE", "on")  # choose_compile sets it: restored after the test
+    monkeypatch.setenv("SCORE_COMPILE", "auto")
+    jobs = [(Path("/ck/one"), [(a, tmp_path / "s1" / "a.csv"), (b, tmp_path / "s1" / "b.csv")]),
+            (Path("/ck/two"), [(a, tmp_path / "s2" / "a.csv")])]
+    S.score_jobs(jobs, ["--max_pixels", "3136"], batch_size=2, workers=0)
+    assert calls == [["--adapters", "/ck/one", "--max_pixels", "3136"],
+                     ["--adapters", "/ck/two", "--max_pixels", "3136"]]
+    names, probs = read_probs(tmp_path / "s1" / "a.csv")
+    assert names == [Path(r["images"][0]).name for r in rows[:4]]  # rows named by image file name
+    np.testing.assert_allclose(probs, S.score_rows(model, template, label_ids, rows[:4], progress=False), atol=2e-6)
+    assert read_probs(tmp_path / "s1" / "b.csv")[0] == [Path(r["images"][0]).name for r in rows[4:]]
+    assert read_probs(tmp_path / "s2" / "a.csv")[0] == names
+    import os
+
+    assert os.environ["FIRESAFE_COMPILE"] == "off"  # 4 images: compiling would not pay
+
+
+def test_choose_compile(monkeypatch):
+    monkeypatch.setenv("FIRESAFE_COMPILE", "on")
+    monkeypatch.delenv("SCORE_COMPILE", raising=False)
+    monkeypatch.delenv("SCORE_COMPILE_MIN_IMAGES", raising=False)
+    assert S.choose_compile(800) == "on"
+    import os
+
+    assert os.environ["FIRESAFE_COMPILE"] == "on"
+    assert S.choose_compile(799) == "off" and os.environ["FIRESAFE_COMPILE"] == "off"
+    monkeypatch.setenv("SCORE_COMPILE_MIN_IMAGES", "10")
+    assert S.choose_compile(10) == "on"
+    monkeypatch.setenv("SCORE_COMPILE", "off")
+    assert S.choose_compile(10 ** 6) == "off"
+
+
+def test_cli_refusals(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert S.main(["--output-dir", str(out)]) == 1
+    assert "manifest.json: not found: run data-pre.sh first" in capsys.readouterr().err
+    layout = Layout(out)
+    layout.manifest.parent.mkdir(parents=True)
+    layout.manifest.write_text(json.dumps({"folds": 2}), encoding="utf-8")
+    assert S.main(["--output-dir", str(out), "--runs", "final", "folds"]) == 1  # train.sh has not run
+    assert "final_checkpoint.txt not found: run train.sh first" in capsys.readouterr().err
+    for argv in (["--output-dir", str(out), "--checkpoint", "x"], ["--checkpoint", "x", "--dataset", "d.jsonl"], [],
+                 ["--output-dir", str(out), "--runs", "all"]):
+        with pytest.raises(SystemExit) as exc:
+            S.main(argv)
+        assert exc.value.code == 2

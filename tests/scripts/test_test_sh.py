@@ -1,0 +1,105 @@
+"""test.sh against a fake scorer (tests/helpers.py; every other step is the real tool): one scoring call for what
+the runs need, then the out-of-fold pooling (FOLDS > 1), the fusion search, fusion, the submission check and,
+with a labelled test list, the report. No model is loaded."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import make_official, prepare_and_compose, run_script, score_calls, value
+from tools.decide.fusion import FusionParams
+from tools.model.checkpoint import write_pointer
+from tools.task import LABELS, STAGES, Layout
+
+
+@pytest.fixture
+def official(tmp_path) -> Path:
+    return make_official(tmp_path / "data", n_per_label=6)  # val 0.25: 2 per label held out, 4 left to fold
+
+
+def trained(layout: Layout, folds: int) -> dict:
+    """What train.sh leaves: a checkpoint and its pointer for each stage of each run."""
+    ckpts = {}
+    for run in ["final", *range(folds if folds > 1 else 0)]:
+        for stage in STAGES:
+            (layout.run_dir(stage, run) / "checkpoint-1").mkdir(parents=True)
+            ckpts[(run, stage)] = str(write_pointer(layout.run_dir(stage, run)))
+    return ckpts
+
+
+def test_test_sh_with_two_folds(official, tmp_path):
+    out = tmp_path / "out"
+    prepare_and_compose(official, out, "--val-ratio", "0.25", "--folds", "2")
+    layout = Layout(out)
+    ckpts = trained(layout, 2)
+
+    log = run_script("test.sh", tmp_path, out, "--max_batch_size", "2")
+    (call,) = score_calls(tmp_path)  # one scorer process for every model
+    argv = call["argv"]
+    assert value(argv, "--output-dir") == str(out) and argv[argv.index("--runs") + 1:argv.index("--runs") + 3] == [
+        "final", "folds"]
+    assert value(argv, "--batch-size") == "16"  # recipes/demo.env SCORE_BATCH_SIZE
+    assert argv[argv.index("--"):] == ["--", "--max_pixels", "28224", "--max_batch_size", "2"]  # "$@" passed on
+    expected = [[ckpts[("final", s)], [[str(layout.test_jsonl), str(layout.probs(s, "test"))],
+                                       [str(layout.val_jsonl(s)), str(layout.probs(s, "val"))]]] for s in STAGES]
+    expected += [[ckpts[(i, s)], [[str(layout.heldout_jsonl(i)), str(layout.probs(s, "heldout", i))]]]
+                 for i in range(2) for s in STAGES]
+    assert call["jobs"] == expected
+    assert "pool out-of-fold and validation predictions done" in log
+    assert "tuning fusion on the out-of-fold and validation predictions" in log
+    fusion = json.loads(layout.fusion_params.read_text(encoding="utf-8"))
+    assert fusion["n_val"] == 30  # 20 out-of-fold + 10 validation images
+    assert len(layout.oof_gold.read_text(encoding="utf-8").splitlines()) == 30
+    assert layout.submission.exists() and "OK: 5 images" in log
+    assert not layout.report.exists()  # the test list has no labels
+
+    # fusion parameters given: no search, so the fold models need not score
+    params = tmp_path / "given.json"
+    FusionParams(beta=0.0, offsets=[0, 0, 0, 0, 30.0]).save(params)
+    layout.fusion_params.unlink()
+    log = run_script("test.sh", tmp_path, out, FUSION_PARAMS=str(params))
+    (call,) = score_calls(tmp_path)
+    assert call["jobs"] == expected[:2] and "fusion search" not in log and not layout.fusion_params.exists()
+    assert {line.split("\t")[1] for line in layout.submission.read_text(encoding="utf-8").splitlines()} == {"非楼道"}
+
+    # a FOLDS that is not the split's fails before scoring
+    log = run_script("test.sh", tmp_path, out, rc=1, FOLDS="3")
+    assert "FOLDS=3, but data-pre.sh split the training data into 2 fold(s)" in log and score_calls(tmp_path) == []
+
+
+def test_test_sh_without_folds(official, tmp_path):
+    out = tmp_path / "out"
+    prepare_and_compose(official, out, "--val-ratio", "0.25")
+    layout = Layout(out)
+    ckpts = trained(layout, 1)
+    log = run_script("test.sh", tmp_path, out)
+    (call,) = score_calls(tmp_path)
+    assert call["argv"][call["argv"].index("--runs") + 1] == "final" and "folds" not in call["argv"]
+    assert [c for c, _ in call["jobs"]] == [ckpts[("final", s)] for s in STAGES]
+    assert "tuning fusion on the validation split" in log and "out-of-fold" not in log
+    assert json.loads(layout.fusion_params.read_text(encoding="utf-8"))["n_val"] == 10
+    assert not layout.folds_dir.exists() and not (layout.data_dir / "folds").exists()
+    lines = layout.submission.read_text(encoding="utf-8").splitlines()
+    assert [line.split("\t")[0] for line in lines] == [f"t{i}.jpg" for i in range(5)]  # the test list's order
+
+
+def test_test_sh_reports_on_a_labelled_test_list(tmp_path):
+    data = make_official(tmp_path / "data", n_per_label=6)
+    (data / "B.txt").write_text("".join(f"t{i}.jpg\t{label}\n" for i, label in enumerate(LABELS)), encoding="utf-8")
+    out = tmp_path / "out"
+    prepare_and_compose(data, out, "--val-ratio", "0.25")
+    layout = Layout(out)
+    trained(layout, 1)
+    log = run_script("test.sh", tmp_path, out)
+    assert "report done" in log and "stage 1 alone" in log and "weighted F1" in log
+    assert layout.report.exists() and layout.confusion_png.exists() and layout.reliability_png.exists()
+
+
+def test_test_sh_needs_train_sh(official, tmp_path):
+    out = tmp_path / "out"
+    prepare_and_compose(official, out)
+    log = run_script("test.sh", tmp_path, out, rc=1)
+    assert "final_checkpoint.txt not found: run train.sh first" in log
+    assert not Layout(out).submission.exists()

@@ -1,0 +1,153 @@
+"""train.sh against a fake `swift` (tests/helpers.py): the flags each stage gets (plugins, recipe knobs, the user's
+own), and the runs it trains with and without folds (FOLDS, RUNS, STAGES). No model is trained."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (flag, make_official, prepare_and_compose, run_script, swift_calls, swift_env, value)
+from tools.task import HIGH_RISK, STAGES, Layout
+
+
+def write_pipeline(out: Path, recipe: str = "demo") -> None:
+    """pipeline.env as data-pre.sh writes it (no data needed: the fake swift reads none)."""
+    out.mkdir(exist_ok=True)
+    (out / "pipeline.env").write_text(f': "${{RECIPE:={recipe}}}"\n'
+                                      ': "${MODEL_STAGE1:=/m1}"\n: "${MODEL_STAGE2:=/m2}"\n')
+
+
+def run_train_sh(tmp_path: Path, *args: str, recipe: str = "demo", **env: str) -> list[list[str]]:
+    """(stage-1 argv, stage-2 argv) of one train.sh run with the final run only."""
+    out = tmp_path / "out"
+    write_pipeline(out, recipe)
+    run_script("train.sh", tmp_path, out, *args, **env)
+    return swift_calls(tmp_path)
+
+
+# --------------------------------------------------------------------------- the flags
+def test_train_sh_uses_plugins_for_stage2_by_default(tmp_path):
+    from swift_plugins import plugin_files
+
+    stage1, stage2 = run_train_sh(tmp_path, "--lora_rank", "4")
+    for argv in (stage1, stage2):
+        assert argv[:2] == ["sft", "--model"]
+        assert flag(argv, "--external_plugins") == [str(p) for p in plugin_files()]
+        assert flag(argv, "--external_plugins")[-1].endswith("swift_plugins/patches/vision_attention.py")
+        assert flag(argv, "--eval_metric") == flag(argv, "--metric_for_best_model") == ["weighted_f1"]
+        assert flag(argv, "--save_steps") == flag(argv, "--eval_steps")  # every evaluated step can become the best
+        assert argv[-2:] == ["--lora_rank", "4"]  # the user's flags come last and win
+        # the recipe's knobs, always passed (recipes/demo.env sets swift's defaults)
+        assert flag(argv, "--attn_impl") == ["sdpa"] and flag(argv, "--lora_dropout") == ["0.05"]
+        assert flag(argv, "--gradient_checkpointing") == flag(argv, "--vit_gradient_checkpointing") == ["true"]
+        assert flag(argv, "--use_liger_kernel") == ["false"]
+        assert flag(argv, "--max_pixels") == ["28224"] and flag(argv, "--torch_dtype") == ["float32"]
+    assert value(stage1, "--model") == "/m1" and value(stage2, "--model") == "/m2"
+    assert flag(stage1, "--tuner_type") == ["lora"] and flag(stage1, "--loss_type") == []
+    assert flag(stage1, "--callbacks") == []
+    assert flag(stage2, "--tuner_type") == ["hr_amplifier"] and flag(stage2, "--loss_type") == ["weighted_ce"]
+    assert flag(stage2, "--callbacks") == ["amplifier_stats"]
+    assert flag(stage1, "--num_train_epochs") == ["4"] and flag(stage2, "--num_train_epochs") == ["3"]
+
+
+def test_train_sh_turns_plugins_on_for_stage1_and_passes_knobs(tmp_path):
+    stage1, stage2 = run_train_sh(tmp_path, STAGE1_LOSS="weighted_ce", FIRESAFE_CLASS_WEIGHTS=f"{HIGH_RISK}=3",
+                                  ATTN_IMPL="eager", GRADIENT_CHECKPOINTING="false")
+    assert flag(stage1, "--loss_type") == ["weighted_ce"] and flag(stage1, "--tuner_type") == ["lora"]
+    assert flag(stage2, "--attn_impl") == ["eager"] and flag(stage2, "--gradient_checkpointing") == ["false"]
+    env = swift_env(tmp_path)
+    assert f"FIRESAFE_CLASS_WEIGHTS={HIGH_RISK}=3" in env and "FIRESAFE_AMP_LAYERS=auto" in env
+    stage1, stage2 = run_train_sh(tmp_path, STAGE1_TUNER="hr_amplifier", STAGE2_LOSS="", EVAL_METRIC="")
+    assert flag(stage1, "--tuner_type") == ["hr_amplifier"] and flag(stage1, "--callbacks") == ["amplifier_stats"]
+    assert flag(stage2, "--loss_type") == [] and flag(stage2, "--tuner_type") == ["hr_amplifier"]
+    for argv in (stage1, stage2):  # empty = off
+        assert flag(argv, "--eval_metric") == [] and flag(argv, "--metric_for_best_model") == []
+
+
+def test_train_sh_sets_liger_per_stage(tmp_path):
+    # recipes/real.env turns liger on for stage 1 only: with stage 2's custom loss it would keep full logits.
+    stage1, stage2 = run_train_sh(tmp_path, USE_LIGER_KERNEL_STAGE1="true", USE_LIGER_KERNEL_STAGE2="false")
+    assert flag(stage1, "--use_liger_kernel") == ["true"] and flag(stage2, "--use_liger_kernel") == ["false"]
+    stage1, stage2 = run_train_sh(tmp_path)  # the demo recipe: swift's default, off, for both
+    assert flag(stage1, "--use_liger_kernel") == ["false"] == flag(stage2, "--use_liger_kernel")
+    stage1, stage2 = run_train_sh(tmp_path, USE_LIGER_KERNEL="true")  # the old single knob is gone
+    assert flag(stage1, "--use_liger_kernel") == ["false"] == flag(stage2, "--use_liger_kernel")
+
+
+def test_train_sh_takes_the_real_recipe(tmp_path):
+    stage1, stage2 = run_train_sh(tmp_path, recipe="real")
+    assert flag(stage1, "--use_liger_kernel") == ["true"] and flag(stage2, "--use_liger_kernel") == ["false"]
+    for argv in (stage1, stage2):
+        assert flag(argv, "--vit_gradient_checkpointing") == ["false"]
+        assert flag(argv, "--gradient_checkpointing") == ["true"]
+        assert flag(argv, "--torch_dtype") == ["bfloat16"] and flag(argv, "--max_pixels") == ["1003520"]
+        assert flag(argv, "--gradient_accumulation_steps") == ["4"] and flag(argv, "--attn_impl") == ["sdpa"]
+    assert "FIRESAFE_VISION_ATTN=auto" in swift_env(tmp_path)  # the recipe's exported patch knobs reach swift
+
+
+def test_train_sh_refuses_unknown_stages_and_runs(tmp_path):
+    out = tmp_path / "out"
+    write_pipeline(out)
+    log = run_script("train.sh", tmp_path, out, rc=1, STAGES="stage1 stage3")
+    assert "unknown stage 'stage3' in STAGES" in log and swift_calls(tmp_path) == []
+    log = run_script("train.sh", tmp_path, out, rc=1, RUNS="all")
+    assert "unknown run 'all' in RUNS" in log and swift_calls(tmp_path) == []
+    (out / "pipeline.env").unlink()
+    log = run_script("train.sh", tmp_path, out, rc=1)
+    assert "pipeline.env: run data-pre.sh first" in log
+
+
+# --------------------------------------------------------------------------- the runs, with FOLDS=2
+@pytest.fixture
+def official(tmp_path) -> Path:
+    return make_official(tmp_path / "data", n_per_label=6)  # val 0.25: 2 per label held out, 4 left to fold
+
+
+def test_train_sh_with_two_folds(official, tmp_path):
+    out = tmp_path / "out"
+    prepare_and_compose(official, out, "--val-ratio", "0.25", "--folds", "2")
+    layout = Layout(out)
+
+    log = run_script("train.sh", tmp_path, out, "--lora_rank", "4")
+    calls = swift_calls(tmp_path)
+    runs = [(0, "stage1"), (0, "stage2"), (1, "stage1"), (1, "stage2"), ("final", "stage1"), ("final", "stage2")]
+    assert len(calls) == len(runs)
+    for argv, (run, stage) in zip(calls, runs):
+        assert argv[:2] == ["sft", "--model"] and value(argv, "--model") == ("/m1" if stage == "stage1" else "/m2")
+        assert value(argv, "--dataset") == str(layout.train_jsonl(stage, run))
+        assert value(argv, "--output_dir") == str(layout.run_dir(stage, run))
+        # checkpoints are chosen on the validation split, never on the held-out fold
+        assert value(argv, "--val_dataset") == str(layout.val_jsonl(stage))
+        assert value(argv, "--tuner_type") == ("lora" if stage == "stage1" else "hr_amplifier")
+        assert argv[-2:] == ["--lora_rank", "4"]  # the user's flags reach every run
+        run_dir = layout.run_dir(stage, run)
+        assert (run_dir / "final_checkpoint.txt").read_text().strip() == str(run_dir / "checkpoint-1")
+    assert layout.run_dir("stage1", 1) == out / "folds" / "1" / "stage1"
+    assert "stage1 (/m1, fold 1 of 2): tuner lora" in log and "stage2 (/m2): tuner hr_amplifier" in log
+
+    # only some runs: RUNS and STAGES
+    run_script("train.sh", tmp_path, out, RUNS="final")
+    assert [value(a, "--output_dir") for a in swift_calls(tmp_path)] == [str(layout.run_dir(s)) for s in STAGES]
+    run_script("train.sh", tmp_path, out, RUNS="folds", STAGES="stage2")
+    assert [value(a, "--output_dir") for a in swift_calls(tmp_path)] == [str(layout.run_dir("stage2", i))
+                                                                         for i in range(2)]
+    # a FOLDS that is not the split's fails before any training
+    log = run_script("train.sh", tmp_path, out, rc=1, FOLDS="3")
+    assert "FOLDS=3, but data-pre.sh split the training data into 2 fold(s)" in log and swift_calls(tmp_path) == []
+    # a fold's data missing (data-pre.sh interrupted): refused before any training
+    layout.heldout_jsonl(1).unlink()
+    log = run_script("train.sh", tmp_path, out, rc=1)
+    assert "heldout.jsonl: not found: run data-pre.sh again" in log and swift_calls(tmp_path) == []
+
+
+def test_train_sh_without_folds(official, tmp_path):
+    out = tmp_path / "out"
+    prepare_and_compose(official, out, "--val-ratio", "0.25")
+    layout = Layout(out)
+    run_script("train.sh", tmp_path, out)
+    calls = swift_calls(tmp_path)
+    assert [value(a, "--dataset") for a in calls] == [str(layout.train_jsonl(s)) for s in STAGES]
+    assert [value(a, "--output_dir") for a in calls] == [str(out / s) for s in STAGES]
+    assert not layout.folds_dir.exists()
+    run_script("train.sh", tmp_path, out, RUNS="folds")  # no folds to train: nothing to do
+    assert swift_calls(tmp_path) == []

@@ -1,0 +1,163 @@
+"""swift_plugins/patches/vision_attention.py against transformers' own Qwen2.5-VL vision forward, on a tiny fp32 model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+va = pytest.importorskip("swift_plugins.patches.vision_attention")
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=4, hidden_size=64, intermediate_size=100, num_heads=4, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[1, 3]),
+        image_token_id=250, video_token_id=251, vision_start_token_id=252, vision_end_token_id=253,
+    )
+    config._attn_implementation = "sdpa"
+    config.vision_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    m = Qwen2_5_VLForConditionalGeneration(config).eval()
+    yield m
+    va.apply()
+
+
+def vision(model, grids, mode, patch_embed, vision_mlp="off"):
+    """Vision tower output for images of the given (h, w) patch grids."""
+    va.restore() if mode == "original" else va.apply(mode, patch_embed, vision_mlp)
+    try:
+        grid_thw = torch.tensor([[1, h, w] for h, w in grids])
+        torch.manual_seed(1)
+        pixels = torch.randn(int(grid_thw.prod(-1).sum()), 3 * 2 * 14 * 14)
+        with torch.no_grad():
+            return model.model.visual(pixels, grid_thw=grid_thw).pooler_output
+    finally:
+        va.apply("auto", "linear", "auto")
+
+
+# 12x12 patches: windows of 64, 32, 32 and 16 patches (several lengths, the gather path);
+# 16x16: four equal windows (the reshape path); mixed sizes in one batch.
+GRIDS = [[(12, 12)], [(16, 16)], [(16, 16), (12, 20), (8, 8)]]
+
+
+@pytest.mark.parametrize("grids", GRIDS)
+def test_attention_identical_to_transformers_loop(model, grids, monkeypatch):
+    expected = vision(model, grids, "original", "conv")
+    calls = []
+    grouped = va._grouped_sdpa
+    monkeypatch.setattr(va, "_grouped_sdpa", lambda *a, **k: calls.append(1) or grouped(*a, **k))
+    got = vision(model, grids, "sdpa", "conv")
+    assert len(calls) == 4  # every vision layer took the batched path
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("grids", GRIDS)
+def test_patch_embed_as_matmul(model, grids):
+    expected = vision(model, grids, "original", "conv")
+    got = vision(model, grids, "sdpa", "linear")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_on_cpu_uses_batched_sdpa(model):
+    grids = [(12, 12), (16, 16)]
+    assert torch.equal(vision(model, grids, "auto", "conv"), vision(model, grids, "sdpa", "conv"))
+
+
+def test_off_is_transformers(model):
+    grids = [(12, 12)]
+    assert torch.equal(vision(model, grids, "off", "conv"), vision(model, grids, "original", "conv"))
+
+
+def test_bad_knob():
+    with pytest.raises(ValueError):
+        va.apply("fast")
+
+
+def test_vision_mlp_padded_to_aligned_width(model):
+    """intermediate 100 -> 128 with zero lanes: same output, parameters keep their shape and values."""
+    grids = [(12, 12), (16, 16)]
+    before = {k: v.clone() for k, v in model.model.visual.state_dict().items()}
+    expected = vision(model, grids, "sdpa", "linear", "off")
+    got = vision(model, grids, "sdpa", "linear", "pad")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    mlp = model.model.visual.blocks[0].mlp
+    assert mlp.gate_proj.weight.shape == (100, 64) and mlp.gate_proj.weight.is_contiguous()
+    assert mlp._firesafe_mlp[1][0].shape == (128, 64) and mlp._firesafe_mlp[1][4].shape == (64, 128)
+    after = model.model.visual.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(vision(model, grids, "sdpa", "linear", "pad"), got)  # cached padding reused
+
+
+def test_vision_mlp_auto_is_off_on_cpu(model):
+    grids = [(12, 12)]
+    assert torch.equal(vision(model, grids, "sdpa", "linear", "auto"), vision(model, grids, "sdpa", "linear", "off"))
+
+
+def test_lora_input_not_cast_under_autocast():
+    """fp32 adapters on a bf16 layer: under autocast the skipped cast changes nothing."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(32, 48)).to(torch.bfloat16)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], lora_dropout=0.0))
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float().normal_()
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    calls = []
+    layer = model.base_model.model[0]
+    try:
+        va.restore()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = model(x)
+        va.apply(lora_cast="auto")
+        layer.lora_A["default"].register_forward_pre_hook(lambda m, args: calls.append(args[0].dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(x)
+        without_autocast = model(x)  # outside autocast PEFT still casts
+    finally:
+        va.apply("auto", "linear", "auto", "auto")
+    assert calls[0] == torch.bfloat16 and calls[1] == torch.float32
+    assert torch.equal(got, expected)
+    assert without_autocast.dtype == torch.bfloat16
+
+
+def test_compiled_paths_match_eager(model, monkeypatch):
+    """FIRESAFE_COMPILE=on with torch.compile stubbed to the identity: the rewritten RMSNorm, rotary and
+    SiLU*up calls give exactly transformers' results (the real compile runs on CUDA only, by default)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(va, "_COMPILED", {})
+    grids = [(12, 12), (16, 16)]
+    expected = vision(model, grids, "sdpa", "linear", "pad")
+    try:
+        va.apply(compile="on")
+        got = vision(model, grids, "sdpa", "linear", "pad")
+    finally:
+        va.apply(compile="auto")
+    assert set(va._COMPILED) == {"rotary", "rms_norm", "silu_mul"}
+    assert torch.equal(got, expected)
+
+
+def test_compile_failure_falls_back_to_eager(model, monkeypatch):
+    def broken(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no compiler here")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(va, "_COMPILED", {})
+    monkeypatch.setattr(va, "_COMPILE_ERROR", [])
+    grids = [(12, 12)]
+    expected = vision(model, grids, "sdpa", "linear")
+    try:
+        va.apply(compile="on")
+        with pytest.warns(UserWarning, match="torch.compile failed"):
+            got = vision(model, grids, "sdpa", "linear")
+    finally:
+        va.apply(compile="auto")
+    assert torch.equal(got, expected) and va._COMPILE_ERROR

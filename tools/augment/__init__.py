@@ -1,0 +1,1 @@
+"""Step 2, augment (VL-ADAS): copies of the training split's images, filtered by a model (docs/augmentation.md)."""

@@ -1,0 +1,131 @@
+"""Step 3 of data-pre.sh: the stage sets. The only writer of the swift JSONL files and the manifest.
+
+    python -m tools.compose.stage_sets --output-dir outputs [--augment 1] [--recipe real --model-stage1 ...]
+
+Reads the split (tools.data.prepare) and, with --augment 1, the kept augmented copies (tools.augment.run),
+and writes under <output-dir>/data/ (tools.task.Layout), each file atomically:
+  stage1_train.jsonl  all five labels: originals and copies, rare labels repeated up to --stage1-min-share
+  stage2_train.jsonl  the high-risk specialist: every 高风险 (×--stage2-high-repeat, copies in place of
+                      repeats), every 中风险 (the look-alike: clutter vs e-bikes), and a sample of the others
+                      (--stage2-other-ratio × the 高风险 originals)
+  stage{1,2}_val.jsonl  the validation split (both stages are judged on the same images)
+  test.jsonl          inference rows, in the test list's order
+  folds/<i>/stage{1,2}_train.jsonl, folds/<i>/heldout.jsonl   with folds: the stage sets of the other folds,
+                      with only the copies whose source is outside fold i; fold i's images as labelled rows
+  manifest.json       the split's record, the composition, the augmentation report and the row counts
+and <output-dir>/pipeline.env: the recipe, models and test list that train.sh and test.sh use.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from tools import cli
+from tools.augment.record import kept_copies
+from tools.compose.rules import DEFAULT_COMPOSITION, stage_sets
+from tools.data.lists import Sample, class_counts, count_table, read_list
+from tools.fileio import DataError, read_json, write_json, write_jsonl, write_text
+from tools.task import FINAL, STAGES, Layout, sft_row
+
+
+def write_sft_rows(path: Path, samples: Sequence[Sample]) -> None:
+    """swift JSONL, one labelled row per sample (written atomically)."""
+    write_jsonl(path, (sft_row(s.path, s.label) for s in samples))
+
+
+def read_split(layout: Layout) -> tuple[dict, list[Sample], list[Sample], list[Sample], list[list[Sample]]]:
+    """(split record, training part, validation part, test list, folds) as tools.data.prepare wrote them."""
+    if not layout.split_record.exists():
+        raise DataError(f"{layout.split_record}: not found: run tools.data.prepare (data-pre.sh) first")
+    record = read_json(layout.split_record)
+    images = record["train_images"]
+
+    def labelled(path: Path) -> list[Sample]:
+        if not path.read_text(encoding="utf-8").strip():
+            return []
+        return read_list(path, images, labelled=True, check_images=False, progress=False)
+
+    fit, val = labelled(layout.train_split), labelled(layout.val_list)
+    test = read_list(layout.test_list, record["test_images"], labelled=record["test_labelled"], check_images=False,
+                     progress=False)
+    folds = [labelled(layout.fold_list(i)) for i in range(record["folds"] if record["folds"] > 1 else 0)]
+    return record, fit, val, test, folds
+
+
+def compose(args: argparse.Namespace) -> dict:
+    layout = Layout(args.output_dir)
+    record, fit, val, test, folds = read_split(layout)
+    seed = record["seed"]
+    composition = {key: getattr(args, key) for key in DEFAULT_COMPOSITION}
+    copies, sources, augmentation = kept_copies(layout) if args.augment else ([], {}, None)
+
+    stage1, stage2 = stage_sets(fit, composition, seed, copies)
+    write_sft_rows(layout.train_jsonl("stage1"), stage1)
+    write_sft_rows(layout.train_jsonl("stage2"), stage2)
+    for stage in STAGES:
+        write_sft_rows(layout.val_jsonl(stage), val)
+    write_jsonl(layout.test_jsonl, (sft_row(s.path, None) for s in test))
+    fold_counts = []
+    shutil.rmtree(layout.train_jsonl("stage1", 0).parent.parent, ignore_errors=True)  # own fold sets of an earlier run
+    for i, held in enumerate(folds):
+        held_names = {s.name for s in held}
+        rest = [s for s in fit if s.name not in held_names]
+        fold_copies = [c for c in copies if sources[c.name] not in held_names]  # no held-out image, not even a copy
+        fold1, fold2 = stage_sets(rest, composition, seed, fold_copies)
+        write_sft_rows(layout.train_jsonl("stage1", i), fold1)
+        write_sft_rows(layout.train_jsonl("stage2", i), fold2)
+        write_sft_rows(layout.heldout_jsonl(i), held)
+        fold_counts.append({"heldout": class_counts(held), "stage1_rows": class_counts(fold1),
+                            "stage2_rows": class_counts(fold2)})
+    manifest = {**record, "composition": composition, "augmentation": augmentation,
+                "counts": {**record["counts"], "stage1_rows": class_counts(stage1), "stage2_rows": class_counts(stage2),
+                           "folds": fold_counts}}
+    write_json(layout.manifest, manifest)
+    write_pipeline_env(layout.pipeline_env, recipe=args.recipe, model_stage1=args.model_stage1,
+                       model_stage2=args.model_stage2, test_list=record["test_list"],
+                       test_labelled=int(record["test_labelled"]),
+                       folds=record["folds"] if record["folds"] > 1 else None)
+    print(count_table({"train": fit, "copies": copies, "stage1": stage1, "stage2": stage2}))
+    print(f"wrote the stage sets{f' and {len(folds)} folds' if folds else ''} to {layout.data_dir} "
+          f"({FINAL} run: {len(stage1)} stage-1 rows, {len(stage2)} stage-2 rows)")
+    return manifest
+
+
+def write_pipeline_env(path: Path, **settings) -> None:
+    """Shell defaults for train.sh and test.sh; a variable already set in the environment wins."""
+    lines = ["# Written by data-pre.sh; train.sh and test.sh source it. Variables set in the environment win."]
+    for key, value in settings.items():
+        if value is not None and value != "":
+            lines.append(f': "${{{key.upper()}:={shlex.quote(str(value))}}}"')
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli.parser("tools.compose.stage_sets", __doc__)
+    ap.add_argument("--output-dir", default="outputs", help="pipeline output folder (default: %(default)s)")
+    ap.add_argument("--augment", type=int, choices=[0, 1], default=0,
+                    help="1: add the augmented copies (AUGMENT; default: %(default)s)")
+    ap.add_argument("--stage1-min-share", type=float, default=DEFAULT_COMPOSITION["stage1_min_share"],
+                    help="repeat rare labels in stage 1 up to this share of rows; 0 = off (default: %(default)s)")
+    ap.add_argument("--stage2-high-repeat", type=int, default=DEFAULT_COMPOSITION["stage2_high_repeat"],
+                    help="rows per 高风险 image in stage 2 (default: %(default)s)")
+    ap.add_argument("--stage2-other-ratio", type=float, default=DEFAULT_COMPOSITION["stage2_other_ratio"],
+                    help="低风险/无风险/非楼道 images in stage 2, as a multiple of the 高风险 count "
+                         "(default: %(default)s)")
+    ap.add_argument("--recipe", help="training recipe (recipes/<name>.env) recorded for train.sh/test.sh")
+    ap.add_argument("--model-stage1", help="stage-1 base model (id or folder) recorded for train.sh")
+    ap.add_argument("--model-stage2", help="stage-2 base model (id or folder) recorded for train.sh")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return cli.run(lambda: compose(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

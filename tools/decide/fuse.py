@@ -1,0 +1,67 @@
+"""Fuse both stages' test probabilities and write the submission.
+
+    python -m tools.decide.fuse --output-dir outputs [--fusion-params outputs/fusion.json]
+
+Reads <output-dir>/stage1/test_probs.csv and stage2/test_probs.csv (tools.model.score), checks that both cover
+the test list exactly, in order, fuses them (tools.decide.fusion), and writes atomically:
+  b-submit.txt       image<TAB>label, the test list's order, no header
+  probabilities.csv  per image: both stages' vectors, the fused vector and the label
+When the test list carries labels, prints the weighted F1, per-class P/R/F1 and the confusion matrix for
+stage 1 alone and fused.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tools import cli
+from tools.data.lists import read_list
+from tools.decide.fusion import FusionParams, fuse
+from tools.decide.submission import write_submission
+from tools.fileio import DataError, read_json
+from tools.probs import aligned_probs, write_probabilities
+from tools.report.metrics import evaluate
+from tools.task import HIGH_RISK_INDEX, LABEL_TO_INDEX, LABELS, Layout
+
+
+def fuse_test(output_dir: str | Path, fusion_params: str | Path | None = None, quiet: bool = False) -> dict:
+    layout = Layout(output_dir)
+    if not layout.manifest.exists():
+        raise DataError(f"{layout.manifest}: not found: run data-pre.sh first")
+    manifest = read_json(layout.manifest)
+    test = read_list(layout.test_list, manifest["test_images"], labelled=None, check_images=False, progress=False)
+    names = [s.name for s in test]
+    p1 = aligned_probs(layout.probs("stage1", "test"), names)
+    p2 = aligned_probs(layout.probs("stage2", "test"), names)
+    params_path = Path(fusion_params) if fusion_params else layout.fusion_params
+    params = FusionParams.load(params_path) if params_path.exists() else FusionParams()
+    fused = fuse(p1, p2[:, HIGH_RISK_INDEX], params)
+    labels = [LABELS[i] for i in fused.argmax(1)]
+    write_submission(layout.submission, names, labels)
+    write_probabilities(layout.probabilities, names, p1, p2, fused, labels)
+    result = {"submission": str(layout.submission), "n": len(names), "fusion": params}
+    if not quiet:
+        print(f"fusion: beta {params.beta:g}, offsets {params.offsets}"
+              f" ({'from ' + str(params_path) if params_path.exists() else 'default'})")
+    if test and test[0].label is not None:
+        gold = [LABEL_TO_INDEX[s.label] for s in test]
+        result["stage1"] = evaluate(gold, p1.argmax(1))
+        result["fused"] = evaluate(gold, fused.argmax(1))
+        if not quiet:
+            print("\n== stage 1 alone ==\n" + result["stage1"].table())
+            print("\n== fused (stage 1 × stage-2 high-risk correction) ==\n" + result["fused"].table())
+    if not quiet:
+        print(f"\nwrote {layout.submission} ({len(names)} images) and {layout.probabilities}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = cli.parser("tools.decide.fuse", __doc__)
+    ap.add_argument("--output-dir", default="outputs")
+    ap.add_argument("--fusion-params", help="fusion JSON (default: <output-dir>/fusion.json if present, else beta 1)")
+    args = ap.parse_args(argv)
+    return cli.run(lambda: fuse_test(args.output_dir, args.fusion_params), errors=(DataError, FileNotFoundError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Score images with a trained stage: a probability vector over the five labels for every row.
+
+    python -m tools.model.score --output-dir outputs [--runs final folds] [-- extra swift infer flags]
+    python -m tools.model.score --checkpoint outputs/stage1/checkpoint-N --dataset outputs/data/test.jsonl \
+        --output outputs/stage1/test_probs.csv [-- extra swift infer flags]
+
+With --output-dir it scores what test.sh needs, each checkpoint loaded once (the final models on the test set
+and the validation split; with --runs folds each fold's models on the fold they did not train on) and writes the
+CSVs where tools.task.Layout puts them.
+
+The model and template are prepared by swift itself (the checkpoint's args.json supplies model, template,
+dtype and external plugins, exactly as `swift infer --adapters` does), so anything swift can load scores
+the same way. Each batch costs one forward pass: the distribution of the first answer token, restricted to
+the five labels' first tokens (distinct, checked) and renormalised. Rows are padded on the left, so the last
+position is where the answer starts. Matches `swift infer --max_new_tokens 1 --logprobs` but never drops a
+label outside the top-N.
+
+Arguments after -- go to swift's InferArguments (e.g. --max_pixels).
+
+Speed (bench/README.md): rows are grouped by image size (--no-bucket: file order), worker processes encode
+images ahead of the GPU (--workers, $SCORE_WORKERS; none on CPU), and a bf16 model on CUDA runs under
+autocast ($SCORE_AUTOCAST=0: off). The probabilities come back in the order of the input rows.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from tools import cli
+from tools.fileio import DataError, read_json, read_jsonl
+from tools.model.checkpoint import read_pointer
+from tools.probs import write_probs
+from tools.task import FINAL, LABELS, STAGES, Layout, label_token_ids
+
+
+def load(swift_argv: list[str]):
+    """(model, template, label ids, swift's InferArguments) prepared by swift from `swift infer`-style arguments."""
+    from swift.arguments import InferArguments
+    from swift.pipelines.utils import prepare_model_template
+    from swift.utils import parse_args
+
+    args, remaining = parse_args(InferArguments, swift_argv)
+    if remaining:
+        raise SystemExit(f"error: swift does not know these arguments: {' '.join(remaining)}")
+    model, template = prepare_model_template(args)
+    model.eval()
+    template.set_mode("transformers")  # inference encoding: no answer, left padding
+    return model, template, label_token_ids(template.tokenizer), args
+
+
+def default_workers(model) -> int:
+    """Encoding processes beside a GPU forward: SCORE_WORKERS, else up to 8 on CUDA, none on CPU (the CPU is
+    busy with the forward there, and forking would only add start-up time)."""
+    import os
+
+    if os.environ.get("SCORE_WORKERS", "").strip():
+        return max(0, int(os.environ["SCORE_WORKERS"]))
+    device = getattr(model, "device", None)
+    if device is None or getattr(device, "type", "cpu") != "cuda":
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) - 2))
+
+
+def bucket_order(rows: list[dict]) -> list[int]:
+    """Row indices grouped by image size (then prompt length), so a batch holds images of one token count and
+    little padding; ties keep the input order."""
+    from PIL import Image
+
+    def key(i: int):
+        sizes = []
+        for path in rows[i].get("images", []):
+            try:
+                with Image.open(path) as img:  # reads the header only
+                    sizes.append(img.size)
+            except OSError:
+                sizes.append((0, 0))  # the encoder will report it
+        text = "".join(str(m.get("content", "")) for m in rows[i]["messages"] if m["role"] != "assistant")
+        return sizes, len(text)
+
+    return sorted(range(len(rows)), key=key)
+
+
+class _Encoded:
+    """Rows as a torch dataset of encoded model inputs (runs in DataLoader workers when there are any).
+    With `pixel_dtype` the pixel values travel in the model's dtype: half the bytes, the same values (the
+    vision tower casts them to its dtype first thing)."""
+
+    def __init__(self, template, rows: list[dict], pixel_dtype=None):
+        self.template, self.rows, self.pixel_dtype = template, rows, pixel_dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        from swift.infer_engine import InferRequest
+
+        row = self.rows[i]
+        encoded = self.template.encode(InferRequest(messages=[m for m in row["messages"] if m["role"] != "assistant"],
+                                                    images=row.get("images", [])))
+        if self.pixel_dtype is not None:
+            for key in ("pixel_values", "pixel_values_videos"):
+                if key in encoded and encoded[key].is_floating_point():
+                    encoded[key] = encoded[key].to(self.pixel_dtype)
+        return encoded
+
+
+def use_autocast(model) -> bool:
+    """bf16/fp16 models on CUDA score under autocast (SCORE_AUTOCAST=0 turns it off): the base weights are
+    already half precision, and the fp32 LoRA adapters then run their products in half precision, as in
+    training, instead of copying every adapter input to fp32."""
+    import os
+
+    import torch
+
+    if os.environ.get("SCORE_AUTOCAST", "1").strip() == "0":
+        return False
+    device = getattr(model, "device", None)
+    return getattr(device, "type", "cpu") == "cuda" and getattr(model, "dtype", None) in (torch.bfloat16,
+                                                                                          torch.float16)
+
+
+@contextmanager
+def inference_context(model, autocast: bool | None = None):
+    """inference_mode, plus autocast (and no PEFT input casts, which autocast would undo) when use_autocast."""
+    import torch
+
+    with ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        if use_autocast(model) if autocast is None else autocast:
+            stack.enter_context(torch.autocast(model.device.type, dtype=model.dtype))
+            try:
+                from peft.helpers import disable_input_dtype_casting
+            except ImportError:  # older peft: the casts stay, the result is the same
+                pass
+            else:
+                stack.enter_context(disable_input_dtype_casting(model))
+        yield
+
+
+def forward_probs(model, template, batch: dict, label_ids):
+    """[batch, 5] label probabilities of one collated batch (call inside inference_context)."""
+    import torch
+    from swift.utils import to_device
+
+    inputs = to_device(batch, model.device)
+    _, inputs = template.pre_forward_hook(model, None, inputs)
+    inputs.pop("labels", None)
+    logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()
+    index = torch.as_tensor(label_ids, device=logits.device)
+    return torch.softmax(logits[:, index], -1)
+
+
+def score_rows(model, template, label_ids: list[int], rows: list[dict], batch_size: int = 8,
+               progress: bool = True, workers: int | None = None, bucket: bool = True) -> np.ndarray:
+    """[len(rows), 5] probabilities, in the order of `rows`; rows are swift JSONL rows (an assistant turn, if
+    any, is ignored). `workers` encode batches ahead of the forward pass (default: default_workers);
+    `bucket` batches rows of equal image size together."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    out = np.zeros((len(rows), len(LABELS)), dtype=np.float64)
+    if not rows:
+        return out
+    workers = default_workers(model) if workers is None else workers
+    order = bucket_order(rows) if bucket else list(range(len(rows)))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    pixel_dtype = model.dtype if use_autocast(model) else None
+    loader = DataLoader(_Encoded(template, rows, pixel_dtype), batch_sampler=batches, collate_fn=template.data_collator,
+                        num_workers=min(workers, len(batches)), prefetch_factor=4 if workers else None,
+                        pin_memory=workers > 0 and torch.cuda.is_available())
+    with inference_context(model):
+        for chunk, batch in tqdm(zip(batches, loader), total=len(batches), desc="scoring", disable=not progress):
+            out[chunk] = forward_probs(model, template, batch, label_ids).cpu().numpy()
+    return out
+
+
+def choose_compile(n_images: int) -> str:
+    """Whether swift_plugins/patches/vision_attention.py compiles its fused kernels in this process: SCORE_COMPILE=on|off,
+    or auto: only for at least SCORE_COMPILE_MIN_IMAGES images (default 800). Measured on an H200 with the 7B:
+    compiling delays the first batch by ~9 s and then saves ~14 ms per image (18.0 vs 14.4 images/s), so it pays
+    from ~650 images on (bench/README.md). Set before the model, and with it the plugin, is loaded."""
+    import os
+
+    policy = os.environ.get("SCORE_COMPILE", "auto").strip().lower()
+    if policy == "auto":
+        policy = "on" if n_images >= int(os.environ.get("SCORE_COMPILE_MIN_IMAGES", "800")) else "off"
+    if policy == "off":
+        os.environ["FIRESAFE_COMPILE"] = "off"
+    return policy
+
+
+def jobs_for(layout: Layout, runs: list[str], folds: int) -> list[tuple[Path, list[tuple[Path, Path]]]]:
+    """(checkpoint, [(rows to score, CSV to write), ...]) for each run and stage: the final models score the test
+    set and the validation split, fold i's models their held-out fold."""
+    jobs = []
+    for run in runs:
+        run_ids = [FINAL] if run == FINAL else list(range(folds if folds > 1 else 0))
+        for run_id in run_ids:
+            for stage in STAGES:
+                if run_id == FINAL:
+                    parts = [(layout.test_jsonl, layout.probs(stage, "test")),
+                             (layout.val_jsonl(stage), layout.probs(stage, "val"))]
+                else:
+                    parts = [(layout.heldout_jsonl(run_id), layout.probs(stage, "heldout", run_id))]
+                jobs.append((read_pointer(layout.run_dir(stage, run_id)), parts))
+    return jobs
+
+
+def score_jobs(jobs: list[tuple[Path, list[tuple[Path, Path]]]], swift_argv: list[str], batch_size: int,
+               workers: int | None = None, bucket: bool = True) -> None:
+    """Load each checkpoint once, score its datasets, write their CSVs (rows named by image file name)."""
+    import gc
+
+    datasets = {path: read_jsonl(path) for _, parts in jobs for path, _ in parts}
+    # One choice per process (the plugin reads it at import): by the largest number of images one model scores.
+    choose_compile(max((sum(len(datasets[path]) for path, _ in parts) for _, parts in jobs), default=0))
+    for checkpoint, parts in jobs:
+        print(f"scoring with {checkpoint}")
+        model, template, label_ids, _ = load(["--adapters", str(checkpoint), *swift_argv])
+        for dataset, output in parts:
+            rows, start = datasets[dataset], time.time()
+            probs = score_rows(model, template, label_ids, rows, batch_size, workers=workers, bucket=bucket)
+            write_probs(output, [Path(r["images"][0]).name for r in rows], probs)
+            seconds = time.time() - start
+            print(f"scored {len(rows)} images in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.1f} images/s) "
+                  f"-> {output}")
+        del model, template
+        gc.collect()
+        _empty_cache()
+
+
+def _empty_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ours, swift_argv = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    ap = cli.parser("tools.model.score", __doc__)
+    ap.add_argument("--output-dir", help="pipeline output folder: score what test.sh needs (see --runs)")
+    ap.add_argument("--runs", nargs="+", choices=[FINAL, "folds"], default=[FINAL],
+                    help="with --output-dir: final = both stages' final models on the test set and the validation "
+                         "split; folds = each fold's models on their held-out fold (default: final)")
+    ap.add_argument("--checkpoint", help="or: one swift training checkpoint (adapter) directory ...")
+    ap.add_argument("--dataset", action="append", default=[], help="... swift JSONL rows to score (repeatable) ...")
+    ap.add_argument("--output", action="append", default=[],
+                    help="... CSV: image, then one probability column per label (one per --dataset)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes encoding images ahead of the GPU (default: $SCORE_WORKERS, else up to 8 on "
+                         "CUDA, 0 on CPU)")
+    ap.add_argument("--no-bucket", dest="bucket", action="store_false",
+                    help="batch rows in file order instead of grouping equal image sizes")
+    args = ap.parse_args(ours)
+    if args.output_dir and (args.checkpoint or args.dataset):
+        ap.error("give either --output-dir or --checkpoint/--dataset/--output")
+    if not args.output_dir and (not args.checkpoint or not args.dataset or len(args.dataset) != len(args.output)):
+        ap.error("give --checkpoint and one --output per --dataset (or --output-dir)")
+
+    def step() -> None:
+        if args.output_dir:
+            layout = Layout(args.output_dir)
+            if not layout.manifest.exists():
+                raise DataError(f"{layout.manifest}: not found: run data-pre.sh first")
+            jobs = jobs_for(layout, args.runs, int(read_json(layout.manifest).get("folds", 1)))
+        else:
+            jobs = [(Path(args.checkpoint), list(zip(map(Path, args.dataset), map(Path, args.output))))]
+        score_jobs(jobs, swift_argv, args.batch_size, args.workers, args.bucket)
+
+    return cli.run(step, errors=(DataError, FileNotFoundError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The competition score and its parts: confusion matrix, per-class precision/recall/F1, Σ w·F1.
+
+Pure functions over label indices (tools.task.LABELS order), shared by test.sh, the fusion search and the
+swift eval metric plugin, so every number the project prints is computed one way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tools.task import CLASS_WEIGHTS, LABELS, MAX_SCORE
+
+WEIGHTS = np.array([CLASS_WEIGHTS[label] for label in LABELS])
+
+
+def confusion_matrix(gold, pred, n: int = len(LABELS)) -> np.ndarray:
+    """counts[i, j] = images of gold class i predicted as class j."""
+    gold, pred = np.asarray(gold, dtype=int), np.asarray(pred, dtype=int)
+    if gold.shape != pred.shape:
+        raise ValueError(f"gold and pred differ in length: {gold.shape} vs {pred.shape}")
+    return np.bincount(gold * n + pred, minlength=n * n).reshape(n, n)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    confusion: np.ndarray
+    precision: np.ndarray
+    recall: np.ndarray
+    f1: np.ndarray
+
+    @property
+    def weighted_f1(self) -> float:
+        """Σ w·F1, the competition score (max 6.5)."""
+        return float((WEIGHTS * self.f1).sum())
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.trace(self.confusion) / max(1, self.confusion.sum()))
+
+    def table(self) -> str:
+        lines = [f"weighted F1 {self.weighted_f1:.3f} / {MAX_SCORE:g}   accuracy {self.accuracy:.3f}",
+                 "label    weight  precision  recall     F1  support"]
+        for i, label in enumerate(LABELS):
+            lines.append(f"{label}   {WEIGHTS[i]:>5.1f}  {self.precision[i]:>9.3f}  {self.recall[i]:>6.3f}  "
+                         f"{self.f1[i]:>5.3f}  {self.confusion[i].sum():>7d}")
+        lines.append("confusion (rows gold, columns predicted): " + " ".join(label[0] for label in LABELS))
+        for i, label in enumerate(LABELS):
+            lines.append(f"  {label} " + " ".join(f"{v:>4d}" for v in self.confusion[i]))
+        return "\n".join(lines)
+
+
+def f1_from_confusion(cm: np.ndarray) -> np.ndarray:
+    """F1 per class = 2·tp / (predicted + actual), i.e. 2PR / (P + R); 0 where the class is nowhere."""
+    cm = np.asarray(cm, dtype=float)
+    tp = np.diag(cm)
+    denom = cm.sum(0) + cm.sum(1)
+    return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+
+
+def evaluation_from_confusion(cm: np.ndarray) -> Evaluation:
+    """Precision, recall and F1 per class; a class never predicted (or never present) scores 0 there."""
+    cm = np.asarray(cm, dtype=float)
+    tp = np.diag(cm)
+    predicted, actual = cm.sum(0), cm.sum(1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    return Evaluation(cm.astype(int), precision, recall, f1_from_confusion(cm))
+
+
+def evaluate(gold, pred) -> Evaluation:
+    return evaluation_from_confusion(confusion_matrix(gold, pred))
+
+
+def weighted_f1(gold, pred) -> float:
+    """Σ w·F1 without building Evaluation: the fusion search calls this thousands of times."""
+    return float((WEIGHTS * f1_from_confusion(confusion_matrix(gold, pred))).sum())
