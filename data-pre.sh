@@ -10,7 +10,7 @@
 set -euo pipefail
 
 DATA_DIR=${DATA_DIR:-}                        # competition data (train.txt, train/, B.txt, B/); empty = demo
-OUTPUT_DIR=$(realpath -m "${OUTPUT_DIR:-outputs}")
+OUTPUT_DIR=$(realpath -m "${OUTPUT_DIR:-$(dirname "${BASH_SOURCE[0]}")/outputs}")  # default: outputs/ beside the scripts
 MODEL_STAGE1=${MODEL_STAGE1:-}                # id or folder; default: the recipe's (demo: tiny model)
 MODEL_STAGE2=${MODEL_STAGE2:-}
 VAL_RATIO=${VAL_RATIO:-0.1}
@@ -20,8 +20,8 @@ FOLDS=${FOLDS:-1}                             # k > 1: also k folds of the train
 STAGE1_MIN_SHARE=${STAGE1_MIN_SHARE:-}        # stage 1 repeats rare labels up to this share of its rows
 STAGE2_HIGH_REPEAT=${STAGE2_HIGH_REPEAT:-}    # stage 2 rows per 高风险 image (augmented copies first)
 STAGE2_OTHER_RATIO=${STAGE2_OTHER_RATIO:-}    # stage 2 低/无/非 images, as a multiple of the 高风险 count
-DEMO_DATA_DIR=$(realpath -m "${DEMO_DATA_DIR:-data/demo}")
-DEMO_MODELS_DIR=$(realpath -m "${DEMO_MODELS_DIR:-.cache/demo-models}")
+DEMO_DATA_DIR=$(realpath -m "${DEMO_DATA_DIR:-$(dirname "${BASH_SOURCE[0]}")/data/demo}")
+DEMO_MODELS_DIR=$(realpath -m "${DEMO_MODELS_DIR:-$(dirname "${BASH_SOURCE[0]}")/.cache/demo-models}")
 DEMO_SEED=${DEMO_SEED:-0}
 DEMO_TRAIN=${DEMO_TRAIN:-600}                 # demo training images
 DEMO_TEST=${DEMO_TEST:-300}                   # demo test images (labelled)
@@ -39,12 +39,21 @@ CUTOUTS_DIR=${CUTOUTS_DIR:-auto}              # RGBA hazard cut-outs; auto = dem
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source tools/common.sh
 start=$SECONDS
-# Checked again, against the class counts, by tools.data.prepare; here so a typo fails before the demo build.
-[[ "$FOLDS" =~ ^[1-9][0-9]*$ ]] || { log "FOLDS must be a whole number >= 1 (1 = no folds), got '$FOLDS'"; exit 1; }
-[[ "$AUGMENT" == 0 || "$AUGMENT" == 1 ]] || { log "AUGMENT must be 0 or 1, got '$AUGMENT'"; exit 1; }
+if [[ -z "$DATA_DIR" ]]; then RECIPE=demo; else RECIPE=${RECIPE:-real}; fi
+# shellcheck disable=SC1090
+source "recipes/$RECIPE.env"                  # MAX_PIXELS (augment at the model's size), TORCH_DTYPE
+# Every knob is checked here, before the demo build and the image checks (a range is checked against the
+# data by tools.data.prepare, still before anything is written).
+python -m tools.knobs OUTPUT_DIR="$OUTPUT_DIR" DATA_DIR="$DATA_DIR" VAL_RATIO="$VAL_RATIO" SEED="$SEED" \
+  FOLDS="$FOLDS" STAGE1_MIN_SHARE="$STAGE1_MIN_SHARE" STAGE2_HIGH_REPEAT="$STAGE2_HIGH_REPEAT" \
+  STAGE2_OTHER_RATIO="$STAGE2_OTHER_RATIO" DEMO_SEED="$DEMO_SEED" DEMO_TRAIN="$DEMO_TRAIN" DEMO_TEST="$DEMO_TEST" \
+  DEMO_QUICK="$DEMO_QUICK" AUGMENT="$AUGMENT" AUGMENT_FILTER="$AUGMENT_FILTER" \
+  AUGMENT_FILTER_RATIO="$AUGMENT_FILTER_RATIO" MAX_PIXELS="$MAX_PIXELS" TORCH_DTYPE="$TORCH_DTYPE" \
+  SCORE_BATCH_SIZE="$SCORE_BATCH_SIZE" ${MODEL_STAGE1:+MODEL_STAGE1="$MODEL_STAGE1"} \
+  ${MODEL_STAGE2:+MODEL_STAGE2="$MODEL_STAGE2"}
+lock_outputs                                  # one script per output folder
 
-if [[ -z "$DATA_DIR" ]]; then
-  RECIPE=demo
+if [[ "$RECIPE" == demo ]]; then
   DATA_DIR=$DEMO_DATA_DIR
   demo=(python -m tools.demo.make --models-dir "$DEMO_MODELS_DIR" --seed "$DEMO_SEED")
   [[ "$DEMO_QUICK" == 1 ]] && demo+=(--quick)
@@ -54,15 +63,12 @@ if [[ -z "$DATA_DIR" ]]; then
   MODEL_STAGE2=${MODEL_STAGE2:-$("${demo[@]}" --print-model stage2)}
   [[ "$CUTOUTS_DIR" == auto ]] && CUTOUTS_DIR=$DATA_DIR/cutouts
 else
-  RECIPE=${RECIPE:-real}
   MODEL_STAGE1=${MODEL_STAGE1:-Qwen/Qwen2.5-VL-7B-Instruct}
   MODEL_STAGE2=${MODEL_STAGE2:-Qwen/Qwen2.5-VL-3B-Instruct}
   if [[ "$CUTOUTS_DIR" == auto ]]; then
     if [[ -d "$DATA_DIR/cutouts" ]]; then CUTOUTS_DIR=$DATA_DIR/cutouts; else CUTOUTS_DIR=none; fi
   fi
 fi
-# shellcheck disable=SC1090
-source "recipes/$RECIPE.env"                  # MAX_PIXELS (augment at the model's size), TORCH_DTYPE
 
 log "data: $DATA_DIR   recipe: $RECIPE   output: $OUTPUT_DIR"
 log "stage 1 model: $MODEL_STAGE1"

@@ -3,23 +3,38 @@
 # pass per batch. Tune fusion on the validation predictions, fuse, write $OUTPUT_DIR/b-submit.txt and
 # probabilities.csv, validate the submission; with a labelled test list, print scores and write report.md.
 # Extra arguments go to swift's inference arguments for both stages (e.g. --max_pixels 802816).
+# The models must have trained on the data data-pre.sh prepared last (ALLOW_STALE=1 to override). Scoring keeps
+# finished files and continues an interrupted one, so running test.sh again after Ctrl-C loses no work.
 # With FOLDS > 1 (set in data-pre.sh), each fold's models also score the fold they did not train on, and fusion is
 # tuned on those out-of-fold predictions pooled with the validation predictions (tools.decide.oof).
 set -euo pipefail
 
-OUTPUT_DIR=$(realpath -m "${OUTPUT_DIR:-outputs}")
+OUTPUT_DIR=$(realpath -m "${OUTPUT_DIR:-$(dirname "${BASH_SOURCE[0]}")/outputs}")  # default: outputs/ beside the scripts
 FUSION_PARAMS=${FUSION_PARAMS:-}              # fusion JSON to use as is; empty = search on held-out predictions
+ALLOW_STALE=${ALLOW_STALE:-0}                 # 1: score with models trained on other data than data-pre.sh's last run
+[[ -n "$FUSION_PARAMS" ]] && FUSION_PARAMS=$(realpath -m "$FUSION_PARAMS")
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source tools/common.sh
-load_pipeline                                 # pipeline.env, then recipes/$RECIPE.env: SCORE_BATCH_SIZE, MAX_PIXELS
-FOLDS=${FOLDS:-1}                             # from pipeline.env (data-pre.sh); 1 = tune fusion on validation only
+# What data-pre.sh recorded (the environment wins), read as plain values: nothing in it runs as shell code.
+{ IFS= read -r -d '' recorded_recipe && IFS= read -r -d '' recorded_model1 && IFS= read -r -d '' recorded_model2 \
+    && IFS= read -r -d '' recorded_test_list && IFS= read -r -d '' recorded_labelled && IFS= read -r -d '' recorded_folds
+} < <(python -m tools.state --output-dir "$OUTPUT_DIR" settings)
+RECIPE=${RECIPE:-$recorded_recipe}
+TEST_LIST=$recorded_test_list                 # the official list: the submission is checked against it
+FOLDS=${FOLDS:-$recorded_folds}               # 1 = tune fusion on validation only
+# shellcheck disable=SC1090
+source "recipes/$RECIPE.env"                  # SCORE_BATCH_SIZE, MAX_PIXELS
+python -m tools.knobs ALLOW_STALE="$ALLOW_STALE" FOLDS="$FOLDS" SCORE_BATCH_SIZE="$SCORE_BATCH_SIZE" \
+  MAX_PIXELS="$MAX_PIXELS"
+lock_outputs                                  # one script per output folder
 if (( FOLDS > 1 )); then python -m tools.decide.oof --output-dir "$OUTPUT_DIR" --folds "$FOLDS" --check; fi
 
 start=$SECONDS
 runs=(final)                                  # final: the submitted models on test + validation
 if [[ -z "$FUSION_PARAMS" ]] && (( FOLDS > 1 )); then runs+=(folds); fi   # folds: each fold's models on its fold
-step "score with both stages (runs: ${runs[*]})" \
+python -m tools.state --output-dir "$OUTPUT_DIR" models --runs "${runs[*]}" --allow-stale "$ALLOW_STALE"
+step "score with both stages (runs: ${runs[*]}; finished files are kept)" \
   python -m tools.model.score \
     --output-dir "$OUTPUT_DIR" \
     --runs "${runs[@]}" \
@@ -35,7 +50,7 @@ step "fuse and write submission" \
   python -m tools.decide.fuse --output-dir "$OUTPUT_DIR" ${FUSION_PARAMS:+--fusion-params "$FUSION_PARAMS"}
 submission=$(path submission)
 step "validate submission" python -m tools.decide.validate "$submission" --test-list "$TEST_LIST"
-if [[ "${TEST_LABELLED:-0}" == 1 ]]; then
+if [[ "$recorded_labelled" == 1 ]]; then
   step "report" python -m tools.report.report --output-dir "$OUTPUT_DIR"
 fi
 log "total $((SECONDS - start)) s; submission: $submission"

@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # Stage 1: LoRA on MODEL_STAGE1 for all five labels. Stage 2: the high-risk specialist on MODEL_STAGE2, by
 # default with the class-weighted loss and the High-Risk Feature Amplifier (swift_plugins/, docs/plugins.md).
-# Knobs come from $OUTPUT_DIR/pipeline.env (written by data-pre.sh) and recipes/$RECIPE.env; any variable set
-# in the environment wins. Extra arguments go straight to `swift sft` for both stages and override ours:
+# Knobs come from what data-pre.sh recorded ($OUTPUT_DIR/data/manifest.json) and recipes/$RECIPE.env; any variable
+# set in the environment wins. Each run trains into <run>.training and replaces the previous model only once swift
+# saved a checkpoint; a stage not retrained now must have trained on the current data (ALLOW_STALE=1 to override). Extra arguments go straight to `swift sft` for both stages and override ours:
 #   bash train.sh --lora_rank 16 --num_train_epochs 3
 #   STAGES=stage2 bash train.sh          # retrain the specialist only
 #   STAGE1_LOSS=weighted_ce STAGE1_TUNER=hr_amplifier bash train.sh    # plugins for stage 1 too
 #   RUNS=final bash train.sh             # with FOLDS > 1: skip the fold runs
+#   RESUME=1 bash train.sh               # after an interruption: continue where each run stopped
 # With FOLDS > 1 (set in data-pre.sh), each fold i first gets its own stage runs on the other folds (test.sh pools
 # their predictions of fold i to tune fusion), then the final models train as with FOLDS=1. Every run picks its
 # checkpoint on the validation split, never on its held-out fold.
 set -euo pipefail
 
-OUTPUT_DIR=$(realpath -m "${OUTPUT_DIR:-outputs}")
+OUTPUT_DIR=$(realpath -m "${OUTPUT_DIR:-$(dirname "${BASH_SOURCE[0]}")/outputs}")  # default: outputs/ beside the scripts
 STAGES=${STAGES:-stage1 stage2}
 RUNS=${RUNS:-folds final}                     # folds: the k fold runs (FOLDS > 1 only); final: the models test.sh submits
 SEED=${SEED:-42}
+RESUME=${RESUME:-0}                           # 1: continue each unfinished run from its last checkpoint, keep finished ones
+ALLOW_STALE=${ALLOW_STALE:-0}                 # 1: keep a stage not retrained now even if it trained on other data
 # Plugins: every file `python -m swift_plugins --list` names is loaded (--external_plugins); these pick what is used.
 STAGE1_TUNER=${STAGE1_TUNER:-lora}            # lora | hr_amplifier (LoRA + High-Risk Feature Amplifier)
 STAGE2_TUNER=${STAGE2_TUNER:-hr_amplifier}
@@ -28,42 +32,71 @@ export FIRESAFE_AMP_LAYERS=${FIRESAFE_AMP_LAYERS:-auto}   # hr_amplifier: LLM la
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source tools/common.sh
-load_pipeline                                 # pipeline.env, then recipes/$RECIPE.env: the recipe's knobs below
-FOLDS=${FOLDS:-1}                             # from pipeline.env (data-pre.sh); 1 = no fold runs
+# What data-pre.sh recorded (the environment wins), read as plain values: nothing in it runs as shell code.
+{ IFS= read -r -d '' recorded_recipe && IFS= read -r -d '' recorded_model1 && IFS= read -r -d '' recorded_model2 \
+    && IFS= read -r -d '' recorded_test_list && IFS= read -r -d '' recorded_labelled && IFS= read -r -d '' recorded_folds
+} < <(python -m tools.state --output-dir "$OUTPUT_DIR" settings)
+RECIPE=${RECIPE:-$recorded_recipe}
+MODEL_STAGE1=${MODEL_STAGE1:-$recorded_model1}
+MODEL_STAGE2=${MODEL_STAGE2:-$recorded_model2}
+FOLDS=${FOLDS:-$recorded_folds}               # 1 = no fold runs
+# shellcheck disable=SC1090
+source "recipes/$RECIPE.env"                  # the recipe's knobs below (MAX_PIXELS, LORA_RANK, ...)
+python -m tools.knobs STAGES="$STAGES" RUNS="$RUNS" SEED="$SEED" RESUME="$RESUME" ALLOW_STALE="$ALLOW_STALE" \
+  MODEL_STAGE1="$MODEL_STAGE1" MODEL_STAGE2="$MODEL_STAGE2" FOLDS="$FOLDS" MAX_PIXELS="$MAX_PIXELS" \
+  TORCH_DTYPE="$TORCH_DTYPE" LORA_RANK="$LORA_RANK" LORA_ALPHA="$LORA_ALPHA" LORA_DROPOUT="$LORA_DROPOUT" \
+  LEARNING_RATE="$LEARNING_RATE" EPOCHS_STAGE1="$EPOCHS_STAGE1" EPOCHS_STAGE2="$EPOCHS_STAGE2" \
+  BATCH_SIZE="$BATCH_SIZE" GRAD_ACCUM="$GRAD_ACCUM" WARMUP_RATIO="$WARMUP_RATIO" EVAL_STEPS="$EVAL_STEPS" \
+  DATALOADER_WORKERS="$DATALOADER_WORKERS" GRADIENT_CHECKPOINTING="$GRADIENT_CHECKPOINTING" \
+  VIT_GRADIENT_CHECKPOINTING="$VIT_GRADIENT_CHECKPOINTING" USE_LIGER_KERNEL_STAGE1="$USE_LIGER_KERNEL_STAGE1" \
+  USE_LIGER_KERNEL_STAGE2="$USE_LIGER_KERNEL_STAGE2"
+lock_outputs                                  # one script per output folder
 if (( FOLDS > 1 )); then python -m tools.decide.oof --output-dir "$OUTPUT_DIR" --folds "$FOLDS" --check; fi
-for stage in $STAGES; do
-  [[ "$stage" == stage1 || "$stage" == stage2 ]] || { log "unknown stage '$stage' in STAGES (expected stage1, stage2)"; exit 1; }
-done
+# A stage kept as it is must have trained on the current data (else test.sh would pair it with a new model).
+python -m tools.state --output-dir "$OUTPUT_DIR" models --except-stages "$STAGES" --runs "$RUNS" \
+  --allow-stale "$ALLOW_STALE"
 runs=()
 for run in $RUNS; do
-  case $run in
-    folds) for ((fold = 0; FOLDS > 1 && fold < FOLDS; fold++)); do runs+=("$fold"); done ;;
-    final) runs+=(final) ;;
-    *) log "unknown run '$run' in RUNS (expected folds, final)"; exit 1 ;;
-  esac
+  if [[ "$run" == folds ]]; then
+    for ((fold = 0; FOLDS > 1 && fold < FOLDS; fold++)); do runs+=("$fold"); done
+  else
+    runs+=(final)
+  fi
 done
 mapfile -t PLUGINS < <(python -m swift_plugins --list)
 [[ ${#PLUGINS[@]} -gt 0 ]] || { log "no plugin files in swift_plugins/"; exit 1; }
 
 start=$SECONDS
-log "recipe: ${RECIPE:-real}   output: $OUTPUT_DIR   stages: $STAGES   runs: ${runs[*]}"
+log "recipe: $RECIPE   output: $OUTPUT_DIR   stages: $STAGES   runs: ${runs[*]}"
 for run in "${runs[@]}"; do
   for stage in $STAGES; do
     case $stage in
       stage1) model=$MODEL_STAGE1 epochs=$EPOCHS_STAGE1 tuner=$STAGE1_TUNER loss=$STAGE1_LOSS liger=$USE_LIGER_KERNEL_STAGE1 ;;
       stage2) model=$MODEL_STAGE2 epochs=$EPOCHS_STAGE2 tuner=$STAGE2_TUNER loss=$STAGE2_LOSS liger=$USE_LIGER_KERNEL_STAGE2 ;;
     esac
+    of=""; [[ "$run" == final ]] || of=", fold $run of $FOLDS"
     train_set=$(path train_jsonl "$stage" "$run")
     val_set=$(path val_jsonl "$stage")
     run_dir=$(path run_dir "$stage" "$run")
+    work_dir=$(path run_work_dir "$stage" "$run")   # replaces run_dir only once it holds a checkpoint
+    resume_from=""
+    if [[ "$RESUME" == 1 ]]; then
+      if [[ ! -d "$work_dir" ]] && python -m tools.state --output-dir "$OUTPUT_DIR" models --stages "$stage" \
+           --runs "$run" 2>/dev/null; then
+        log "$stage$of: trained on the current data, kept (RESUME=1)"
+        continue
+      fi
+      resume_from=$(python -m tools.model.checkpoint --latest "$work_dir")
+      if [[ -n "$resume_from" ]]; then log "$stage$of: continuing from $resume_from (RESUME=1)"; fi
+    else
+      rm -rf "$work_dir"
+    fi
     plugin_flags=(--external_plugins "${PLUGINS[@]}" --tuner_type "$tuner")
     [[ -n "$loss" ]] && plugin_flags+=(--loss_type "$loss")
     [[ "$tuner" == hr_amplifier ]] && plugin_flags+=(--callbacks amplifier_stats)
     [[ -n "$EVAL_METRIC" ]] && plugin_flags+=(--eval_metric "$EVAL_METRIC" --metric_for_best_model "$EVAL_METRIC" --greater_is_better true)
-    of=""; [[ "$run" == final ]] || of=", fold $run of $FOLDS"
     stage_start=$SECONDS
     log "$stage ($model$of): tuner $tuner, loss ${loss:-cross_entropy}, best checkpoint by ${EVAL_METRIC:-eval loss}"
-    rm -rf "${run_dir:?}"
     swift sft \
       --model "$model" \
       --template qwen2_5_vl \
@@ -92,17 +125,18 @@ for run in "${runs[@]}"; do
       --save_strategy steps \
       --save_steps "$EVAL_STEPS" \
       --save_total_limit 1 \
-      --save_only_model true \
+      --save_only_model false \
       --logging_steps 10 \
       --dataloader_num_workers "$DATALOADER_WORKERS" \
       --dataset_num_proc 1 \
       --report_to tensorboard \
       --seed "$SEED" \
       --data_seed "$SEED" \
-      --output_dir "$run_dir" \
+      --output_dir "$work_dir" \
       --add_version false \
+      ${resume_from:+--resume_from_checkpoint "$resume_from"} \
       "$@"
-    checkpoint=$(python -m tools.model.checkpoint --run-dir "$run_dir")
+    checkpoint=$(python -m tools.model.checkpoint --finish "$work_dir" --run-dir "$run_dir" --output-dir "$OUTPUT_DIR")
     log "$stage checkpoint: $checkpoint ($((SECONDS - stage_start)) s)"
   done
 done

@@ -1,5 +1,5 @@
-# Shared by the four scripts: the virtual environment, timed and announced steps, the recorded pipeline settings,
-# and paths from tools.task.Layout.
+# Shared by the four scripts: the virtual environment, timed and announced steps, paths from tools.task.Layout,
+# and the lock that keeps one script per output folder.
 # shellcheck shell=bash
 VENV=${VENV:-.venv}
 if [[ -f "$VENV/bin/activate" ]]; then
@@ -22,14 +22,17 @@ step() {
 # path NAME [ARGS]: a path of the output layout (tools.task.Layout), e.g. `path run_dir stage1 final`.
 path() { python -m tools.task --output-dir "$OUTPUT_DIR" "$@"; }
 
-# load_pipeline: the recipe and models that data-pre.sh recorded, then that recipe's defaults.
-load_pipeline() {
-  local env_file
-  env_file=$(path pipeline_env)
-  [[ -f "$env_file" ]] || { log "no $env_file: run data-pre.sh first"; exit 1; }
-  # shellcheck disable=SC1090
-  source "$env_file"
-  # shellcheck disable=SC1090
-  source "recipes/${RECIPE:-real}.env"
-  export MAX_PIXELS
+# lock_outputs: hold $OUTPUT_DIR's lock until this script exits (its children included), or stop at once when
+# another script holds it: two scripts on one output folder would mix their files.
+lock_outputs() {
+  local lock owner
+  lock=$(path lock_file)
+  owner=$(path lock_owner)
+  mkdir -p "$OUTPUT_DIR"
+  exec 9>>"$lock"
+  if ! flock -n 9; then
+    log "$OUTPUT_DIR is in use by $(cat "$owner" 2>/dev/null || echo 'another script'): one script per output folder"
+    exit 1
+  fi
+  printf '%s, pid %s, since %s\n' "$(basename "$0")" "$$" "$(date '+%F %T')" > "$owner"
 }

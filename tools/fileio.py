@@ -14,6 +14,16 @@ class DataError(ValueError):
     """Bad input data or a missing earlier step; the message names each offending file and line."""
 
 
+def _file_mode() -> int:
+    """What open() would give a new file: 0o666 less the process's umask (mkstemp creates 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()
+
+
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[TextIO]:
     """Write to a temporary file beside `path`, then rename it over `path` on success."""
@@ -24,6 +34,7 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding, newline="" if "b" not in mode else None) as f:
             yield f
             f.flush()
+            os.fchmod(f.fileno(), FILE_MODE)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -48,6 +48,7 @@ SUBMISSION = "b-submit.txt"
 STAGES = ("stage1", "stage2")
 FINAL = "final"  # the run whose models test.sh submits; the other runs are folds 0..k-1 (FOLDS > 1)
 POINTER = "final_checkpoint.txt"  # in a run folder: the checkpoint train.sh chose, the one test.sh uses
+TRAINED_ON = "trained_on.json"  # in a run folder: the data fingerprint the run trained on
 
 
 def label_token_ids(tokenizer) -> list[int]:
@@ -56,6 +57,16 @@ def label_token_ids(tokenizer) -> list[int]:
     if len(set(ids)) != len(ids):
         raise ValueError(f"labels share a first token under this tokenizer: {dict(zip(LABELS, ids))}")
     return ids
+
+
+def probs_record_of(csv: str | Path) -> Path:
+    """What produced a probability CSV (checkpoint, rows, arguments): a finished CSV whose record matches is kept."""
+    return Path(csv).with_suffix(".json")
+
+
+def probs_partial_of(csv: str | Path) -> Path:
+    """The rows of a probability CSV scored so far: an interrupted test.sh continues from them."""
+    return Path(csv).with_suffix(".partial.csv")
 
 
 class Layout:
@@ -139,19 +150,25 @@ class Layout:
         return self._data_run(fold) / "heldout.jsonl"
 
     @property
-    def manifest(self) -> Path:  # what data-pre.sh prepared: inputs, split, augmentation, stage-set counts
+    def manifest(self) -> Path:  # what data-pre.sh prepared, its settings, fingerprint and file digests; last written
         return self.data_dir / "manifest.json"
 
-    @property
-    def pipeline_env(self) -> Path:  # recipe and models chosen by data-pre.sh, read by train.sh and test.sh
-        return self.root / "pipeline.env"
 
     def _data_run(self, run: str | int) -> Path:
         return self.data_dir if str(run) == FINAL else self.data_dir / "folds" / str(int(run))
 
     # ------------------------------------------------------------------ train (train.sh, tools.model.checkpoint)
-    def run_dir(self, stage: str, run: str | int = FINAL) -> Path:  # swift --output_dir
+    def run_dir(self, stage: str, run: str | int = FINAL) -> Path:  # the finished run: checkpoint, pointer
         return self.root / stage if str(run) == FINAL else self.folds_dir / str(int(run)) / stage
+
+    def run_work_dir(self, stage: str, run: str | int = FINAL) -> Path:
+        """swift --output_dir while a run trains (RESUME=1 continues it); it replaces run_dir only when it holds
+        a checkpoint, so a failed or interrupted run never costs the previous model."""
+        run_dir = self.run_dir(stage, run)
+        return run_dir.with_name(run_dir.name + ".training")
+
+    def trained_on(self, stage: str, run: str | int = FINAL) -> Path:  # the data fingerprint the run trained on
+        return self.run_dir(stage, run) / TRAINED_ON
 
     def checkpoint_pointer(self, stage: str, run: str | int = FINAL) -> Path:
         return self.run_dir(stage, run) / POINTER
@@ -162,6 +179,12 @@ class Layout:
         if part not in ("test", "val", "heldout"):
             raise ValueError(f"part must be test, val or heldout, got {part!r}")
         return self.run_dir(stage, run) / f"{part}_probs.csv"
+
+    def probs_record(self, stage: str, part: str, run: str | int = FINAL) -> Path:
+        return probs_record_of(self.probs(stage, part, run))
+
+    def probs_partial(self, stage: str, part: str, run: str | int = FINAL) -> Path:
+        return probs_partial_of(self.probs(stage, part, run))
 
     # ------------------------------------------------------------------ decide (tools.decide.*)
     @property
@@ -186,6 +209,15 @@ class Layout:
     @property
     def probabilities(self) -> Path:  # both stages' vectors, the fused one and the label, per test image
         return self.root / "probabilities.csv"
+
+    # ------------------------------------------------------------------ the scripts (tools/common.sh)
+    @property
+    def lock_file(self) -> Path:  # held (flock) by the script using this output folder
+        return self.root / ".lock"
+
+    @property
+    def lock_owner(self) -> Path:  # which script holds the lock, for the message
+        return self.root / ".lock.owner"
 
     # ------------------------------------------------------------------ report (tools.report.report)
     @property

@@ -12,13 +12,15 @@ and writes under <output-dir>/data/ (tools.task.Layout), each file atomically:
   test.jsonl          inference rows, in the test list's order
   folds/<i>/stage{1,2}_train.jsonl, folds/<i>/heldout.jsonl   with folds: the stage sets of the other folds,
                       with only the copies whose source is outside fold i; fold i's images as labelled rows
-  manifest.json       the split's record, the composition, the augmentation report and the row counts
-and <output-dir>/pipeline.env: the recipe, models and test list that train.sh and test.sh use.
+  manifest.json       the split's record, the composition, the augmentation report, the row counts, the
+                      settings train.sh and test.sh use (recipe, models, test list), the data's fingerprint
+                      and the digest of every data file; written last, it marks the data as complete
+                      (tools.state checks it)
 """
 from __future__ import annotations
 
 import argparse
-import shlex
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -28,7 +30,8 @@ from tools import cli
 from tools.augment.record import kept_copies
 from tools.compose.rules import DEFAULT_COMPOSITION, stage_sets
 from tools.data.lists import Sample, class_counts, count_table, read_list
-from tools.fileio import DataError, read_json, write_json, write_jsonl, write_text
+from tools.fileio import DataError, read_json, write_json, write_jsonl
+from tools.state import digest, file_digest, fingerprint, images_digest
 from tools.task import FINAL, STAGES, Layout, sft_row
 
 
@@ -63,12 +66,19 @@ def compose(args: argparse.Namespace) -> dict:
     composition = {key: getattr(args, key) for key in DEFAULT_COMPOSITION}
     copies, sources, augmentation = kept_copies(layout) if args.augment else ([], {}, None)
 
+    written: list[Path] = []  # every file this step writes, for the manifest's digests
+
+    def write_rows(path: Path, samples: Sequence[Sample]) -> None:
+        write_sft_rows(path, samples)
+        written.append(path)
+
     stage1, stage2 = stage_sets(fit, composition, seed, copies)
-    write_sft_rows(layout.train_jsonl("stage1"), stage1)
-    write_sft_rows(layout.train_jsonl("stage2"), stage2)
+    write_rows(layout.train_jsonl("stage1"), stage1)
+    write_rows(layout.train_jsonl("stage2"), stage2)
     for stage in STAGES:
-        write_sft_rows(layout.val_jsonl(stage), val)
+        write_rows(layout.val_jsonl(stage), val)
     write_jsonl(layout.test_jsonl, (sft_row(s.path, None) for s in test))
+    written.append(layout.test_jsonl)
     fold_counts = []
     shutil.rmtree(layout.train_jsonl("stage1", 0).parent.parent, ignore_errors=True)  # own fold sets of an earlier run
     for i, held in enumerate(folds):
@@ -76,32 +86,38 @@ def compose(args: argparse.Namespace) -> dict:
         rest = [s for s in fit if s.name not in held_names]
         fold_copies = [c for c in copies if sources[c.name] not in held_names]  # no held-out image, not even a copy
         fold1, fold2 = stage_sets(rest, composition, seed, fold_copies)
-        write_sft_rows(layout.train_jsonl("stage1", i), fold1)
-        write_sft_rows(layout.train_jsonl("stage2", i), fold2)
-        write_sft_rows(layout.heldout_jsonl(i), held)
+        write_rows(layout.train_jsonl("stage1", i), fold1)
+        write_rows(layout.train_jsonl("stage2", i), fold2)
+        write_rows(layout.heldout_jsonl(i), held)
         fold_counts.append({"heldout": class_counts(held), "stage1_rows": class_counts(fold1),
                             "stage2_rows": class_counts(fold2)})
-    manifest = {**record, "composition": composition, "augmentation": augmentation,
+    settings = {"recipe": args.recipe or "", "model_stage1": args.model_stage1 or "",
+                "model_stage2": args.model_stage2 or "", "test_list": record["test_list"],
+                "test_labelled": int(record["test_labelled"]), "folds": record["folds"]}
+    inputs = [layout.split_record, layout.train_split, layout.val_list, layout.test_list,
+              *(layout.fold_list(i) for i in range(len(folds)))]
+    if args.augment:
+        inputs += [layout.augmented_list, layout.augmented_index, layout.augment_report]
+    files = {str(p.relative_to(layout.root)): file_digest(p) for p in inputs + written}
+    parts = {
+        "train_list": digest("".join(f"{s.name}\t{s.label}\n" for s in sorted(fit + val, key=lambda s: s.name))),
+        "test_list": files[str(layout.test_list.relative_to(layout.root))],
+        "train_images": images_digest(s.path for s in fit + val), "test_images": images_digest(s.path for s in test),
+        "split": json.dumps({k: record[k] for k in ("val_ratio", "seed", "folds")}, sort_keys=True),
+        "composition": json.dumps(composition, sort_keys=True),
+        "augmentation": "none" if not args.augment else digest(
+            "".join(files[str(p.relative_to(layout.root))] for p in (layout.augmented_list, layout.augmented_index))),
+        "recipe": settings["recipe"], "model_stage1": settings["model_stage1"], "model_stage2": settings["model_stage2"],
+    }
+    manifest = {**record, "composition": composition, "augmentation": augmentation, "settings": settings,
                 "counts": {**record["counts"], "stage1_rows": class_counts(stage1), "stage2_rows": class_counts(stage2),
-                           "folds": fold_counts}}
-    write_json(layout.manifest, manifest)
-    write_pipeline_env(layout.pipeline_env, recipe=args.recipe, model_stage1=args.model_stage1,
-                       model_stage2=args.model_stage2, test_list=record["test_list"],
-                       test_labelled=int(record["test_labelled"]),
-                       folds=record["folds"] if record["folds"] > 1 else None)
+                           "folds": fold_counts},
+                "fingerprint": fingerprint(parts), "files": files}
+    write_json(layout.manifest, manifest)  # last: train.sh and test.sh check every file above against it
     print(count_table({"train": fit, "copies": copies, "stage1": stage1, "stage2": stage2}))
     print(f"wrote the stage sets{f' and {len(folds)} folds' if folds else ''} to {layout.data_dir} "
           f"({FINAL} run: {len(stage1)} stage-1 rows, {len(stage2)} stage-2 rows)")
     return manifest
-
-
-def write_pipeline_env(path: Path, **settings) -> None:
-    """Shell defaults for train.sh and test.sh; a variable already set in the environment wins."""
-    lines = ["# Written by data-pre.sh; train.sh and test.sh source it. Variables set in the environment win."]
-    for key, value in settings.items():
-        if value is not None and value != "":
-            lines.append(f': "${{{key.upper()}:={shlex.quote(str(value))}}}"')
-    write_text(path, "\n".join(lines) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

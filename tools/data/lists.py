@@ -70,16 +70,19 @@ def check_image(path: str | os.PathLike) -> str | None:
     return None
 
 
-def parse_list(list_path: str | Path, image_dir: str | Path, *, labelled: bool | None) -> tuple[list[Sample], list[str]]:
+def parse_list(list_path: str | Path, image_dir: str | Path, *, labelled: bool | None
+               ) -> tuple[list[Sample], list[str], list[str]]:
     """Parse a list file without touching the images.
 
     labelled=True requires a label column, False forbids one, None accepts either (but not a mix).
-    Returns the samples (duplicates with the same label kept once) and the list of error messages.
+    Returns the samples, the error messages and the warnings: an image listed again with the same label is
+    kept once, at its first line, and each repeat is a warning naming both lines (never dropped silently).
     """
     list_path = Path(list_path)
     image_dir = Path(image_dir).resolve()
     samples: list[Sample] = []
     errors: list[str] = []
+    warnings: list[str] = []
     seen: dict[str, Sample] = {}
     for lineno, line in _lines(list_path):
         where = f"{list_path}:{lineno}"
@@ -102,7 +105,9 @@ def parse_list(list_path: str | Path, image_dir: str | Path, *, labelled: bool |
             first = seen[name]
             if first.label != label:
                 errors.append(f"{where}: {name} listed again with label {label!r}, but {first.source} says {first.label!r}")
-            continue  # an exact repeat is harmless: keep the first
+            else:
+                warnings.append(f"{where}: {name} listed again (first on {first.source}): kept once")
+            continue
         sample = Sample(name=name, path=image_dir / name, label=label, source=where)
         seen[name] = sample
         samples.append(sample)
@@ -110,13 +115,17 @@ def parse_list(list_path: str | Path, image_dir: str | Path, *, labelled: bool |
         errors.append(f"{list_path}: some lines have a label column and some do not")
     if not samples and not errors:
         errors.append(f"{list_path}: no entries")
-    return samples, errors
+    return samples, errors, warnings
 
 
 def read_list(list_path: str | Path, image_dir: str | Path, *, labelled: bool | None,
               check_images: bool = True, workers: int | None = None, progress: bool = True) -> list[Sample]:
     """Parse a list file and check every image it names; raise DataError listing every problem."""
-    samples, errors = parse_list(list_path, image_dir, labelled=labelled)
+    samples, errors, warnings = parse_list(list_path, image_dir, labelled=labelled)
+    for warning in warnings[:MAX_ERRORS_SHOWN]:
+        print(f"warning: {warning}", file=sys.stderr)
+    if len(warnings) > MAX_ERRORS_SHOWN:
+        print(f"warning: ... and {len(warnings) - MAX_ERRORS_SHOWN} more repeated names in {list_path}", file=sys.stderr)
     if check_images and samples:
         workers = workers or min(len(samples) // 64 + 1, os.cpu_count() or 1)
         paths = [s.path for s in samples]

@@ -88,7 +88,9 @@ def write_split(data_dir: Path, split: str, list_name: str, image_folder: str, n
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for (name, data), label in zip(results, labels):
-        (folder / name).write_bytes(data)
+        path = folder / name  # named by its md5: an existing file of that name already holds these bytes
+        if not path.exists() or path.stat().st_size != len(data):
+            path.write_bytes(data)  # unchanged files keep their time, so a rebuilt demo is not new data
         lines.append(f"{name}\t{label}" if with_labels else name)
     write_text(data_dir / list_name, "\n".join(lines) + "\n")
 

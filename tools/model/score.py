@@ -23,6 +23,7 @@ autocast ($SCORE_AUTOCAST=0: off). The probabilities come back in the order of t
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from contextlib import ExitStack, contextmanager
@@ -32,10 +33,11 @@ import numpy as np
 from tqdm import tqdm
 
 from tools import cli
-from tools.fileio import DataError, read_json, read_jsonl
+from tools.fileio import DataError, read_json, read_jsonl, write_json
 from tools.model.checkpoint import read_pointer
 from tools.probs import write_probs
-from tools.task import FINAL, LABELS, STAGES, Layout, label_token_ids
+from tools.state import file_digest, images_digest
+from tools.task import FINAL, LABELS, STAGES, Layout, label_token_ids, probs_partial_of, probs_record_of
 
 
 def load(swift_argv: list[str]):
@@ -156,18 +158,23 @@ def forward_probs(model, template, batch: dict, label_ids):
 
 
 def score_rows(model, template, label_ids: list[int], rows: list[dict], batch_size: int = 8,
-               progress: bool = True, workers: int | None = None, bucket: bool = True) -> np.ndarray:
+               progress: bool = True, workers: int | None = None, bucket: bool = True,
+               done: dict[int, np.ndarray] | None = None, on_batch=None) -> np.ndarray:
     """[len(rows), 5] probabilities, in the order of `rows`; rows are swift JSONL rows (an assistant turn, if
     any, is ignored). `workers` encode batches ahead of the forward pass (default: default_workers);
-    `bucket` batches rows of equal image size together."""
+    `bucket` batches rows of equal image size together. `done` holds rows already scored (row index ->
+    probabilities), which are not scored again; on_batch(indices, probabilities) sees each new batch."""
     import torch
     from torch.utils.data import DataLoader
 
     out = np.zeros((len(rows), len(LABELS)), dtype=np.float64)
-    if not rows:
+    for i, p in (done or {}).items():
+        out[i] = p
+    todo = [i for i in range(len(rows)) if i not in (done or {})]
+    if not todo:
         return out
     workers = default_workers(model) if workers is None else workers
-    order = bucket_order(rows) if bucket else list(range(len(rows)))
+    order = [i for i in (bucket_order(rows) if bucket else range(len(rows))) if i not in (done or {})]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     pixel_dtype = model.dtype if use_autocast(model) else None
     loader = DataLoader(_Encoded(template, rows, pixel_dtype), batch_sampler=batches, collate_fn=template.data_collator,
@@ -176,6 +183,8 @@ def score_rows(model, template, label_ids: list[int], rows: list[dict], batch_si
     with inference_context(model):
         for chunk, batch in tqdm(zip(batches, loader), total=len(batches), desc="scoring", disable=not progress):
             out[chunk] = forward_probs(model, template, batch, label_ids).cpu().numpy()
+            if on_batch is not None:
+                on_batch(chunk, out[chunk])
     return out
 
 
@@ -211,24 +220,78 @@ def jobs_for(layout: Layout, runs: list[str], folds: int) -> list[tuple[Path, li
     return jobs
 
 
+def job_record(checkpoint: Path, dataset: Path, swift_argv: list[str]) -> dict:
+    """What a probability CSV depends on: the checkpoint's files (names, sizes, times), the rows, the arguments."""
+    files = sorted(p for p in Path(checkpoint).rglob("*") if p.is_file())
+    return {"checkpoint": str(checkpoint),
+            "checkpoint_files": images_digest(files),  # a stat per file: a retrained checkpoint differs
+            "rows": file_digest(dataset), "swift_argv": list(swift_argv)}
+
+
+def read_partial(path: Path, record: dict, n_rows: int) -> dict[int, np.ndarray]:
+    """Rows an interrupted run scored with the same record, or nothing."""
+    if not path.exists():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines or lines[0] != "# " + json.dumps(record, sort_keys=True):
+        return {}
+    done = {}
+    for line in lines[1:]:
+        fields = line.split(",")
+        try:
+            index, values = int(fields[0]), np.array([float(v) for v in fields[1:]])
+        except ValueError:  # a line cut by the interruption
+            continue
+        if 0 <= index < n_rows and values.shape == (len(LABELS),):
+            done[index] = values
+    return done
+
+
 def score_jobs(jobs: list[tuple[Path, list[tuple[Path, Path]]]], swift_argv: list[str], batch_size: int,
                workers: int | None = None, bucket: bool = True) -> None:
-    """Load each checkpoint once, score its datasets, write their CSVs (rows named by image file name)."""
+    """Load each checkpoint once, score its datasets, write their CSVs (rows named by image file name).
+
+    Resumable: a CSV whose record (checkpoint files, rows, arguments) matches is kept as it is, and the rows an
+    interrupted run scored (the partial file, appended batch by batch) are not scored again."""
     import gc
 
     datasets = {path: read_jsonl(path) for _, parts in jobs for path, _ in parts}
     # One choice per process (the plugin reads it at import): by the largest number of images one model scores.
     choose_compile(max((sum(len(datasets[path]) for path, _ in parts) for _, parts in jobs), default=0))
     for checkpoint, parts in jobs:
+        records = {output: job_record(checkpoint, dataset, swift_argv) for dataset, output in parts}
+        kept = [output for _, output in parts if output.exists() and probs_record_of(output).exists()
+                and read_json(probs_record_of(output)) == records[output]]
+        for output in kept:
+            print(f"kept {output} (scored before with the same checkpoint, rows and arguments)")
+        todo = [(dataset, output) for dataset, output in parts if output not in kept]
+        if not todo:
+            continue
         print(f"scoring with {checkpoint}")
         model, template, label_ids, _ = load(["--adapters", str(checkpoint), *swift_argv])
-        for dataset, output in parts:
-            rows, start = datasets[dataset], time.time()
-            probs = score_rows(model, template, label_ids, rows, batch_size, workers=workers, bucket=bucket)
+        for dataset, output in todo:
+            rows, start, record = datasets[dataset], time.time(), records[output]
+            partial = probs_partial_of(output)
+            done = read_partial(partial, record, len(rows))
+            if done:
+                print(f"continuing {output}: {len(done)} of {len(rows)} images scored before")
+            else:
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text("# " + json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
+            with open(partial, "a", encoding="utf-8") as f:
+                def keep(indices, probs, f=f):
+                    f.write("".join(f"{i}," + ",".join(repr(float(v)) for v in p) + "\n"
+                                    for i, p in zip(indices, probs)))
+                    f.flush()
+
+                probs = score_rows(model, template, label_ids, rows, batch_size, workers=workers, bucket=bucket,
+                                   done=done, on_batch=keep)
             write_probs(output, [Path(r["images"][0]).name for r in rows], probs)
+            write_json(probs_record_of(output), record)
+            partial.unlink(missing_ok=True)
             seconds = time.time() - start
-            print(f"scored {len(rows)} images in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.1f} images/s) "
-                  f"-> {output}")
+            n = len(rows) - len(done)
+            print(f"scored {n} images in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} images/s) -> {output}")
         del model, template
         gc.collect()
         _empty_cache()
