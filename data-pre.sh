@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepare the data in three steps, each writing only its own files (tools.task.Layout):
-#   1. validate the lists and images, split train/validation by label, deal the folds  (tools.data.prepare)
+#   1. validate the lists, prepare every image once (upright, RGB, at the model's size), split train/validation
+#      by label, deal the folds  (tools.data.prepare)
 #   2. augment the training split, filter the copies with a model (VL-ADAS, docs/augmentation.md)  (tools.augment.run)
 #   3. compose both stages' training sets, write swift JSONL and the manifest  (tools.compose.stage_sets)
 # With no DATA_DIR, builds the embedded demo first (synthetic corridors + tiny pre-trained models, cached).
@@ -16,6 +17,7 @@ MODEL_STAGE2=${MODEL_STAGE2:-}
 VAL_RATIO=${VAL_RATIO:-0.1}
 SEED=${SEED:-42}
 FOLDS=${FOLDS:-1}                             # k > 1: also k folds of the training split, for out-of-fold fusion tuning
+SKIP_BAD_IMAGES=${SKIP_BAD_IMAGES:-0}         # 1: leave unreadable training images out (listed) instead of stopping
 # Stage-set composition (empty = tools.compose.stage_sets' defaults, in its --help)
 STAGE1_MIN_SHARE=${STAGE1_MIN_SHARE:-}        # stage 1 repeats rare labels up to this share of its rows
 STAGE2_HIGH_REPEAT=${STAGE2_HIGH_REPEAT:-}    # stage 2 rows per 高风险 image (augmented copies first)
@@ -42,10 +44,11 @@ start=$SECONDS
 if [[ -z "$DATA_DIR" ]]; then RECIPE=demo; else RECIPE=${RECIPE:-real}; fi
 # shellcheck disable=SC1090
 source "recipes/$RECIPE.env"                  # MAX_PIXELS (augment at the model's size), TORCH_DTYPE
+export MAX_PIXELS                             # the consistency filter scores at the size training sees
 # Every knob is checked here, before the demo build and the image checks (a range is checked against the
 # data by tools.data.prepare, still before anything is written).
 python -m tools.knobs OUTPUT_DIR="$OUTPUT_DIR" DATA_DIR="$DATA_DIR" VAL_RATIO="$VAL_RATIO" SEED="$SEED" \
-  FOLDS="$FOLDS" STAGE1_MIN_SHARE="$STAGE1_MIN_SHARE" STAGE2_HIGH_REPEAT="$STAGE2_HIGH_REPEAT" \
+  FOLDS="$FOLDS" SKIP_BAD_IMAGES="$SKIP_BAD_IMAGES" STAGE1_MIN_SHARE="$STAGE1_MIN_SHARE" STAGE2_HIGH_REPEAT="$STAGE2_HIGH_REPEAT" \
   STAGE2_OTHER_RATIO="$STAGE2_OTHER_RATIO" DEMO_SEED="$DEMO_SEED" DEMO_TRAIN="$DEMO_TRAIN" DEMO_TEST="$DEMO_TEST" \
   DEMO_QUICK="$DEMO_QUICK" AUGMENT="$AUGMENT" AUGMENT_FILTER="$AUGMENT_FILTER" \
   AUGMENT_FILTER_RATIO="$AUGMENT_FILTER_RATIO" MAX_PIXELS="$MAX_PIXELS" TORCH_DTYPE="$TORCH_DTYPE" \
@@ -73,13 +76,15 @@ fi
 log "data: $DATA_DIR   recipe: $RECIPE   output: $OUTPUT_DIR"
 log "stage 1 model: $MODEL_STAGE1"
 log "stage 2 model: $MODEL_STAGE2"
-step "validate and split" \
+step "validate, prepare the images, split" \
   python -m tools.data.prepare \
     --data-dir "$DATA_DIR" \
     --output-dir "$OUTPUT_DIR" \
+    --max-pixels "$MAX_PIXELS" \
     --val-ratio "$VAL_RATIO" \
     --seed "$SEED" \
     --folds "$FOLDS" \
+    --skip-bad-images "$SKIP_BAD_IMAGES" \
     "$@"
 if [[ "$AUGMENT" == 1 ]]; then
   augment_args=()

@@ -25,9 +25,15 @@ TEST_LIST=$recorded_test_list                 # the official list: the submissio
 FOLDS=${FOLDS:-$recorded_folds}               # 1 = tune fusion on validation only
 # shellcheck disable=SC1090
 source "recipes/$RECIPE.env"                  # SCORE_BATCH_SIZE, MAX_PIXELS
+export MAX_PIXELS                             # swift caps qwen_vl_utils' resize by it (tools/data/images.py)
 python -m tools.knobs ALLOW_STALE="$ALLOW_STALE" FOLDS="$FOLDS" SCORE_BATCH_SIZE="$SCORE_BATCH_SIZE" \
   MAX_PIXELS="$MAX_PIXELS"
 lock_outputs                                  # one script per output folder
+# Without torchrun swift would spread each model over every visible GPU (device_map auto): a slow pipeline.
+if [[ -z "${CUDA_VISIBLE_DEVICES:-}" ]] && (( $(gpu_count) > 1 )); then
+  export CUDA_VISIBLE_DEVICES=0
+  log "$(gpu_count) GPUs: scoring on GPU 0 (CUDA_VISIBLE_DEVICES=0)"
+fi
 if (( FOLDS > 1 )); then python -m tools.decide.oof --output-dir "$OUTPUT_DIR" --folds "$FOLDS" --check; fi
 
 start=$SECONDS

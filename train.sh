@@ -42,6 +42,7 @@ MODEL_STAGE2=${MODEL_STAGE2:-$recorded_model2}
 FOLDS=${FOLDS:-$recorded_folds}               # 1 = no fold runs
 # shellcheck disable=SC1090
 source "recipes/$RECIPE.env"                  # the recipe's knobs below (MAX_PIXELS, LORA_RANK, ...)
+export MAX_PIXELS                             # swift caps qwen_vl_utils' resize by it (tools/data/images.py)
 python -m tools.knobs STAGES="$STAGES" RUNS="$RUNS" SEED="$SEED" RESUME="$RESUME" ALLOW_STALE="$ALLOW_STALE" \
   MODEL_STAGE1="$MODEL_STAGE1" MODEL_STAGE2="$MODEL_STAGE2" FOLDS="$FOLDS" MAX_PIXELS="$MAX_PIXELS" \
   TORCH_DTYPE="$TORCH_DTYPE" LORA_RANK="$LORA_RANK" LORA_ALPHA="$LORA_ALPHA" LORA_DROPOUT="$LORA_DROPOUT" \
@@ -52,6 +53,17 @@ python -m tools.knobs STAGES="$STAGES" RUNS="$RUNS" SEED="$SEED" RESUME="$RESUME
   USE_LIGER_KERNEL_STAGE2="$USE_LIGER_KERNEL_STAGE2"
 lock_outputs                                  # one script per output folder
 if (( FOLDS > 1 )); then python -m tools.decide.oof --output-dir "$OUTPUT_DIR" --folds "$FOLDS" --check; fi
+# Without torchrun swift would spread each model over every visible GPU (device_map auto): a slow pipeline.
+if [[ -z "${NPROC_PER_NODE:-}" && -z "${CUDA_VISIBLE_DEVICES:-}" ]] && (( $(gpu_count) > 1 )); then
+  export CUDA_VISIBLE_DEVICES=0
+  log "$(gpu_count) GPUs and no NPROC_PER_NODE: training on GPU 0 (CUDA_VISIBLE_DEVICES=0)"
+fi
+# Both stages' settings must be able to run here (packages, dtype, attention, models, training sets): checked now,
+# not at stage 2's first step.
+TORCH_DTYPE=$TORCH_DTYPE ATTN_IMPL=$ATTN_IMPL USE_LIGER_KERNEL_STAGE1=$USE_LIGER_KERNEL_STAGE1 \
+  USE_LIGER_KERNEL_STAGE2=$USE_LIGER_KERNEL_STAGE2 STAGE1_TUNER=$STAGE1_TUNER STAGE2_TUNER=$STAGE2_TUNER \
+  MODEL_STAGE1=$MODEL_STAGE1 MODEL_STAGE2=$MODEL_STAGE2 \
+  python -m tools.model.preflight --output-dir "$OUTPUT_DIR" --stages "$STAGES" --runs "$RUNS"
 # A stage kept as it is must have trained on the current data (else test.sh would pair it with a new model).
 python -m tools.state --output-dir "$OUTPUT_DIR" models --except-stages "$STAGES" --runs "$RUNS" \
   --allow-stale "$ALLOW_STALE"

@@ -36,6 +36,7 @@ from tools.augment import images as IMG  # noqa: E402
 from tools.augment import plan as P  # noqa: E402
 from tools.augment import transforms as T  # noqa: E402
 from tools.augment.render import run_plan  # noqa: E402
+from tools.data.images import model_size  # noqa: E402
 from tools.data.lists import Sample  # noqa: E402
 from tools.demo import data as demo_data, scenes  # noqa: E402
 from tools.task import LABELS  # noqa: E402
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = make_sources(tmp / "src", args.n_images, args.width, args.height, args.seed)
         demo_data.write_cutouts(tmp / "cutouts", args.seed)
         cutouts = IMG.list_cutouts(tmp / "cutouts")
-        h, w = IMG.smart_resize(args.height, args.width, max_pixels=args.max_pixels)
+        h, w = model_size(args.height, args.width, args.max_pixels)
         cfg = T.AugmentConfig()
 
         stages = breakdown(samples, cutouts, cfg, args.max_pixels, args.repeat)

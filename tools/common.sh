@@ -19,6 +19,9 @@ step() {
   log "$name done in $((SECONDS - start)) s"
 }
 
+# gpu_count: the number of NVIDIA GPUs this machine shows (0 without a driver).
+gpu_count() { nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true; }
+
 # path NAME [ARGS]: a path of the output layout (tools.task.Layout), e.g. `path run_dir stage1 final`.
 path() { python -m tools.task --output-dir "$OUTPUT_DIR" "$@"; }
 

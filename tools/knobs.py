@@ -91,6 +91,7 @@ KNOBS: dict[str, Knob] = {
                       _number(float, 0, 1, low_open=True, high_open=True)),
     "SEED": Knob("a whole number >= 0", _number(int, 0)),
     "FOLDS": Knob("a whole number >= 1 (1 = no folds)", _number(int, 1)),
+    "SKIP_BAD_IMAGES": Knob("0 or 1", _one_of("0", "1")),
     "AUGMENT": Knob("0 or 1", _one_of("0", "1")),
     "AUGMENT_FILTER": Knob("auto, 0 or 1", _one_of("auto", "0", "1")),
     "AUGMENT_FILTER_RATIO": Knob("a number >= 0", _number(float, 0)),

@@ -7,6 +7,7 @@ Scripts, plugins and tests ask this module instead of spelling a label or a path
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -105,6 +106,11 @@ class Layout:
 
     def fold_list(self, fold: int) -> Path:  # fold i's images, <image>\t<label> (FOLDS > 1)
         return self.split_dir / "folds" / f"{int(fold)}.txt"
+
+    def prepared_images(self, part: str) -> Path:  # upright RGB copies at the model's size: train (and val), test
+        if part not in ("train", "test"):
+            raise ValueError(f"part must be train or test, got {part!r}")
+        return self.data_dir / "images" / part
 
     # ------------------------------------------------------------------ augment (tools.augment.run)
     @property
@@ -238,11 +244,12 @@ def user_message() -> dict:
 
 
 def sft_row(image_path: str | Path, label: str | None) -> dict:
-    """One swift JSONL row; without a label it is an inference row (no assistant turn)."""
+    """One swift JSONL row; without a label it is an inference row (no assistant turn). The image path is made
+    absolute without following symlinks: the file name stays the one the list gives (rows are named by it)."""
     messages = [user_message()]
     if label is not None:
         messages.append({"role": "assistant", "content": label})
-    return {"messages": messages, "images": [str(Path(image_path).resolve())]}
+    return {"messages": messages, "images": [os.path.abspath(image_path)]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,40 +1,19 @@
-"""Image I/O at the model's size: Qwen2.5-VL's resize rule, decoding (with reduced-size JPEG decoding), encoding,
-and the hazard cut-outs. Every array is RGB uint8, H×W×3 (cut-outs RGBA)."""
+"""Image I/O for the augmentation: decoding, resizing to the model's size (tools.data.images.model_size, the one
+rule), encoding, and the hazard cut-outs. Every array is RGB uint8, H×W×3 (cut-outs RGBA). The pipeline feeds it
+prepared images (tools.data.prepare: upright, already at the model's size); any other image works too."""
 from __future__ import annotations
 
 import io
-import math
 import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from tools.data.images import model_size
 from tools.fileio import DataError
 
 DEFAULT_MAX_PIXELS = 1003520  # 1,280 visual tokens of 28×28, as recipes/real.env
-MIN_PIXELS = 3136  # Qwen2.5-VL's processor minimum (56×56)
-PATCH_FACTOR = 28  # 14-pixel patches, 2×2 merge
-
-
-def smart_resize(height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXELS, min_pixels: int = MIN_PIXELS,
-                 factor: int = PATCH_FACTOR) -> tuple[int, int]:
-    """(height, width) as Qwen2.5-VL resizes: sides multiples of `factor`, min_pixels ≤ area ≤ max_pixels."""
-    if min(height, width) < 1:
-        raise ValueError(f"empty image {width}x{height}")
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio over 200: {width}x{height}")
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
 
 
 def resize_to(img: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -48,12 +27,12 @@ def resize_to(img: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def resize_for_model(img: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    return resize_to(img, *smart_resize(*img.shape[:2], max_pixels=max_pixels))
+    return resize_to(img, *model_size(*img.shape[:2], max_pixels))
 
 
 def decode_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
-    """RGB uint8. EXIF orientation is ignored, as swift's loader (PIL, no exif_transpose) ignores it, so an
-    augmented copy is oriented as the model sees the original. With max_pixels, a large JPEG is decoded at
+    """RGB uint8. EXIF orientation is ignored: prepared images are upright already and carry no orientation tag.
+    With max_pixels, a large JPEG is decoded at
     1/2, 1/4 or 1/8 scale in the DCT (much faster) when that still leaves at least the model's size."""
     data = np.fromfile(str(path), dtype=np.uint8)
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
@@ -63,7 +42,7 @@ def decode_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.n
 
             with Image.open(io.BytesIO(data.tobytes())) as im:
                 w, h = im.size  # header only
-            th, tw = smart_resize(h, w, max_pixels=max_pixels)
+            th, tw = model_size(h, w, max_pixels)
             for r, flag in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
                             (2, cv2.IMREAD_REDUCED_COLOR_2)):
                 if h // r >= th and w // r >= tw:

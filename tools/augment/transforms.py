@@ -29,7 +29,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from tools.augment.images import DEFAULT_MAX_PIXELS, resize_to, smart_resize
+from tools.augment.images import DEFAULT_MAX_PIXELS, resize_to
+from tools.data.images import model_size
 from tools.task import HIGH_RISK
 
 TRANSFORMS = ("insert", "geometric", "colour", "padding")  # application order
@@ -210,7 +211,7 @@ def pad_to_aspect(img: np.ndarray, aspect: float, cfg: AugmentConfig = AugmentCo
     the image and the mode used on each padded side (decided on the input's border strips).
 
     Without max_pixels the aspect is met to the nearest pixel. With it the result is at the model's size
-    for the padded shape (smart_resize: sides multiples of 28, area ≤ max_pixels), so the aspect is met to
+    for the padded shape (tools.data.images.model_size, as swift resizes), so the aspect is met to
     that rounding: the content is resized first and then padded, one resampling and no full-size copy."""
     h, w = img.shape[:2]
     horizontal = w / h < aspect
@@ -218,7 +219,7 @@ def pad_to_aspect(img: np.ndarray, aspect: float, cfg: AugmentConfig = AugmentCo
     strips = {"left": img[:, :sw], "right": img[:, w - sw:], "top": img[:sw], "bottom": img[h - sw:]}
     ph, pw = (h, round(h * aspect)) if horizontal else (round(w / aspect), w)  # padded size
     if max_pixels:
-        th, tw = smart_resize(ph, pw, max_pixels=max_pixels)
+        th, tw = model_size(ph, pw, max_pixels)
         ch, cw = (th, min(tw, max(1, round(w * th / h)))) if horizontal else (min(th, max(1, round(h * tw / w))), tw)
         img = resize_to(img, ch, cw)
         total = (tw - cw) if horizontal else (th - ch)

@@ -9,7 +9,7 @@ and writes under <output-dir>/data/ (tools.task.Layout), each file atomically:
                       repeats), every 中风险 (the look-alike: clutter vs e-bikes), and a sample of the others
                       (--stage2-other-ratio × the 高风险 originals)
   stage{1,2}_val.jsonl  the validation split (both stages are judged on the same images)
-  test.jsonl          inference rows, in the test list's order
+  test.jsonl          inference rows, in the test list's order (unreadable test images left out)
   folds/<i>/stage{1,2}_train.jsonl, folds/<i>/heldout.jsonl   with folds: the stage sets of the other folds,
                       with only the copies whose source is outside fold i; fold i's images as labelled rows
   manifest.json       the split's record, the composition, the augmentation report, the row counts, the
@@ -77,7 +77,8 @@ def compose(args: argparse.Namespace) -> dict:
     write_rows(layout.train_jsonl("stage2"), stage2)
     for stage in STAGES:
         write_rows(layout.val_jsonl(stage), val)
-    write_jsonl(layout.test_jsonl, (sft_row(s.path, None) for s in test))
+    bad_test = record.get("bad_test_images", {})  # unreadable: tools.decide.fuse gives them the fallback label
+    write_jsonl(layout.test_jsonl, (sft_row(s.path, None) for s in test if s.name not in bad_test))
     written.append(layout.test_jsonl)
     fold_counts = []
     shutil.rmtree(layout.train_jsonl("stage1", 0).parent.parent, ignore_errors=True)  # own fold sets of an earlier run
@@ -102,8 +103,9 @@ def compose(args: argparse.Namespace) -> dict:
     parts = {
         "train_list": digest("".join(f"{s.name}\t{s.label}\n" for s in sorted(fit + val, key=lambda s: s.name))),
         "test_list": files[str(layout.test_list.relative_to(layout.root))],
-        "train_images": images_digest(s.path for s in fit + val), "test_images": images_digest(s.path for s in test),
-        "split": json.dumps({k: record[k] for k in ("val_ratio", "seed", "folds")}, sort_keys=True),
+        "train_images": images_digest(Path(record["source_train_images"]) / s.name for s in fit + val),
+        "test_images": images_digest(Path(record["source_test_images"]) / s.name for s in test),
+        "split": json.dumps({k: record[k] for k in ("val_ratio", "seed", "folds", "max_pixels")}, sort_keys=True),
         "composition": json.dumps(composition, sort_keys=True),
         "augmentation": "none" if not args.augment else digest(
             "".join(files[str(p.relative_to(layout.root))] for p in (layout.augmented_list, layout.augmented_index))),

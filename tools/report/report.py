@@ -152,7 +152,7 @@ def _scores_md(s: Evaluation) -> list[str]:
     return lines
 
 
-def render_markdown(r: Report, source: str = "") -> str:
+def render_markdown(r: Report, source: str = "", unreadable: dict[str, str] | None = None) -> str:
     h = HIGH_RISK
     reduction = "n/a (stage 1 made no error)" if r.error_reduction_pct is None else f"{r.error_reduction_pct:.1f}%"
     lines = ["# Test-set report", "",
@@ -189,6 +189,11 @@ def render_markdown(r: Report, source: str = "") -> str:
         if c:
             lines.append(f"| {k / n_bins:.1f}–{(k + 1) / n_bins:.1f} | {c} | {r.reliability.confidence[k]:.3f} | "
                          f"{r.reliability.accuracy[k]:.3f} |")
+    if unreadable:
+        lines += ["", "## Unreadable test images", "",
+                  f"{len(unreadable)} test image(s) could not be read; they got the fallback label (the training "
+                  "split's most common) and count in the scores above:", ""]
+        lines += [f"- `{name}`: {reason}" for name, reason in sorted(unreadable.items())]
     lines += ["", "![confusion matrices](confusion.png)", "", "![stage-1 reliability](reliability.png)", ""]
     return "\n".join(lines)
 
@@ -253,12 +258,14 @@ def plot_reliability(rel: Reliability, path: str | Path) -> None:
 
 def write_report(output_dir: str | Path, gold, p1: np.ndarray, p2: np.ndarray, fused: np.ndarray,
                  source: str = "") -> Report:
-    """Compute the numbers and write report.md, confusion.png and reliability.png into output_dir."""
+    """Compute the numbers and write report.md, confusion.png and reliability.png into output_dir. Unreadable
+    test images (the manifest's bad_test_images) get their own section."""
     layout = Layout(output_dir)
     report = build_report(gold, p1, p2, fused)
+    unreadable = read_json(layout.manifest).get("bad_test_images") if layout.manifest.exists() else None
     plot_confusion(report.stage1.confusion, report.fused.confusion, layout.confusion_png)
     plot_reliability(report.reliability, layout.reliability_png)
-    write_text(layout.report, render_markdown(report, source))
+    write_text(layout.report, render_markdown(report, source, unreadable))
     return report
 
 

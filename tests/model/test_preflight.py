@@ -1,0 +1,62 @@
+"""train.sh's preflight: settings that cannot run here fail in seconds, with the reason."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import compose, make_official, prepare
+from tools.model.preflight import main, problems
+from tools.task import HIGH_RISK, Layout
+
+OK_ENV = {"TORCH_DTYPE": "float32", "ATTN_IMPL": "sdpa", "USE_LIGER_KERNEL_STAGE1": "false",
+          "USE_LIGER_KERNEL_STAGE2": "false", "STAGE1_TUNER": "lora", "STAGE2_TUNER": "hr_amplifier",
+          "MODEL_STAGE1": "Qwen/Qwen2.5-VL-7B-Instruct", "MODEL_STAGE2": "Qwen/Qwen2.5-VL-3B-Instruct"}
+
+
+@pytest.fixture
+def out(tmp_path):
+    data = make_official(tmp_path / "data")
+    out = tmp_path / "out"
+    prepare(data, out, "--val-ratio", "0.25")
+    compose(out)
+    return out
+
+
+def test_settings_that_can_run_pass(out, capsys):
+    assert problems(Layout(out), ["stage1", "stage2"], ["final"], OK_ENV) == []
+
+
+def test_each_setting_that_cannot_run_is_named(out, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    empty_model = tmp_path / "empty"
+    empty_model.mkdir()
+    env = {**OK_ENV, "TORCH_DTYPE": "bfloat16", "USE_LIGER_KERNEL_STAGE2": "true", "ATTN_IMPL": "flash_attn",
+           "MODEL_STAGE1": str(empty_model), "DEEPSPEED": "zero2"}
+    found = "\n".join(problems(Layout(out), ["stage1", "stage2"], ["final"], env))
+    assert "TORCH_DTYPE=bfloat16 on a machine without a CUDA GPU" in found
+    assert "USE_LIGER_KERNEL_STAGE2=true" in found and "USE_LIGER_KERNEL_STAGE1" not in found
+    assert "STAGE2_TUNER=hr_amplifier adds a bias to the attention logits" in found
+    assert f"MODEL_STAGE1={empty_model}: not a model folder" in found
+    assert "DEEPSPEED=zero2" in found
+    # only the stages train.sh trains are checked
+    assert "USE_LIGER_KERNEL_STAGE2" not in "\n".join(problems(Layout(out), ["stage1"], ["final"], {**env, "TORCH_DTYPE": "float32"}))
+
+
+def test_a_stage_2_set_without_high_risk_is_refused_before_training(out, capsys):
+    layout = Layout(out)
+    rows = [json.loads(line) for line in layout.train_jsonl("stage2").read_text(encoding="utf-8").splitlines()]
+    kept = [r for r in rows if r["messages"][-1]["content"] != HIGH_RISK]
+    layout.train_jsonl("stage2").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept),
+                                            encoding="utf-8")
+    manifest = json.loads(layout.manifest.read_text(encoding="utf-8"))  # as if data-pre.sh wrote it so
+    from tools.state import file_digest
+
+    manifest["files"][str(layout.train_jsonl("stage2").relative_to(layout.root))] = file_digest(layout.train_jsonl("stage2"))
+    layout.manifest.write_text(json.dumps(manifest), encoding="utf-8")
+    found = problems(layout, ["stage1", "stage2"], ["final"], OK_ENV)
+    assert len(found) == 1 and f"has no {HIGH_RISK} row" in found[0]
+    assert main(["--output-dir", str(out), "--stages", "stage2", "--runs", "final"]) == 1
+    assert "cannot train with these settings" in capsys.readouterr().err

@@ -1,0 +1,138 @@
+"""Before training: can both stages' settings run on this machine? Fails in seconds, with the reason, instead of
+at stage 2's first step hours after stage 1 started.
+
+    python -m tools.model.preflight --output-dir outputs --stages "stage1 stage2" --runs "final"
+
+Reads the recipe's knobs from the environment, as train.sh exports them (TORCH_DTYPE, ATTN_IMPL,
+USE_LIGER_KERNEL_STAGE1/2, STAGE1_TUNER/STAGE2_TUNER, MODEL_STAGE1/2, DEEPSPEED) and checks, for every stage
+train.sh is about to train: the packages they turn on import; the dtype is supported by the device (bf16 needs an
+Ampere or newer GPU; on a CPU only float32); the attention implementation suits the tuner (the High-Risk Feature
+Amplifier adds a bias to the attention logits: sdpa or eager, not flash-attn); the base model is a model folder
+(or a hub id); each run's training set is not empty and holds the classes the stage must learn (stage 2 needs
+高风险 rows, and some other label); the validation set is not empty.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+from tools import cli
+from tools.fileio import DataError, read_jsonl
+from tools.state import check_data, runs_of
+from tools.task import HIGH_RISK, LABELS, Layout
+
+FLASH = ("flash_attn", "flash_attention_2", "flash_attention_3")
+
+
+def _importable(module: str) -> str | None:
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - any import failure is the answer
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def device_problems(dtype: str) -> list[str]:
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+            return [f"TORCH_DTYPE=bfloat16 needs an Ampere or newer GPU; {name} has no bf16: use TORCH_DTYPE=float16"]
+        return []
+    if dtype != "float32":
+        return [f"TORCH_DTYPE={dtype} on a machine without a CUDA GPU: swift trains in {dtype} on CPU only with "
+                "--use_cpu, and very slowly; use TORCH_DTYPE=float32 (recipes/demo.env), or run on a GPU"]
+    return []
+
+
+def stage_problems(stage: str, env: dict[str, str]) -> list[str]:
+    n = stage[-1]
+    out = []
+    tuner, attn = env.get(f"STAGE{n}_TUNER", "lora"), env.get("ATTN_IMPL", "sdpa")
+    if env.get(f"USE_LIGER_KERNEL_STAGE{n}", "false") == "true":
+        why = _importable("liger_kernel")
+        if why:
+            out.append(f"USE_LIGER_KERNEL_STAGE{n}=true but liger-kernel does not import ({why}): run init.sh, "
+                       f"or set USE_LIGER_KERNEL_STAGE{n}=false")
+        else:
+            import torch
+
+            if not torch.cuda.is_available():
+                out.append(f"USE_LIGER_KERNEL_STAGE{n}=true needs a CUDA GPU (liger's kernels are triton): set it to false")
+    if attn in FLASH:
+        why = _importable("flash_attn")
+        if why:
+            out.append(f"ATTN_IMPL={attn} but flash-attn does not import ({why}): install it, or use ATTN_IMPL=sdpa")
+        if tuner == "hr_amplifier":
+            out.append(f"STAGE{n}_TUNER=hr_amplifier adds a bias to the attention logits and needs ATTN_IMPL=sdpa or "
+                       f"eager, not {attn}")
+    deepspeed = env.get("DEEPSPEED", "")
+    if deepspeed:
+        why = _importable("deepspeed")
+        if why:
+            out.append(f"DEEPSPEED={deepspeed} but deepspeed does not import ({why}): pip install -e '.[deepspeed]'")
+    model = env.get(f"MODEL_STAGE{n}", "")
+    path = Path(model).expanduser()
+    if not model:
+        out.append(f"MODEL_STAGE{n} is empty: run data-pre.sh (it records the models) or set it")
+    elif path.exists() and not (path / "config.json").is_file():
+        out.append(f"MODEL_STAGE{n}={model}: not a model folder (no config.json)")
+    return out
+
+
+def set_problems(layout: Layout, stage: str, run) -> list[str]:
+    where = f"{stage}'s training set" + ("" if str(run) == "final" else f" for fold {run}")
+    path = layout.train_jsonl(stage, run)
+    if not path.exists():
+        return [f"{path}: not found: run data-pre.sh"]
+    labels = Counter(row["messages"][-1]["content"] for row in read_jsonl(path) if row["messages"][-1]["role"] == "assistant")
+    if not labels:
+        return [f"{where} ({path}) is empty"]
+    out = []
+    if stage == "stage2" and not labels[HIGH_RISK]:
+        out.append(f"{where} ({path}) has no {HIGH_RISK} row: the specialist has nothing to learn (the training split "
+                   f"holds no {HIGH_RISK} image); add some, or train stage 1 alone (STAGES=stage1) and submit with "
+                   "FUSION_PARAMS set to an identity fusion")
+    if len([label for label in LABELS if labels[label]]) < 2:
+        out.append(f"{where} ({path}) holds one label only ({', '.join(labels)}): nothing to tell apart")
+    return out
+
+
+def problems(layout: Layout, stages: list[str], runs: list[str], env: dict[str, str]) -> list[str]:
+    manifest = check_data(layout)
+    out = device_problems(env.get("TORCH_DTYPE", "float32"))
+    for module in ("swift", "peft", "transformers", "qwen_vl_utils", "torchvision"):
+        why = _importable(module)
+        if why:
+            out.append(f"{module} does not import ({why}): run init.sh")
+    for stage in stages:
+        out += stage_problems(stage, env)
+        for run in runs_of(manifest, runs):
+            out += set_problems(layout, stage, run)
+        if not read_jsonl(layout.val_jsonl(stage)):
+            out.append(f"{layout.val_jsonl(stage)} is empty: swift needs a validation split (VAL_RATIO > 0)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = cli.parser("tools.model.preflight", __doc__)
+    ap.add_argument("--output-dir", default="outputs", help="pipeline output folder (default: %(default)s)")
+    ap.add_argument("--stages", default="stage1 stage2", help="the stages train.sh will train (STAGES)")
+    ap.add_argument("--runs", default="folds final", help="the runs train.sh will train (RUNS)")
+    args = ap.parse_args(argv)
+
+    def step() -> None:
+        found = problems(Layout(args.output_dir), args.stages.split(), args.runs.split(), dict(os.environ))
+        if found:
+            raise DataError("this machine cannot train with these settings:\n" + "\n".join(f"  {p}" for p in found))
+        print(f"preflight: {args.stages} can train here")
+
+    return cli.run(step)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
