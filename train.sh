@@ -25,10 +25,13 @@ STAGE1_TUNER=${STAGE1_TUNER:-lora}            # lora | hr_amplifier (LoRA + High
 STAGE2_TUNER=${STAGE2_TUNER:-hr_amplifier}
 STAGE1_LOSS=${STAGE1_LOSS-}                   # empty = swift's cross-entropy | weighted_ce (class-weighted, focal)
 STAGE2_LOSS=${STAGE2_LOSS-weighted_ce}
-EVAL_METRIC=${EVAL_METRIC-weighted_f1}        # validation metric that picks the best checkpoint; empty = eval loss
+EVAL_METRIC=${EVAL_METRIC-weighted_f1}        # the validation metric plugin; empty = eval loss picks the checkpoint
+STAGE1_BEST_METRIC=${STAGE1_BEST_METRIC:-weighted_f1}     # what picks stage 1's checkpoint: the competition score
+STAGE2_BEST_METRIC=${STAGE2_BEST_METRIC:-high_risk_auc}   # stage 2's: what fusion uses, its 高风险-vs-rest ranking
 export FIRESAFE_CLASS_WEIGHTS=${FIRESAFE_CLASS_WEIGHTS:-}  # weighted_ce: "3,1.5,1,1,1" or "高风险=3"; empty = task's
 export FIRESAFE_FOCAL_GAMMA=${FIRESAFE_FOCAL_GAMMA:-0}     # weighted_ce: focal term γ (0 = plain weighted CE)
 export FIRESAFE_AMP_LAYERS=${FIRESAFE_AMP_LAYERS:-auto}   # hr_amplifier: LLM layers with the attention bias
+export FIRESAFE_AMP_LR=${FIRESAFE_AMP_LR:-}               # hr_amplifier: its own learning rate (empty = 1e-2)
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source tools/common.sh
@@ -44,6 +47,7 @@ FOLDS=${FOLDS:-$recorded_folds}               # 1 = no fold runs
 source "recipes/$RECIPE.env"                  # the recipe's knobs below (MAX_PIXELS, LORA_RANK, ...)
 export MAX_PIXELS                             # swift caps qwen_vl_utils' resize by it (tools/data/images.py)
 python -m tools.knobs STAGES="$STAGES" RUNS="$RUNS" SEED="$SEED" RESUME="$RESUME" ALLOW_STALE="$ALLOW_STALE" \
+  FIRESAFE_AMP_LR="$FIRESAFE_AMP_LR" \
   MODEL_STAGE1="$MODEL_STAGE1" MODEL_STAGE2="$MODEL_STAGE2" FOLDS="$FOLDS" MAX_PIXELS="$MAX_PIXELS" \
   TORCH_DTYPE="$TORCH_DTYPE" LORA_RANK="$LORA_RANK" LORA_ALPHA="$LORA_ALPHA" LORA_DROPOUT="$LORA_DROPOUT" \
   LEARNING_RATE="$LEARNING_RATE" EPOCHS_STAGE1="$EPOCHS_STAGE1" EPOCHS_STAGE2="$EPOCHS_STAGE2" \
@@ -83,8 +87,10 @@ log "recipe: $RECIPE   output: $OUTPUT_DIR   stages: $STAGES   runs: ${runs[*]}"
 for run in "${runs[@]}"; do
   for stage in $STAGES; do
     case $stage in
-      stage1) model=$MODEL_STAGE1 epochs=$EPOCHS_STAGE1 tuner=$STAGE1_TUNER loss=$STAGE1_LOSS liger=$USE_LIGER_KERNEL_STAGE1 ;;
-      stage2) model=$MODEL_STAGE2 epochs=$EPOCHS_STAGE2 tuner=$STAGE2_TUNER loss=$STAGE2_LOSS liger=$USE_LIGER_KERNEL_STAGE2 ;;
+      stage1) model=$MODEL_STAGE1 epochs=$EPOCHS_STAGE1 tuner=$STAGE1_TUNER loss=$STAGE1_LOSS liger=$USE_LIGER_KERNEL_STAGE1
+              best=$STAGE1_BEST_METRIC ;;
+      stage2) model=$MODEL_STAGE2 epochs=$EPOCHS_STAGE2 tuner=$STAGE2_TUNER loss=$STAGE2_LOSS liger=$USE_LIGER_KERNEL_STAGE2
+              best=$STAGE2_BEST_METRIC ;;
     esac
     of=""; [[ "$run" == final ]] || of=", fold $run of $FOLDS"
     train_set=$(path train_jsonl "$stage" "$run")
@@ -105,10 +111,11 @@ for run in "${runs[@]}"; do
     fi
     plugin_flags=(--external_plugins "${PLUGINS[@]}" --tuner_type "$tuner")
     [[ -n "$loss" ]] && plugin_flags+=(--loss_type "$loss")
-    [[ "$tuner" == hr_amplifier ]] && plugin_flags+=(--callbacks amplifier_stats)
-    [[ -n "$EVAL_METRIC" ]] && plugin_flags+=(--eval_metric "$EVAL_METRIC" --metric_for_best_model "$EVAL_METRIC" --greater_is_better true)
+    [[ "$tuner" == hr_amplifier ]] && plugin_flags+=(--optimizer hr_amplifier --callbacks amplifier_stats)
+    [[ -n "$EVAL_METRIC" ]] && plugin_flags+=(--eval_metric "$EVAL_METRIC" --metric_for_best_model "$best" --greater_is_better true)
     stage_start=$SECONDS
-    log "$stage ($model$of): tuner $tuner, loss ${loss:-cross_entropy}, best checkpoint by ${EVAL_METRIC:-eval loss}"
+    [[ -n "$EVAL_METRIC" ]] || best="eval loss"
+    log "$stage ($model$of): tuner $tuner, loss ${loss:-cross_entropy}, best checkpoint by $best"
     swift sft \
       --model "$model" \
       --template qwen2_5_vl \

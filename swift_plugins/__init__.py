@@ -4,10 +4,11 @@
 
 Every `*.py` in this folder whose name does not start with `_` is a plugin file: swift imports it by path
 and it registers into swift's own maps on import (loss.py -> swift.loss.loss_map, tuner.py ->
-swift.tuner_plugin.tuners_map, metric.py -> swift.metrics.eval_metrics_map, callback.py ->
-swift.callbacks.callbacks_map). Files starting with `_` hold the code they share (imported as
-`swift_plugins._x`, so a class has one identity however the registering file was imported). The files in
-`patches/` are patches to transformers and PEFT (speed only), passed to swift the same way, after the plugins.
+swift.tuner_plugin.tuners_map, optimizer.py -> swift.optimizers.optimizers_map, metric.py ->
+swift.metrics.eval_metrics_map, callback.py -> swift.callbacks.callbacks_map). Files starting with `_` hold
+the code they share (imported as `swift_plugins._x`, so a class has one identity however the registering file
+was imported). The files in `patches/` are patches to transformers and PEFT (speed only), passed to swift the
+same way, after the plugins.
 See docs/plugins.md.
 """
 from __future__ import annotations

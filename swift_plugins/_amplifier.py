@@ -15,6 +15,14 @@ records where the image tokens are) and pre-hooks on the chosen layers' `self_at
 mask they receive). The bias needs an additive mask, so the LLM must run with `--attn_impl sdpa` (transformers'
 default) or `eager`; flash-attention is refused. Weights live in one module, `HighRiskAmplifier`, attached to the
 HF model as `hr_amplifier`; it is saved beside the adapter as amplifier.safetensors + amplifier_config.json.
+
+DeepSpeed layout. Every parameter is read only inside the forward of the module that owns it, and once per
+forward pass: the gate's in `VisualGate.forward` (called from the vision tower's hook), and each biased layer's β
+in its own `AttentionBias` module (one parameter per layer, `attn_bias.<layer>.bias`), whose forward adds it to the
+mask and is called from that layer's pre-hook. So ZeRO-3 gathers them with its module hooks, and with reentrant
+gradient checkpointing (every decoder layer's backward run on its own) each parameter still gets one gradient
+per backward, which ZeRO-2 requires ("gradient computed twice"). Checkpoints of the earlier layout, one
+`attn_bias` tensor [layers, heads], still load (mapped row by row onto the per-layer parameters).
 """
 from __future__ import annotations
 
@@ -25,7 +33,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from swift.utils import get_logger
 from torch import nn
+
+from swift_plugins._zero import gathered
+
+logger = get_logger()
 
 ATTR = "hr_amplifier"  # attribute of the HF model that holds the amplifier
 WEIGHTS_FILE = "amplifier.safetensors"
@@ -94,13 +107,42 @@ class VisualGate(nn.Module):
         return (xf * gain).to(x.dtype)
 
 
+class AttentionBias(nn.Module):
+    """β[h] of one decoder layer: forward(mask, keys) = mask + β[h] · [key is an image token]; β = 0 at start.
+
+    The parameter is named `bias` so that HF's decay rule (no weight decay for `*bias*`) leaves it undecayed, and
+    it is read only here, so ZeRO-3's hooks on this module gather it (see the module docstring)."""
+
+    def __init__(self, num_heads: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(num_heads))
+
+    def forward(self, mask: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """mask [B, 1 or H, Q, K] additive, keys [B, K] bool -> [B, H, Q, K]."""
+        beta = self.bias.to(device=mask.device, dtype=mask.dtype)
+        return mask + beta[None, :, None, None] * keys[:, None, None, :].to(mask.dtype)
+
+
+def _map_legacy_attn_bias(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: the earlier layout's `attn_bias` [layers, heads] -> `attn_bias.<layer>.bias`."""
+    key = prefix + "attn_bias"
+    old = state_dict.get(key)
+    layers = module.config.layers
+    if isinstance(old, torch.Tensor) and tuple(old.shape) == (len(layers), module.config.num_heads):
+        del state_dict[key]
+        for slot, layer in enumerate(layers):
+            state_dict[f"{prefix}attn_bias.{layer}.bias"] = old[slot].clone()
+
+
 class HighRiskAmplifier(nn.Module):
 
     def __init__(self, config: AmplifierConfig):
         super().__init__()
         self.config = config
         self.gate = VisualGate(config.hidden_size)
-        self.attn_bias = nn.Parameter(torch.zeros(len(config.layers), config.num_heads))
+        # One module (one parameter) per biased layer, keyed by the layer's index.
+        self.attn_bias = nn.ModuleDict({str(layer): AttentionBias(config.num_heads) for layer in config.layers})
+        self.register_load_state_dict_pre_hook(_map_legacy_attn_bias)
         self.enabled = True  # False: every hook passes through (plain LoRA), for comparisons
         self._visual_keys: torch.Tensor | None = None  # [B, S] True where the key is an image/video token
         self._handles: list = []
@@ -113,8 +155,8 @@ class HighRiskAmplifier(nn.Module):
         self.to(next(visual.merger.parameters()).device)
         self._handles.append(visual.register_forward_hook(self._gate_hook))
         self._handles.append(embed.register_forward_pre_hook(self._ids_hook))
-        for slot, index in enumerate(self.config.layers):
-            hook = _AttentionHook(self, slot)
+        for index in self.config.layers:
+            hook = _AttentionHook(self, index)
             self._handles.append(layers[index].self_attn.register_forward_pre_hook(hook, with_kwargs=True))
         setattr(hf_model, ATTR, self)  # a submodule: its parameters train, move and count with the model
         return self
@@ -158,43 +200,77 @@ class HighRiskAmplifier(nn.Module):
             keys = F.pad(keys, (0, n_keys - keys.shape[1]), value=False)
         return keys.to(device)
 
+    def betas(self) -> torch.Tensor:
+        """[biased layers, heads]: β of every biased layer (config.layers order); for stats and tests."""
+        return torch.stack([module.bias for module in self.attn_bias.values()])
+
     # ------------------------------------------------------------------ stats and files
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
-        """Numbers for the training logs (swift_plugins/callback.py)."""
-        out = {"gate_channel_abs_mean": self.gate.channel.abs().mean().item(),
-               "gate_token_scale": self.gate.token_scale.item()}
+        """Numbers for the training logs (swift_plugins/callback.py): how far the amplifier is from the identity.
+
+        Under ZeRO-3 the parameters are read through deepspeed.zero.GatheredParameters (a collective: call this on
+        every rank, as a training callback does); if they are partitioned and deepspeed cannot be imported, only the
+        gate's gain deviation (computed in the last forward pass) is reported."""
+        out = {}
         if self.gate.last_gain_dev is not None:
             out["gate_gain_abs_dev"] = float(self.gate.last_gain_dev)
-        for slot, layer in enumerate(self.config.layers):
-            out[f"attn_bias_L{layer}_mean"] = self.attn_bias[slot].mean().item()
-            out[f"attn_bias_L{layer}_absmax"] = self.attn_bias[slot].abs().max().item()
+        with gathered(self.parameters()) as available:
+            if not available:
+                if not getattr(self, "_warned_partitioned", False):
+                    logger.warning("hr_amplifier: parameters are ZeRO-3 partitions and deepspeed is not importable; "
+                                   "logging only amp/gate_gain_abs_dev")
+                    self._warned_partitioned = True
+                return out
+            out["gate_channel_abs_mean"] = self.gate.channel.abs().mean().item()
+            out["gate_token_scale"] = self.gate.token_scale.item()
+            if self.config.layers:
+                betas = self.betas().float()
+                out["attn_bias_absmax"] = betas.abs().max().item()
+                for slot, layer in enumerate(self.config.layers):
+                    out[f"attn_bias_L{layer}_mean"] = betas[slot].mean().item()
+                    out[f"attn_bias_L{layer}_absmax"] = betas[slot].abs().max().item()
         return out
 
     def save(self, directory: str | Path, state_dict: dict | None = None) -> None:
+        """amplifier.safetensors + amplifier_config.json. `state_dict`: the full model's (DeepSpeed hands over the
+        gathered weights): its `hr_amplifier.*` entries win over the module's own tensors, which are empty
+        partitions under ZeRO-3. Runs on the main process only, so it cannot gather them itself: without full
+        weights it writes the config and logs an error instead of writing empty tensors."""
         import safetensors.torch
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        if state_dict:  # DeepSpeed hands over gathered weights: prefer them to the (partitioned) module's
+        if state_dict:
             for key in tensors:
                 for full, value in state_dict.items():
                     if full.endswith(f"{ATTR}.{key}"):
                         tensors[key] = value.detach().cpu().contiguous()
-        safetensors.torch.save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
+        expected = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in self.named_parameters()}
+        partial = [k for k, v in tensors.items() if k in expected and tuple(v.shape) != expected[k]]
         self.config.save(directory)
+        if partial:
+            logger.error(f"hr_amplifier: not writing {WEIGHTS_FILE}: {partial} are ZeRO-3 partitions and no gathered "
+                         "weights were handed over (set stage3_gather_16bit_weights_on_model_save true, as swift's "
+                         "zero3 configs do, or recover them from the DeepSpeed checkpoint with zero_to_fp32)")
+            return
+        safetensors.torch.save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
 
     def load(self, directory: str | Path) -> None:
+        """Weights from amplifier.safetensors, either layout (per-layer `attn_bias.<layer>.bias`, or the earlier
+        single `attn_bias` [layers, heads])."""
         import safetensors.torch
 
         state = safetensors.torch.load_file(os.path.join(directory, WEIGHTS_FILE))
-        self.load_state_dict({k: v.to(self.attn_bias.device) for k, v in state.items()}, strict=True)
+        device = next(self.parameters()).device
+        self.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
 
 
 class _AttentionHook:
-    """Pre-hook of one decoder layer's self_attn: adds β[h] to the attention mask at image-token keys."""
+    """Pre-hook of one decoder layer's self_attn: adds β[h] to the attention mask at image-token keys (through
+    that layer's AttentionBias module, so DeepSpeed sees the parameter used inside its owner's forward)."""
 
-    def __init__(self, amplifier: HighRiskAmplifier, slot: int):
-        self.amplifier, self.slot = amplifier, slot
+    def __init__(self, amplifier: HighRiskAmplifier, layer: int):
+        self.amplifier, self.layer = amplifier, layer
 
     def __call__(self, module, args, kwargs):
         amp = self.amplifier
@@ -231,8 +307,7 @@ class _AttentionHook:
             base = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, lowest)
         else:
             base = mask.to(dtype)
-        beta = amp.attn_bias[self.slot].to(device=hidden.device, dtype=dtype)
-        kwargs["attention_mask"] = base + beta[None, :, None, None] * keys[:, None, None, :].to(dtype)
+        kwargs["attention_mask"] = amp.attn_bias[str(self.layer)](base, keys)
         return args, kwargs
 
 

@@ -126,6 +126,7 @@ KNOBS: dict[str, Knob] = {
     "STAGES": Knob("stage1, stage2 or both, separated by spaces", _words({"stage1", "stage2"})),
     "RUNS": Knob("folds, final or both, separated by spaces", _words({"folds", "final"})),
     "RESUME": Knob("0 or 1", _one_of("0", "1")),
+    "FIRESAFE_AMP_LR": Knob("empty (1e-2), or a number > 0", lambda t: t == "" or _number(float, 0, low_open=True)(t)),
     "ALLOW_STALE": Knob("0 or 1", _one_of("0", "1")),
 }
 

@@ -38,6 +38,13 @@ Knobs (environment variables, read at import):
                          any compile error falls back to eager (tools/score.py turns it off for small sets)
 The model's own attention implementation is left alone unless it is "sdpa" (the default without
 flash-attn): with flash_attention_2 transformers already does one varlen call.
+
+DeepSpeed ZeRO-3: a parameter is an empty partition outside the forward of the module that owns it (DeepSpeed
+gathers a module's own parameters around its forward only). The patch embedding as a matmul reads `proj.weight`
+without calling `proj`, and the padded vision MLP reads and re-stores the three projections' weights without calling
+them, so both fall back to transformers' original forward (which calls those submodules) whenever a parameter they
+would read is managed by ZeRO-3 (a DeepSpeed `ds_id`/`ds_numel` attribute, or numel 0; swift_plugins/_zero.py).
+The attention rewrite calls `qkv` and `proj` as modules and the RMSNorm reads only its own weight, so they stay on.
 """
 from __future__ import annotations
 
@@ -46,6 +53,8 @@ import os
 import torch
 import torch.nn.functional as F
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+
+from swift_plugins._zero import any_zero3
 
 try:  # torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn
@@ -230,8 +239,11 @@ _VARLEN_SCALE = _varlen_scale_kwargs()
 
 
 def patch_embed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Drop-in for Qwen2_5_VisionPatchEmbed.forward: Conv3d with kernel == stride on one patch is a matmul."""
+    """Drop-in for Qwen2_5_VisionPatchEmbed.forward: Conv3d with kernel == stride on one patch is a matmul.
+    Under ZeRO-3 transformers' forward (it calls `proj`, so DeepSpeed gathers its weight)."""
     weight = self.proj.weight
+    if any_zero3(self.proj.parameters()):
+        return ORIGINAL_PATCH_EMBED_FORWARD(self, hidden_states)
     hidden_states = hidden_states.reshape(-1, weight[0].numel()).to(dtype=weight.dtype)
     return F.linear(hidden_states, weight.reshape(weight.shape[0], -1), self.proj.bias).view(-1, self.embed_dim)
 
@@ -267,7 +279,10 @@ def _mlp_padding(self) -> tuple:
 
 
 def vision_mlp_forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
-    """Drop-in for Qwen2_5_VLMLP.forward (the vision tower's MLP) with an aligned intermediate width."""
+    """Drop-in for Qwen2_5_VLMLP.forward (the vision tower's MLP) with an aligned intermediate width.
+    Under ZeRO-3 transformers' forward (the padding reads and re-stores weights outside their modules' forward)."""
+    if VISION_MLP == "off" or any_zero3(self.parameters()):
+        return ORIGINAL_MLP_FORWARD(self, hidden_state)
     inter = self.gate_proj.weight.shape[0]
     use = VISION_MLP == "pad" or (VISION_MLP == "auto" and hidden_state.is_cuda and inter % 8 != 0)
     needs_grad = torch.is_grad_enabled() and (hidden_state.requires_grad or any(

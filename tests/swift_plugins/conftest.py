@@ -72,7 +72,8 @@ def capture_callback():
 
 
 def sft(output_dir: Path, model_dir: Path, data: dict, *extra: str) -> dict:
-    """swift sft in-process with every plugin: hr_amplifier, weighted_ce, weighted_f1, amplifier_stats."""
+    """swift sft in-process with every plugin: hr_amplifier (tuner and optimizer, the amplifier at the default
+    FIRESAFE_AMP_LR), weighted_ce, weighted_f1, amplifier_stats."""
     from swift import sft_main
 
     from swift_plugins import plugin_files
@@ -80,7 +81,8 @@ def sft(output_dir: Path, model_dir: Path, data: dict, *extra: str) -> dict:
     argv = base_args(model_dir, train=True) + [
         "--dataset", str(data["train"]), "--val_dataset", str(data["val"]),
         "--external_plugins", *map(str, plugin_files()),
-        "--tuner_type", "hr_amplifier", "--loss_type", "weighted_ce", "--callbacks", "amplifier_stats",
+        "--tuner_type", "hr_amplifier", "--optimizer", "hr_amplifier", "--loss_type", "weighted_ce",
+        "--callbacks", "amplifier_stats",
         "--eval_metric", "weighted_f1", "--metric_for_best_model", "weighted_f1", "--greater_is_better", "true",
         "--lora_rank", "4", "--learning_rate", "5e-3", "--max_steps", "4", "--warmup_ratio", "0",
         "--per_device_train_batch_size", "3", "--per_device_eval_batch_size", "5", "--gradient_accumulation_steps", "1",
@@ -92,6 +94,7 @@ def sft(output_dir: Path, model_dir: Path, data: dict, *extra: str) -> dict:
     # write its events into the first run's folder.
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+        mp.delenv("FIRESAFE_AMP_LR", raising=False)
         return sft_main(argv)
 
 

@@ -17,8 +17,8 @@ def test_plugin_list_is_every_public_file_then_the_patches():
     registry = sorted(str(p) for p in PLUGIN_DIR.glob("*.py") if not p.name.startswith("_"))
     patches = sorted(str(p) for p in (PLUGIN_DIR / "patches").glob("*.py") if not p.name.startswith("_"))
     assert out == registry + patches == [str(p) for p in plugin_files()]
-    assert {Path(p).name for p in registry} == {"loss.py", "tuner.py", "metric.py", "callback.py"}
-    assert [Path(p).name for p in patches] == ["vision_attention.py"] and "__init__.py" not in out
+    assert {Path(p).name for p in registry} == {"loss.py", "tuner.py", "metric.py", "callback.py", "optimizer.py"}
+    assert [Path(p).name for p in patches] == ["shared_memory.py", "vision_attention.py"] and "__init__.py" not in out
     assert all(Path(p).is_absolute() for p in out)
     assert subprocess.run([sys.executable, "-m", "swift_plugins"], cwd=ROOT, capture_output=True).returncode == 2
 
@@ -36,15 +36,17 @@ def test_plugins_register_into_swift_maps():
     from swift.callbacks import callbacks_map
     from swift.loss import loss_map
     from swift.metrics import eval_metrics_map
+    from swift.optimizers import optimizers_map
     from swift.tuner_plugin import tuners_map
     from swift.utils import import_external_file
 
-    for path in ("loss.py", "tuner.py", "metric.py", "callback.py"):
+    for path in ("loss.py", "tuner.py", "metric.py", "callback.py", "optimizer.py"):
         import_external_file(str(ROOT / "swift_plugins" / path))  # the way --external_plugins loads them
     assert loss_map["weighted_ce"].__name__ == "WeightedCrossEntropy"
     assert tuners_map["hr_amplifier"].__name__ == "HighRiskAmplifierTuner"
     assert eval_metrics_map["weighted_f1"].__name__ == "WeightedF1Metrics"
     assert callbacks_map["amplifier_stats"].__name__ == "AmplifierStatsCallback"
+    assert optimizers_map["hr_amplifier"].__name__ == "HighRiskAmplifierOptimizer"
 
 
 def test_swift_loads_every_plugin_file_from_elsewhere(tmp_path):

@@ -13,21 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import MAX_PIXELS, base_args, last_logits
+from tests.helpers import MAX_PIXELS, last_logits
+from tests.swift_plugins.support import sft_args
+
+
+def fill_betas(amp, value: float) -> None:
+    with torch.no_grad():
+        for module in amp.attn_bias.values():
+            module.bias.fill_(value)
 
 
 # --------------------------------------------------------------------------- amplifier at initialisation
-def sft_args(model_dir: Path, tmp: Path, tuner: str):
-    from swift.arguments import SftArguments
-    from swift.utils import parse_args
-
-    with pytest.MonkeyPatch.context() as mp:  # parsing sets TENSORBOARD_LOGGING_DIR if unset: keep it local
-        mp.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-        args, rest = parse_args(SftArguments, base_args(model_dir, train=True) + [
-            "--dataset", str(tmp / "none.jsonl"), "--output_dir", str(tmp / "out"), "--add_version", "false",
-            "--tuner_type", tuner, "--lora_rank", "4"])
-    assert not rest
-    return args
 
 
 def test_amplifier_starts_as_plain_lora_and_is_applied(tiny_model, data, tmp_path, loaded):
@@ -65,7 +61,7 @@ def test_amplifier_starts_as_plain_lora_and_is_applied(tiny_model, data, tmp_pat
         amp.gate.channel.fill_(0.5)
         gate_only = last_logits(amplified, template, batches["padded"])
         amp.gate.channel.zero_()
-        amp.attn_bias.fill_(2.0)
+        fill_betas(amp, 2.0)
         bias_only = {k: last_logits(amplified, template, rows) for k, rows in batches.items()}
         amp.enabled = False  # hooks pass through: plain LoRA again
         off = last_logits(amplified, template, batches["padded"])
@@ -80,7 +76,7 @@ def test_attention_bias_is_a_logit_bias_on_image_keys(tiny_model, loaded):
 
     amp = HighRiskAmplifier(AmplifierConfig(hidden_size=8, num_heads=2, layers=[0], visual_token_ids=[9]))
     with torch.no_grad():
-        amp.attn_bias.copy_(torch.tensor([[0.5, -1.0]]))
+        amp.attn_bias["0"].bias.copy_(torch.tensor([0.5, -1.0]))
     ids = torch.tensor([[0, 1, 9, 9, 2], [3, 9, 4, 5, 6]])
     amp._ids_hook(None, (ids,))
     hook = _AttentionHook(amp, 0)
@@ -122,7 +118,7 @@ def test_amplifier_in_generation_matches_full_forward(loaded, data):
     amp = attach_new(model, "all")
     with torch.no_grad():
         amp.gate.channel.fill_(0.3)
-        amp.attn_bias.fill_(3.0)
+    fill_betas(amp, 3.0)
     rows = [copy.deepcopy(r) for r in data["val_rows"][:2]]
     rows[1]["messages"][0]["content"] = "<image>楼道？"  # a shorter prompt: left padding
     from swift.infer_engine import InferRequest
@@ -162,7 +158,10 @@ def test_training_moves_and_saves_the_amplifier(trained):
     ckpt = run / "checkpoint-4"
     assert (ckpt / "adapter_model.safetensors").exists() and (ckpt / "amplifier_config.json").exists()
     final, middle = amplifier_tensors(ckpt), amplifier_tensors(run / "checkpoint-2")
-    for name in ("gate.channel", "gate.token_scale", "attn_bias"):
+    # One parameter per biased layer (layers 0, 1, 2 of the 3-layer model).
+    assert set(final) == {"gate.channel", "gate.token_scale", "gate.probe", "gate.probe_bias",
+                          "attn_bias.0.bias", "attn_bias.1.bias", "attn_bias.2.bias"}
+    for name in ("gate.channel", "gate.token_scale", "attn_bias.0.bias", "attn_bias.2.bias"):
         assert final[name].abs().max() > 1e-3, name      # started at exactly zero
         assert not torch.equal(final[name], middle[name]), name
 
@@ -214,6 +213,33 @@ def test_zeroed_amplifier_changes_outputs(trained, data, tmp_path):
     assert (logits - trained.captured["logits"]).abs().max() > 1e-4  # the trained amplifier was really applied
     find_amplifier(model).enabled = False  # zero weights are the identity: plain LoRA
     torch.testing.assert_close(last_logits(model, template, data["val_rows"]), logits, rtol=0, atol=1e-5)
+
+
+def test_checkpoint_of_the_earlier_layout_loads(trained, data, tmp_path):
+    """amplifier.safetensors written before one parameter per layer (one `attn_bias` tensor [layers, heads]) loads
+    row by row into the per-layer parameters: the same logits as the checkpoint it was converted from."""
+    import safetensors.torch
+
+    from swift_plugins._amplifier import AmplifierConfig, HighRiskAmplifier, find_amplifier
+    from tools.model.score import load
+
+    ckpt = tmp_path / "old"
+    shutil.copytree(trained.run / "checkpoint-4", ckpt)
+    tensors = amplifier_tensors(ckpt)
+    layers = json.loads((ckpt / "amplifier_config.json").read_text())["layers"]
+    old = {k: v for k, v in tensors.items() if not k.startswith("attn_bias.")}
+    old["attn_bias"] = torch.stack([tensors[f"attn_bias.{layer}.bias"] for layer in layers])
+    assert old["attn_bias"].abs().min() > 0  # trained values, distinct per layer and head
+    safetensors.torch.save_file(old, str(ckpt / "amplifier.safetensors"))
+    model, template, _, _ = load(["--adapters", str(ckpt), "--max_pixels", MAX_PIXELS])
+    torch.testing.assert_close(find_amplifier(model).betas(), old["attn_bias"], rtol=0, atol=0)
+    torch.testing.assert_close(last_logits(model, template, data["val_rows"]), trained.captured["logits"], rtol=0,
+                               atol=1e-5)
+    # A tensor of another shape is not silently dropped: strict loading reports it.
+    amp = HighRiskAmplifier(AmplifierConfig(hidden_size=96, num_heads=4, layers=layers, visual_token_ids=[1]))
+    wrong = dict(old, attn_bias=torch.zeros(len(layers) + 1, 4))
+    with pytest.raises(RuntimeError, match="attn_bias"):
+        amp.load_state_dict(wrong, strict=True)
 
 
 def test_resume_matches_uninterrupted_run(trained, tiny_model, data, tmp_path):

@@ -1,6 +1,8 @@
 """swift_plugins/patches/vision_attention.py against transformers' own Qwen2.5-VL vision forward, on a tiny fp32 model."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -161,3 +163,51 @@ def test_compile_failure_falls_back_to_eager(model, monkeypatch):
     finally:
         va.apply(compile="auto")
     assert torch.equal(got, expected) and va._COMPILE_ERROR
+
+
+# --------------------------------------------------------------------------- DeepSpeed ZeRO-3
+def test_zero3_partitioned_tower_falls_back_where_weights_are_read(model, monkeypatch):
+    """Every vision parameter empty except inside its owner module's forward (ZeRO-3): the patch embedding and the
+    padded MLP, which read child modules' weights directly, take transformers' forward; the attention rewrite (it
+    calls qkv and proj as modules) stays on. Same output as transformers' unpatched, unpartitioned tower."""
+    from tests.swift_plugins.support import fake_zero3
+
+    grids = [(12, 12), (16, 16)]
+    expected = vision(model, grids, "original", "conv")
+    calls = []
+    grouped = va._grouped_sdpa
+    monkeypatch.setattr(va, "_grouped_sdpa", lambda *a, **k: calls.append(1) or grouped(*a, **k))
+    with fake_zero3(model.model.visual.modules()):
+        assert model.model.visual.patch_embed.proj.weight.numel() == 0
+        got = vision(model, grids, "sdpa", "linear", "pad")
+    assert len(calls) == 4
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_zero3_gathered_weights_are_not_padded_or_read(model, monkeypatch):
+    """A ZeRO-3 parameter that happens to be gathered (prefetched) is still DeepSpeed's: the MLP padding, which
+    re-stores gate/up weights as views of a padded copy, and the patch-embedding matmul must not touch it."""
+    grids = [(12, 12)]
+    expected = vision(model, grids, "original", "conv")
+    visual = model.model.visual
+    watched = [visual.patch_embed.proj.weight] + [p for b in visual.blocks for p in b.mlp.parameters()]
+    calls = []
+
+    def spy(name, fn):
+        return lambda *a, **k: calls.append(name) or fn(*a, **k)
+
+    monkeypatch.setattr(va, "_mlp_padding", spy("pad", va._mlp_padding))
+    monkeypatch.setattr(va, "ORIGINAL_PATCH_EMBED_FORWARD", spy("embed", va.ORIGINAL_PATCH_EMBED_FORWARD))
+    monkeypatch.setattr(va, "ORIGINAL_MLP_FORWARD", spy("mlp", va.ORIGINAL_MLP_FORWARD))
+    for p in watched:
+        p.ds_id = 0
+    try:
+        got = vision(model, grids, "sdpa", "linear", "pad")
+    finally:
+        for p in watched:
+            del p.ds_id
+    assert Counter(calls) == {"embed": 1, "mlp": 4}  # transformers' Conv3d and MLP forward, no padding
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    vision(model, grids, "sdpa", "linear", "pad")  # the control: without DeepSpeed's marks both patches run
+    assert "pad" in calls and "embed" not in calls

