@@ -128,10 +128,10 @@ def make_data(data: Path, n_train: int, n_test: int, size: tuple[int, int], work
 
 
 # --------------------------------------------------------------------------- the scripts, measured
-def run_script(script: str, env: dict, logs: Path) -> dict:
+def run_script(script: str, env: dict, logs: Path, work: Path) -> dict:
     """Run one script with GPU memory sampled in the background; wall time, peak GPU MiB, the log."""
     log_path = logs / f"{script}.log"
-    mem_path = logs / f"{script}.mem"
+    mem_path = work / f"{script}.mem"
     sampler = None
     if subprocess.run(["which", "nvidia-smi"], capture_output=True).returncode == 0:
         sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
@@ -223,7 +223,7 @@ def main() -> None:
         env.update(TORCH_DTYPE="float32", USE_LIGER_KERNEL_STAGE1="false", MAX_PIXELS="50176")
     result["scripts"] = {}
     for script in ("data-pre.sh", "train.sh", "test.sh"):
-        result["scripts"][script] = run_script(script, env, out)
+        result["scripts"][script] = run_script(script, env, out, a.work)
         if result["scripts"][script]["rc"] != 0:
             break
     layout = Layout(pipeline)
