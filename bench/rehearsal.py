@@ -164,7 +164,17 @@ def train_numbers(layout: Layout) -> dict:
         amp = next((r for r in reversed(rows) if any(k.startswith("amp/") for k in r)), {})
         out[stage] = {"samples_per_s": final.get("train_samples_per_second"), "train_s": final.get("train_runtime"),
                       "steps": next((r.get("global_step") for r in reversed(rows) if "global_step" in r), None),
-                      "amplifier": {k: v for k, v in amp.items() if k.startswith("amp/")}}
+                      "amplifier_logged": {k: v for k, v in amp.items() if k.startswith("amp/")}}
+        saved = sorted(layout.run_dir(stage).glob("checkpoint-*/amplifier.safetensors"))
+        if saved:  # the state at the end (the logs hold the last logging step's)
+            import safetensors.torch
+
+            weights = safetensors.torch.load_file(str(saved[-1]))
+            out[stage]["amplifier"] = {
+                "attn_bias_absmax": max((float(v.abs().max()) for k, v in weights.items() if k.startswith("attn_bias")),
+                                        default=0.0),
+                "gate_channel_absmax": float(weights["gate.channel"].abs().max()) if "gate.channel" in weights else 0.0,
+                "gate_token_scale": float(weights["gate.token_scale"]) if "gate.token_scale" in weights else 0.0}
     return out
 
 
@@ -191,8 +201,8 @@ def table(result: dict) -> str:
     amp = t.get("stage2", {}).get("amplifier", {})
     if amp:
         rows.append("")
-        rows.append("Amplifier at the end of stage 2: " + ", ".join(f"{k[4:]} {v}" for k, v in sorted(amp.items())
-                                                                     if "absmax" in k or "gain" in k or "lr" in k))
+        rows.append("Amplifier at the end of stage 2 (its saved weights; identity is 0): "
+                    + ", ".join(f"{k} {v:.4f}" for k, v in amp.items()))
     return "\n".join(rows)
 
 

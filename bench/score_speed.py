@@ -6,7 +6,7 @@ configuration in its own process, as `tools.model.score` runs inside test.sh.
 Makes N 4032x3024 phone JPEGs (EXIF orientations as in the rehearsal), prepares them as data-pre.sh does
 (tools.data.images), and scores them with stage 1 then stage 2 in one process per configuration:
   today    SCORE_MERGE=0: the LoRA adapter applied at every linear layer (the path before merging)
-  merged   SCORE_MERGE=1: the adapter folded into the base weights in memory (the default on CUDA)
+  merged   SCORE_MERGE=1: the adapter folded into the base weights in memory (a knob, off by default)
 Reports per configuration the process wall time (start-up, loading both models, scoring), each stage's scoring
 rate, the end-to-end images/s (N / wall), the fraction of the physical floor (~20 images/s for both stages on an
 H200 at 1,280 visual tokens), and how far the probabilities move against `today` (argmax agreement, max |diff|).
