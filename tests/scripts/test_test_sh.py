@@ -4,36 +4,16 @@ with a labelled test list, the report. No model is loaded."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pytest
 
-from tests.helpers import make_official, prepare_and_compose, run_script, score_calls, value
+from tests.helpers import fake_trained, make_official, prepared, run_script, score_calls, value
 from tools.decide.fusion import FusionParams
-from tools.model.checkpoint import write_pointer
-from tools.task import LABELS, STAGES, Layout
+from tools.task import LABELS, STAGES
 
 
-@pytest.fixture
-def official(tmp_path) -> Path:
-    return make_official(tmp_path / "data", n_per_label=6)  # val 0.25: 2 per label held out, 4 left to fold
-
-
-def trained(layout: Layout, folds: int) -> dict:
-    """What train.sh leaves: a checkpoint and its pointer for each stage of each run."""
-    ckpts = {}
-    for run in ["final", *range(folds if folds > 1 else 0)]:
-        for stage in STAGES:
-            (layout.run_dir(stage, run) / "checkpoint-1").mkdir(parents=True)
-            ckpts[(run, stage)] = str(write_pointer(layout.run_dir(stage, run)))
-    return ckpts
-
-
-def test_test_sh_with_two_folds(official, tmp_path):
-    out = tmp_path / "out"
-    prepare_and_compose(official, out, "--val-ratio", "0.25", "--folds", "2")
-    layout = Layout(out)
-    ckpts = trained(layout, 2)
+def test_test_sh_with_two_folds(tmp_path):
+    out, layout = prepared(tmp_path, None, "--folds", "2")
+    ckpts = fake_trained(layout, 2)
 
     log = run_script("test.sh", tmp_path, out, "--max_batch_size", "2")
     (call,) = score_calls(tmp_path)  # one scorer process for every model
@@ -69,11 +49,9 @@ def test_test_sh_with_two_folds(official, tmp_path):
     assert "FOLDS=3, but data-pre.sh split the training data into 2 fold(s)" in log and score_calls(tmp_path) == []
 
 
-def test_test_sh_without_folds(official, tmp_path):
-    out = tmp_path / "out"
-    prepare_and_compose(official, out, "--val-ratio", "0.25")
-    layout = Layout(out)
-    ckpts = trained(layout, 1)
+def test_test_sh_without_folds(tmp_path):
+    out, layout = prepared(tmp_path)
+    ckpts = fake_trained(layout, 1)
     log = run_script("test.sh", tmp_path, out)
     (call,) = score_calls(tmp_path)
     assert call["argv"][call["argv"].index("--runs") + 1] == "final" and "folds" not in call["argv"]
@@ -88,18 +66,21 @@ def test_test_sh_without_folds(official, tmp_path):
 def test_test_sh_reports_on_a_labelled_test_list(tmp_path):
     data = make_official(tmp_path / "data", n_per_label=6)
     (data / "B.txt").write_text("".join(f"t{i}.jpg\t{label}\n" for i, label in enumerate(LABELS)), encoding="utf-8")
-    out = tmp_path / "out"
-    prepare_and_compose(data, out, "--val-ratio", "0.25")
-    layout = Layout(out)
-    trained(layout, 1)
+    out, layout = prepared(tmp_path)
+    fake_trained(layout, 1)
     log = run_script("test.sh", tmp_path, out)
     assert "report done" in log and "stage 1 alone" in log and "weighted F1" in log
     assert layout.report.exists() and layout.confusion_png.exists() and layout.reliability_png.exists()
 
 
-def test_test_sh_needs_train_sh(official, tmp_path):
-    out = tmp_path / "out"
-    prepare_and_compose(official, out)
+def test_test_sh_needs_train_sh(tmp_path):
+    out, layout = prepared(tmp_path)
     log = run_script("test.sh", tmp_path, out, rc=1)
+    for stage in STAGES:
+        assert f"{stage} ({layout.run_dir(stage)}): no trained model recorded; run train.sh" in log
+    assert "retrain (bash train.sh), or set ALLOW_STALE=1 to use them anyway" in log
+    assert score_calls(tmp_path) == [] and not layout.submission.exists()
+    # ALLOW_STALE=1 cannot conjure a model: the pointer is still missing
+    log = run_script("test.sh", tmp_path, out, rc=1, ALLOW_STALE="1")
     assert "final_checkpoint.txt not found: run train.sh first" in log
-    assert not Layout(out).submission.exists()
+    assert not layout.submission.exists()
