@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-
 from tests.helpers import fake_trained, make_official, prepared, run_script, score_calls, value
 from tools.decide.fusion import FusionParams
 from tools.task import LABELS, STAGES
