@@ -237,8 +237,9 @@ def test_a_failing_swift_leaves_the_previous_model(tmp_path):
     swift_calls(tmp_path)
     before = runs_state(layout)
     # swift crashes before saving, or exits 0 having saved nothing (the EPOCHS=0 reproduction): both fail
+    saved_nothing = "no checkpoint-N folder (did training finish? swift saved nothing)"
     for env, message in (({"FAKE_SWIFT_RC": "1", "FAKE_SWIFT_SAVE": "0"}, None),
-                         ({"FAKE_SWIFT_SAVE": "0"}, "no checkpoint-N folder (did training finish? swift saved nothing)")):
+                         ({"FAKE_SWIFT_SAVE": "0"}, saved_nothing)):
         log = run_script("train.sh", tmp_path, out, rc=1, **env)
         assert "next: bash test.sh" not in log and "stage1 checkpoint:" not in log
         assert message is None or message in log
