@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 
-from tests.helpers import fake_trained, make_official, prepared, run_script, score_calls, value
+from tests.helpers import (fake_model, fake_trained, make_official, prepared, run_data_pre, run_script, score_calls,
+                           tree_state, value)
 from tools.decide.fusion import FusionParams
-from tools.task import LABELS, STAGES
+from tools.task import LABELS, STAGES, Layout
 
 
 def test_test_sh_with_two_folds(tmp_path):
@@ -83,3 +84,31 @@ def test_test_sh_needs_train_sh(tmp_path):
     log = run_script("test.sh", tmp_path, out, rc=1, ALLOW_STALE="1")
     assert "final_checkpoint.txt not found: run train.sh first" in log
     assert not layout.submission.exists()
+
+
+def test_a_repeated_test_name_is_listed_once_with_a_warning(tmp_path):
+    """11 list lines, one a repeat: never dropped silently. data-pre.sh and the submission check warn naming both
+    lines; the submission has every image once, in the list's order, and passes validation."""
+    data = make_official(tmp_path / "data", n_per_label=6)
+    b = data / "B.txt"
+    names = b.read_text(encoding="utf-8").split()
+    b.write_text("\n".join([*names[:3], names[1], *names[3:]]) + "\n", encoding="utf-8")  # line 4 repeats line 2
+    env = {"DATA_DIR": str(data), "AUGMENT": "0", "VAL_RATIO": "0.25", "OUTPUT_DIR": str(tmp_path / "out"),
+           "MODEL_STAGE1": str(fake_model(tmp_path / "m1")), "MODEL_STAGE2": str(fake_model(tmp_path / "m2"))}
+    warning = f"warning: {b}:4: {names[1]} listed again (first on {b}:2): kept once"
+    assert warning in run_data_pre(env)
+    out = tmp_path / "out"
+    fake_trained(Layout(out))
+    log = run_script("test.sh", tmp_path, out)
+    assert warning in log and "OK: 5 images" in log
+    lines = Layout(out).submission.read_text(encoding="utf-8").splitlines()
+    assert [line.split("\t")[0] for line in lines] == names
+
+    # the same name with two labels cannot be kept once: refused, naming both lines, before anything is written
+    b.write_text("".join(f"{n}\t{label}\n" for n, label in zip(names, LABELS)) + f"{names[0]}\t{LABELS[1]}\n",
+                 encoding="utf-8")
+    before = tree_state(out)
+    log = run_data_pre(env, rc=1)
+    assert f"{b}:6: {names[0]} listed again with label '{LABELS[1]}', but {b}:1 says '{LABELS[0]}'" in log
+    assert {k: v for k, v in tree_state(out).items() if not k.startswith(".lock")} == {
+        k: v for k, v in before.items() if not k.startswith(".lock")}
