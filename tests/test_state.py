@@ -140,3 +140,25 @@ def test_cli_models_and_allow_stale(tmp_path):
     assert run_state(out, "models").returncode == 0 and run_state(out, "data").returncode == 0
     proc = run_state(out, "models", "--runs", "all")
     assert proc.returncode == 1 and b"RUNS: unknown run 'all'" in proc.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="tools/state.py stale_models compares the whole fingerprint digest, test_list "
+                   "and test_images included: a new test list (round B) on the same training data makes every model "
+                   "'stale' (retrain or ALLOW_STALE=1), though no model trained on it")
+def test_a_new_test_list_alone_keeps_the_models_current(tmp_path):
+    out, layout = prepared(tmp_path)
+    fake_trained(layout)
+    b = tmp_path / "data" / "B.txt"
+    b.write_text("\n".join(b.read_text(encoding="utf-8").split()[:4]) + "\n", encoding="utf-8")
+    prepared(tmp_path, out)
+    assert T.stale_models(layout, T.check_data(layout), STAGES, ["final"]) == []
+
+
+@pytest.mark.xfail(strict=True, reason="the split part holds FOLDS, so FOLDS=2 after FOLDS=1 makes the final models "
+                   "'stale' although their stage sets are byte for byte the same (test_stage_sets checks that): "
+                   "`RUNS=folds bash train.sh` then leaves test.sh refusing the final models")
+def test_adding_folds_keeps_the_final_models_current(tmp_path):
+    out, layout = prepared(tmp_path)
+    fake_trained(layout)
+    prepared(tmp_path, out, "--folds", "2")
+    assert T.stale_models(layout, T.check_data(layout), STAGES, ["final"]) == []
