@@ -17,7 +17,7 @@ from PIL import Image
 
 from tools.data.lists import Sample
 from tools.fileio import read_jsonl
-from tools.task import LABELS
+from tools.task import LABELS, STAGES, Layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,10 +129,18 @@ def random_probs(n: int, seed) -> np.ndarray:
 
 # --------------------------------------------------------------------------- the scripts, with fakes on PATH
 FAKE_SWIFT = """#!/usr/bin/env bash
-# Records each call's arguments (one a line, then a blank line) and makes the checkpoint train.sh looks for.
+# Records each call's arguments (one a line, then a blank line) and makes the checkpoint train.sh looks for,
+# checkpoint-$FAKE_SWIFT_STEP (default 1) in --output_dir. For calls whose --output_dir contains $FAKE_SWIFT_FOR
+# (default: every call): FAKE_SWIFT_SAVE=0 saves nothing, FAKE_SWIFT_RC=N exits N after saving (or not);
+# while the file $FAKE_SWIFT_WAIT exists, the call waits (another script can then try the output folder).
 printf '%s\\n' "$@" >> "$SWIFT_CALLS"; echo >> "$SWIFT_CALLS"
 env | grep '^FIRESAFE_' | sort >> "$SWIFT_CALLS.env"
-while [[ $# -gt 0 ]]; do [[ $1 == --output_dir ]] && mkdir -p "$2/checkpoint-1"; shift; done
+while [[ -n "${FAKE_SWIFT_WAIT:-}" && -e "$FAKE_SWIFT_WAIT" ]]; do sleep 0.1; done
+out=""
+while [[ $# -gt 0 ]]; do [[ $1 == --output_dir ]] && out=$2; shift; done
+if [[ "$out" != *"${FAKE_SWIFT_FOR:-}"* ]]; then mkdir -p "$out/checkpoint-${FAKE_SWIFT_STEP:-1}"; exit 0; fi
+[[ "${FAKE_SWIFT_SAVE:-1}" == 1 ]] && mkdir -p "$out/checkpoint-${FAKE_SWIFT_STEP:-1}"
+exit "${FAKE_SWIFT_RC:-0}"
 """
 # `python -m tools.model.score` runs FAKE_SCORE instead (no model); every other python call is the real one.
 FAKE_PYTHON = """#!/usr/bin/env bash
@@ -153,7 +161,10 @@ ours = argv[:argv.index("--")] if "--" in argv else argv
 layout = Layout(ours[ours.index("--output-dir") + 1])
 runs = ours[ours.index("--runs") + 1:]
 runs = runs[:next((i for i, a in enumerate(runs) if a.startswith("--")), len(runs))]
-jobs = jobs_for(layout, runs, int(read_json(layout.manifest).get("folds", 1)))
+try:
+    jobs = jobs_for(layout, runs, int(read_json(layout.manifest).get("folds", 1)))
+except FileNotFoundError as e:  # as tools.model.score's main reports it
+    sys.exit(f"error: {e}")
 with open(os.environ["SCORE_CALLS"], "a", encoding="utf-8") as f:
     f.write(json.dumps({"argv": argv, "jobs": [[str(c), [[str(d), str(o)] for d, o in parts]] for c, parts in jobs]})
             + "\\n")
@@ -175,7 +186,7 @@ def _recipe_knobs() -> set[str]:
 # Variables the scripts read: a value in the environment that runs the tests must not leak into them.
 SCRIPT_KNOBS = _recipe_knobs() | {"OUTPUT_DIR", "DATA_DIR", "RECIPE", "MODEL_STAGE1", "MODEL_STAGE2", "FOLDS", "RUNS",
                                   "STAGES", "SEED", "VAL_RATIO", "TEST_LIST", "TEST_LABELLED", "FUSION_PARAMS",
-                                  "EVAL_METRIC", "CUTOUTS_DIR", "PYTHONPATH"}
+                                  "EVAL_METRIC", "CUTOUTS_DIR", "PYTHONPATH", "RESUME", "ALLOW_STALE"}
 
 
 def clean_env() -> dict[str, str]:
@@ -193,26 +204,81 @@ def install_fakes(tmp_path: Path) -> Path:
     return fake
 
 
-def run_script(script: str, tmp_path: Path, out: Path, *args: str, rc: int = 0, **env: str) -> str:
-    """bash <script> with the fake swift and scorer first on PATH (then the test's own python); returns the log."""
+def script_env(tmp_path: Path, out: Path | None, **env: str) -> dict[str, str]:
+    """The environment run_script gives a script: the fakes first on PATH, OUTPUT_DIR=out (unset when out is None)."""
     fake = install_fakes(tmp_path)
     full_env = clean_env()
     full_env.update(PATH=f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}", VENV=str(tmp_path / "novenv"),
-                    OUTPUT_DIR=str(out), REAL_PYTHON=sys.executable, FAKE_SCORE=str(tmp_path / "fake_score.py"),
+                    REAL_PYTHON=sys.executable, FAKE_SCORE=str(tmp_path / "fake_score.py"),
                     SWIFT_CALLS=str(tmp_path / "swift_calls.txt"), SCORE_CALLS=str(tmp_path / "score_calls.jsonl"),
-                    **env)
-    proc = subprocess.run(["bash", str(ROOT / script), *args], env=full_env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+                    **({} if out is None else {"OUTPUT_DIR": str(out)}), **env)
+    return full_env
+
+
+def run_script(script: str, tmp_path: Path, out: Path | None, *args: str, rc: int = 0, root: Path = ROOT,
+               cwd: Path | None = None, umask: int | None = None, **env: str) -> str:
+    """bash <root>/<script> with the fake swift and scorer first on PATH (then the test's own python), from cwd
+    (default tmp_path), under `umask` if given; returns the log."""
+    proc = subprocess.run(["bash", str(root / script), *args], env=script_env(tmp_path, out, **env),
+                          cwd=cwd or tmp_path, capture_output=True, text=True, timeout=300,
+                          preexec_fn=None if umask is None else (lambda: os.umask(umask)))
     assert proc.returncode == rc, proc.stdout + proc.stderr
     return proc.stdout + proc.stderr
 
 
-def run_data_pre(env: dict[str, str], *args: str, rc: int = 0) -> str:
-    """bash data-pre.sh with the test's virtual environment (no fakes: the real tools run)."""
-    proc = subprocess.run(["bash", str(ROOT / "data-pre.sh"), *args], env={**clean_env(), "VENV": sys.prefix, **env},
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_data_pre(env: dict[str, str], *args: str, rc: int = 0, root: Path = ROOT, cwd: Path | None = None,
+                 umask: int | None = None) -> str:
+    """bash <root>/data-pre.sh with the test's virtual environment (no fakes: the real tools run), from cwd
+    (default: root), under `umask` if given."""
+    proc = subprocess.run(["bash", str(root / "data-pre.sh"), *args], env={**clean_env(), "VENV": sys.prefix, **env},
+                          cwd=cwd or root, capture_output=True, text=True, timeout=300,
+                          preexec_fn=None if umask is None else (lambda: os.umask(umask)))
     assert proc.returncode == rc, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
+
+
+def fake_model(folder: Path) -> Path:
+    """A folder that passes the model check (tools.knobs: a config.json inside); the fake swift never loads it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text("{}\n", encoding="utf-8")
+    return folder
+
+
+def prepared(tmp_path: Path, out: Path | None = None, *prepare_extra: str, recipe: str = "demo",
+             n_per_label: int = 6, data: Path | None = None) -> tuple[Path, Layout]:
+    """data-pre.sh's outputs in-process (no augmentation; val 0.25 of make_official's data unless overridden), with
+    the models tmp_path/m1 and tmp_path/m2 (fake_model); returns (output folder, its Layout)."""
+    out = out or tmp_path / "out"
+    data = data or tmp_path / "data"
+    if not (data / "train.txt").exists():
+        make_official(data, n_per_label=n_per_label)
+    prepare_and_compose(data, out, "--val-ratio", "0.25", *prepare_extra,
+                        compose_extra=("--recipe", recipe, "--model-stage1", str(fake_model(tmp_path / "m1")),
+                                       "--model-stage2", str(fake_model(tmp_path / "m2"))))
+    return out, Layout(out)
+
+
+def fake_trained(layout: Layout, folds: int = 1) -> dict:
+    """What train.sh leaves, without training: for each stage of each run a checkpoint-1, its pointer and the data
+    fingerprint of the current manifest; returns {(run, stage): checkpoint path}."""
+    from tools.model.checkpoint import write_pointer
+    from tools.state import check_data, record_trained_on
+
+    manifest = check_data(layout)
+    ckpts = {}
+    for run in ["final", *range(folds if folds > 1 else 0)]:
+        for stage in STAGES:
+            (layout.run_dir(stage, run) / "checkpoint-1").mkdir(parents=True, exist_ok=True)
+            ckpts[(run, stage)] = str(write_pointer(layout.run_dir(stage, run)))
+            record_trained_on(layout.trained_on(stage, run), manifest)
+    return ckpts
+
+
+def tree_state(folder: Path) -> dict[str, tuple[bytes | None, int]]:
+    """Every file and folder under `folder` with its bytes (None for a folder) and modification time: equal
+    before and after means nothing was written, replaced or touched."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
 
 
 def swift_calls(tmp_path: Path) -> list[list[str]]:

@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
 
 
-def run(script: str, env: dict, *args: str) -> str:
-    proc = subprocess.run(["bash", str(ROOT / script), *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+def run(script: str, env: dict, *args: str, **more_env: str) -> str:
+    proc = subprocess.run(["bash", str(ROOT / script), *args], env={**env, **more_env}, cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout
 
@@ -36,10 +36,20 @@ def test_four_scripts_on_reduced_demo(tmp_path):
     out = run("train.sh", env, "--lora_rank", "4")  # extra flags reach swift sft and override ours
     assert "stage1 (" in out and "stage2 (" in out
     for stage in ("stage1", "stage2"):
-        ckpt = Path((tmp_path / "out" / stage / "final_checkpoint.txt").read_text().strip())
+        pointer = (tmp_path / "out" / stage / "final_checkpoint.txt").read_text().strip()
+        assert pointer.startswith("checkpoint-")  # relative to the run folder
+        ckpt = layout.run_dir(stage) / pointer
         assert json.loads((ckpt / "adapter_config.json").read_text())["r"] == 4
+        assert (ckpt / "optimizer.pt").exists()  # --save_only_model false: what RESUME=1 needs
+        assert layout.trained_on(stage).exists() and not layout.run_work_dir(stage).exists()
+    out = run("train.sh", env, "--lora_rank", "4", RESUME="1")  # both finished on the current data: nothing to do
+    assert "stage1: trained on the current data, kept (RESUME=1)" in out and "stage2: trained on" in out
     out = run("test.sh", env)
     assert "weighted F1" in out and "stage 1 alone" in out
+    first = {stage: layout.probs(stage, "test").read_bytes() for stage in ("stage1", "stage2")}
+    out = run("test.sh", env)  # scored before with the same checkpoints, rows and arguments: kept
+    assert f"kept {layout.probs('stage1', 'test')}" in out and "scoring with" not in out
+    assert {stage: layout.probs(stage, "test").read_bytes() for stage in first} == first
 
     submission = tmp_path / "out" / "b-submit.txt"
     test = read_list(tmp_path / "demo" / "B.txt", tmp_path / "demo" / "B", labelled=True, check_images=False)

@@ -62,7 +62,21 @@ def test_final_run_and_fold_runs(tmp_path):
     assert layout.test_list == root / "data/split/test.txt" and layout.fold_list(2) == root / "data/split/folds/2.txt"
     assert layout.augmented_list.parent == layout.augmented_dir == root / "data/augmented"
     assert layout.oof_probs("stage1") == root / "folds/oof_stage1.csv" and layout.oof_gold.parent == layout.folds_dir
-    assert layout.submission == root / "b-submit.txt" and layout.pipeline_env == root / "pipeline.env"
+    assert layout.submission == root / "b-submit.txt" and not hasattr(layout, "pipeline_env")  # in the manifest now
+    assert layout.lock_file == root / ".lock" and layout.lock_owner == root / ".lock.owner"
+    # train.sh trains beside the run folder and swaps the work folder in: never inside it, never another run's
+    assert layout.run_work_dir("stage1") == root / "stage1.training"
+    assert layout.run_work_dir("stage2", 0) == root / "folds/0/stage2.training"
+    assert layout.trained_on("stage1", 0) == root / "folds/0/stage1/trained_on.json"
+    assert layout.probs_record("stage1", "test") == root / "stage1/test_probs.json"
+    assert layout.probs_partial("stage2", "heldout", 1) == root / "folds/1/stage2/heldout_probs.partial.csv"
+    assert task.probs_record_of(layout.probs("stage1", "val")) == layout.probs_record("stage1", "val")
+    assert task.probs_partial_of(layout.probs("stage1", "val")) == layout.probs_partial("stage1", "val")
+    for stage in STAGES:
+        for run in (FINAL, 0, 1):
+            work = layout.run_work_dir(stage, run)
+            assert work.parent == layout.run_dir(stage, run).parent
+            assert not work.is_relative_to(layout.run_dir(stage, run))
     # a fold's run never shares a folder or file with the final run's
     assert not layout.run_dir("stage1", 0).is_relative_to(layout.run_dir("stage1"))
     with pytest.raises(ValueError):
@@ -82,9 +96,9 @@ def test_cli_prints_a_path(tmp_path, capsys):
     proc = subprocess.run([sys.executable, "-m", "tools.task", "--output-dir", str(tmp_path), "train_jsonl", "stage2",
                            "final"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == str(tmp_path.resolve() / "data" / "stage2_train.jsonl")
-    proc = subprocess.run([sys.executable, "-m", "tools.task", "pipeline_env"], cwd=tmp_path, capture_output=True,
-                          text=True, env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
-    assert proc.returncode == 0 and proc.stdout.strip() == str(tmp_path.resolve() / "outputs" / "pipeline.env")
+    proc = subprocess.run([sys.executable, "-m", "tools.task", "lock_file"], cwd=tmp_path, capture_output=True,
+                          text=True, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})  # this checkout's tools
+    assert proc.returncode == 0 and proc.stdout.strip() == str(tmp_path.resolve() / "outputs" / ".lock")
 
 
 @pytest.mark.parametrize("argv, message", [

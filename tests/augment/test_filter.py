@@ -138,9 +138,9 @@ def test_the_filter_model_choice(tmp_path, monkeypatch):
     ckpt = layout.run_dir("stage1") / "checkpoint-7"  # a train.sh run before: its checkpoint is preferred
     ckpt.mkdir(parents=True)
     write_json(ckpt / "args.json", {"model": "/models/base"})
-    layout.checkpoint_pointer("stage1").write_text(f"{ckpt}\n", encoding="utf-8")
+    layout.checkpoint_pointer("stage1").write_text("checkpoint-7\n", encoding="utf-8")  # relative, as train.sh
     argv, what = F.choose_filter_model("auto", layout, "/models/base", "demo", "float32", 28224)
-    assert argv == ["--adapters", str(ckpt), "--max_pixels", "28224"] and "checkpoint" in what
+    assert argv == ["--adapters", str(ckpt.resolve()), "--max_pixels", "28224"] and "checkpoint" in what
     argv, what = F.choose_filter_model("auto", layout, "/models/other", "demo", "float32", 28224)
     assert argv[:2] == ["--model", "/models/other"] and "not /models/other" in what  # trained from another model
 

@@ -6,7 +6,7 @@ import unicodedata
 
 import pytest
 
-from tools.data.lists import class_counts, count_table, main, read_list, write_list
+from tools.data.lists import MAX_ERRORS_SHOWN, class_counts, count_table, main, parse_list, read_list, write_list
 from tools.fileio import DataError
 from tools.task import LABELS
 
@@ -40,10 +40,35 @@ def test_test_list_with_and_without_labels(tmp_path, images):
     assert with_labels[0].label == "高风险"
 
 
-def test_exact_duplicate_is_kept_once(tmp_path, images):
+def test_exact_duplicate_is_kept_once_with_a_warning_naming_both_lines(tmp_path, images, capsys):
     folder, names = images
-    lst = write_raw(tmp_path / "train.txt", f"{names[0]}\t无风险\n{names[0]}\t无风险\n")
-    assert len(read_list(lst, folder, labelled=True, progress=False)) == 1
+    lst = write_raw(tmp_path / "train.txt", f"{names[0]}\t无风险\n{names[1]}\t高风险\n{names[0]}\t无风险\n")
+    samples = read_list(lst, folder, labelled=True, progress=False)
+    assert [s.name for s in samples] == names[:2] and samples[0].source == f"{lst}:1"  # kept at its first line
+    assert capsys.readouterr().err == f"warning: {lst}:3: {names[0]} listed again (first on {lst}:1): kept once\n"
+    # the unlabelled test list the same way: never dropped silently
+    test = write_raw(tmp_path / "B.txt", f"{names[2]}\n{names[3]}\n{names[2]}\n{names[2]}\n")
+    samples, errors, warnings = parse_list(test, folder, labelled=False)
+    assert [s.name for s in samples] == [names[2], names[3]] and errors == []
+    assert warnings == [f"{test}:3: {names[2]} listed again (first on {test}:1): kept once",
+                        f"{test}:4: {names[2]} listed again (first on {test}:1): kept once"]
+
+
+def test_many_repeats_are_summarised(tmp_path, images, capsys):
+    folder, names = images
+    lst = write_raw(tmp_path / "B.txt", "".join(f"{names[0]}\n" for _ in range(MAX_ERRORS_SHOWN + 4)))
+    assert len(read_list(lst, folder, labelled=False, progress=False)) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == MAX_ERRORS_SHOWN + 1 and all(line.startswith("warning: ") for line in err)
+    assert err[-1] == f"warning: ... and 3 more repeated names in {lst}"
+
+
+def test_a_repeat_with_another_label_is_an_error_naming_both_lines(tmp_path, images):
+    folder, names = images
+    lst = write_raw(tmp_path / "B.txt", f"{names[0]}\t无风险\n{names[1]}\t中风险\n{names[0]}\t高风险\n")
+    with pytest.raises(DataError) as err:
+        read_list(lst, folder, labelled=None, progress=False)
+    assert f"{lst}:3: {names[0]} listed again with label '高风险', but {lst}:1 says '无风险'" in str(err.value)
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT
-from tools.model.checkpoint import find_checkpoint, main, pointer_of, read_pointer, write_pointer
-from tools.task import Layout
+from tests.helpers import ROOT, files_under, make_official, prepare_and_compose
+from tools.fileio import DataError
+from tools.model.checkpoint import finish, find_checkpoint, main, pointer_of, read_pointer, write_pointer
+from tools.task import POINTER, TRAINED_ON, Layout
 
 
 def make_run(run_dir, steps, best=None, state_in=None):
@@ -57,8 +58,14 @@ def test_pointer_round_trip(tmp_path):
     ckpt = write_pointer(run)
     assert ckpt == (run / "checkpoint-5").resolve()
     assert pointer_of(run) == run / "final_checkpoint.txt" == Layout(tmp_path).checkpoint_pointer("run")
-    assert pointer_of(run).read_text(encoding="utf-8") == f"{ckpt}\n"
+    assert pointer_of(run).read_text(encoding="utf-8") == "checkpoint-5\n"  # relative to the run folder
     assert read_pointer(run) == ckpt
+    # a copied run folder reads its own checkpoint, not the original's
+    import shutil
+    shutil.copytree(run, tmp_path / "copy")
+    assert read_pointer(tmp_path / "copy") == (tmp_path / "copy" / "checkpoint-5").resolve()
+    shutil.rmtree(run)
+    assert read_pointer(tmp_path / "copy") == (tmp_path / "copy" / "checkpoint-5").resolve()
 
 
 def test_read_pointer_errors(tmp_path):
@@ -66,24 +73,94 @@ def test_read_pointer_errors(tmp_path):
     run.mkdir()
     with pytest.raises(FileNotFoundError, match="final_checkpoint.txt not found: run train.sh first"):
         read_pointer(run)
-    pointer_of(run).write_text(f"{tmp_path / 'gone' / 'checkpoint-3'}\n", encoding="utf-8")
-    with pytest.raises(FileNotFoundError, match=r"names .*gone/checkpoint-3, which does not exist"):
+    pointer_of(run).write_text("checkpoint-3\n", encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match=r"names .*run/checkpoint-3, which does not exist"):
         read_pointer(run)
 
 
+@pytest.mark.parametrize("text", ["{outside}", "../other/checkpoint-3", "checkpoint-3/..", "checkpoint-3/../../other",
+                                  "checkpoint-x", ".", ""])
+def test_read_pointer_never_leads_outside_its_run_folder(tmp_path, text):
+    """An absolute pointer (an older train.sh, or a copied output folder's) or one naming anything but a
+    checkpoint-N folder of the run is refused, even when the folder it names exists."""
+    run = make_run(tmp_path / "run", [3])
+    other = make_run(tmp_path / "other", [3])
+    pointer_of(run).write_text(text.format(outside=other / "checkpoint-3") + "\n", encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint-N folder of .*run: run train.sh again"):
+        read_pointer(run)
+
+
+def test_best_checkpoint_is_looked_up_by_name_in_the_run_folder(tmp_path):
+    """trainer_state.json names the best with the path the run had while training (the work folder): after the
+    swap, or in a copied output folder, the checkpoint of that name in the run folder is the one chosen."""
+    run = make_run(tmp_path / "run", [2, 4], best=tmp_path / "run.training" / "checkpoint-2")
+    assert find_checkpoint(run) == (run / "checkpoint-2").resolve()
+
+
 def test_cli_exit_codes(tmp_path, capsys):
-    run = make_run(tmp_path / "run", [1, 3])
-    assert main(["--run-dir", str(run)]) == 0
-    assert capsys.readouterr().out.strip() == str((run / "checkpoint-3").resolve())
+    out = tmp_path / "out"
+    make_official(tmp_path / "data", n_per_label=2)
+    prepare_and_compose(tmp_path / "data", out, "--val-ratio", "0.5")
+    capsys.readouterr()
+    layout = Layout(out)
+    work, run = layout.run_work_dir("stage1"), layout.run_dir("stage1")
+    make_run(work, [1, 3])
+    assert main(["--latest", str(work)]) == 0
+    assert capsys.readouterr().out.strip() == str((work / "checkpoint-3").resolve())
+    assert main(["--finish", str(work), "--run-dir", str(run), "--output-dir", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(run / "checkpoint-3")
     assert main(["--run-dir", str(run), "--read"]) == 0
     assert capsys.readouterr().out.strip() == str((run / "checkpoint-3").resolve())
-    assert main(["--run-dir", str(tmp_path / "empty")]) == 1
+    assert main(["--latest", str(tmp_path / "empty")]) == 0 and capsys.readouterr().out == ""  # nothing to resume
+    assert main(["--finish", str(tmp_path / "empty"), "--run-dir", str(tmp_path / "r"), "--output-dir", str(out)]) == 1
     assert "no checkpoint-N folder" in capsys.readouterr().err
     assert main(["--run-dir", str(tmp_path / "empty"), "--read"]) == 1
     assert "not found: run train.sh first" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        main([])
-    assert exc.value.code == 2
+    for argv in ([], ["--run-dir", str(run)], ["--finish", str(work)], ["--read", "--latest", str(work)]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
     proc = subprocess.run([sys.executable, "-m", "tools.model.checkpoint", "--run-dir", str(run), "--read"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == str((run / "checkpoint-3").resolve())
+
+
+# --------------------------------------------------------------------------- finish: the work folder replaces the run
+def test_finish_swaps_in_the_work_folder_and_records_the_data(tmp_path):
+    out = tmp_path / "out"
+    make_official(tmp_path / "data", n_per_label=2)
+    manifest = prepare_and_compose(tmp_path / "data", out, "--val-ratio", "0.5")
+    layout = Layout(out)
+    run, work = layout.run_dir("stage1"), layout.run_work_dir("stage1")
+    assert work == out / "stage1.training" and layout.run_work_dir("stage2", 1) == out / "folds/1/stage2.training"
+    make_run(run, [7])
+    (run / "old_file").write_text("previous model")
+    make_run(work, [2, 4], best=work / "checkpoint-2")
+    assert finish(work, run, layout) == run / "checkpoint-2"
+    assert not work.exists() and not (out / "stage1.old").exists()
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2", "checkpoint-4", POINTER, TRAINED_ON]
+    assert read_pointer(run) == (run / "checkpoint-2").resolve()
+    assert json.loads(layout.trained_on("stage1").read_text(encoding="utf-8")) == {
+        "fingerprint": manifest["fingerprint"]}
+
+
+def test_finish_without_a_checkpoint_keeps_the_previous_model(tmp_path):
+    out = tmp_path / "out"
+    make_official(tmp_path / "data", n_per_label=2)
+    prepare_and_compose(tmp_path / "data", out, "--val-ratio", "0.5")
+    layout = Layout(out)
+    run, work = layout.run_dir("stage1"), layout.run_work_dir("stage1")
+    make_run(run, [7])
+    write_pointer(run)
+    before = files_under(run)
+    work.mkdir()
+    (work / "logging.jsonl").write_text("{}")  # swift ran, saved nothing (EPOCHS=0, a crash)
+    with pytest.raises(FileNotFoundError, match="no checkpoint-N folder"):
+        finish(work, run, layout)
+    assert files_under(run) == before and read_pointer(run) == (run / "checkpoint-7").resolve()
+    # the data changed since data-pre.sh: refused before anything moves
+    make_run(work, [1])
+    layout.val_jsonl("stage1").write_text("changed\n")
+    with pytest.raises(DataError, match="changed since data-pre.sh finished"):
+        finish(work, run, layout)
+    assert files_under(run) == before and (work / "checkpoint-1").is_dir()

@@ -12,11 +12,11 @@ from PIL import Image
 
 from tests.helpers import write_image
 from tools.demo.models import TinySpec, build_tiny_model, write_tokenizer
-from tools.fileio import write_jsonl
+from tools.fileio import read_json, read_jsonl, write_jsonl
 from tools.model import score as S
 from tools.model.checkpoint import write_pointer
 from tools.probs import read_probs
-from tools.task import LABELS, STAGES, Layout, label_token_ids, sft_row
+from tools.task import LABELS, STAGES, Layout, label_token_ids, probs_partial_of, probs_record_of, sft_row
 
 TINY = TinySpec(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=32, vision_depth=2,
                 pretrain_samples=0, pretrain_epochs=0)
@@ -225,3 +225,113 @@ def test_cli_refusals(tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             S.main(argv)
         assert exc.value.code == 2
+
+
+# --------------------------------------------------------------------------- resumable scoring (issue 13)
+REAL_FORWARD = S.forward_probs
+
+
+def count_forward(monkeypatch, stop_at: int | None = None) -> list[int]:
+    """Patch tools.model.score.forward_probs to record the rows of each batch it scores; the call numbered stop_at
+    (0-based) raises KeyboardInterrupt instead (Ctrl-C in the middle of a scoring)."""
+    scored: list[int] = []
+
+    def forward(model, template, batch, label_ids):
+        if stop_at is not None and len(scored) == stop_at:
+            raise KeyboardInterrupt
+        probs = REAL_FORWARD(model, template, batch, label_ids)
+        scored.append(len(probs))
+        return probs
+
+    monkeypatch.setattr(S, "forward_probs", forward)
+    return scored
+
+
+@pytest.fixture
+def scoring(loaded, rows, tmp_path, monkeypatch):
+    """One checkpoint folder (a file standing for its weights), two datasets (rows, and rows[:3]), their CSVs, and
+    tools.model.score.load patched to hand out the tiny model (its calls recorded)."""
+    model, template, label_ids = loaded
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "adapter_model.safetensors").write_bytes(b"weights")
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_jsonl(a, rows)
+    write_jsonl(b, rows[:3])
+    loads = []
+    monkeypatch.setattr(S, "load", lambda argv: loads.append(argv) or (model, template, label_ids, None))
+    monkeypatch.setenv("FIRESAFE_COMPILE", "on")  # choose_compile sets it: restored after the test
+    monkeypatch.setenv("SCORE_COMPILE", "auto")
+    jobs = [(ckpt, [(a, tmp_path / "run" / "val_probs.csv"), (b, tmp_path / "run" / "test_probs.csv")])]
+    return SimpleNamespace(ckpt=ckpt, a=a, b=b, jobs=jobs, loads=loads, val=jobs[0][1][0][1], test=jobs[0][1][1][1],
+                           argv=["--max_pixels", "3136"])
+
+
+def test_an_interrupted_scoring_continues_with_only_the_missing_rows(scoring, loaded, rows, monkeypatch, capsys):
+    model, template, label_ids = loaded
+    scored = count_forward(monkeypatch, stop_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        S.score_jobs(scoring.jobs, scoring.argv, batch_size=2, workers=0, bucket=False)
+    assert scored == [2, 2] and not scoring.val.exists()
+    partial = probs_partial_of(scoring.val)
+    lines = partial.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "# " + json.dumps(S.job_record(scoring.ckpt, scoring.a, scoring.argv), sort_keys=True)
+    assert [int(line.split(",")[0]) for line in lines[1:]] == [0, 1, 2, 3]  # appended batch by batch
+    with open(partial, "a", encoding="utf-8") as f:
+        f.write("4,0.25,0.25")  # a line cut by the interruption: not trusted
+    first = {int(line.split(",")[0]): [float(v) for v in line.split(",")[1:]] for line in lines[1:]}
+    capsys.readouterr()
+
+    scored = count_forward(monkeypatch)
+    S.score_jobs(scoring.jobs, scoring.argv, batch_size=2, workers=0, bucket=False)
+    assert scored == [2, 1] + [2, 1]  # rows 4, 5, 6 of the interrupted part, then all 3 rows of the other part
+    assert f"continuing {scoring.val}: 4 of 7 images scored before" in capsys.readouterr().out
+    names, probs = read_probs(scoring.val)
+    assert names == [Path(r["images"][0]).name for r in rows]
+    np.testing.assert_allclose(probs[:4], [first[i] for i in range(4)], rtol=0, atol=1e-6)  # kept as scored
+    full = S.score_rows(model, template, label_ids, rows, batch_size=2, progress=False, workers=0, bucket=False)
+    np.testing.assert_allclose(probs, full, rtol=0, atol=2e-5)
+    assert not partial.exists() and not probs_partial_of(scoring.test).exists()
+    assert read_json(probs_record_of(scoring.val)) == S.job_record(scoring.ckpt, scoring.a, scoring.argv)
+    assert len(scoring.loads) == 2  # once per process
+
+
+def test_a_finished_csv_is_kept_until_what_made_it_changes(scoring, monkeypatch, capsys):
+    S.score_jobs(scoring.jobs, scoring.argv, batch_size=4, workers=0)
+    csv = scoring.val.read_bytes()
+    capsys.readouterr()
+    scored = count_forward(monkeypatch)
+    S.score_jobs(scoring.jobs, scoring.argv, batch_size=4, workers=0)
+    assert scored == [] and len(scoring.loads) == 1  # nothing to score: the model is not even loaded
+    out = capsys.readouterr().out
+    assert f"kept {scoring.val} (scored before with the same checkpoint, rows and arguments)" in out
+    assert scoring.val.read_bytes() == csv
+
+    scoring.test.unlink()  # one part gone: only it is scored, with one load
+    S.score_jobs(scoring.jobs, scoring.argv, batch_size=4, workers=0)
+    assert sum(scored) == 3 and len(scoring.loads) == 2
+
+    argv = scoring.argv
+    for change in ("checkpoint", "arguments", "rows"):
+        if change == "checkpoint":  # retrained: a checkpoint file with new bytes (size and time)
+            (scoring.ckpt / "adapter_model.safetensors").write_bytes(b"retrained weights")
+        elif change == "arguments":
+            argv = [*scoring.argv, "--max_batch_size", "2"]
+        else:
+            write_jsonl(scoring.a, read_jsonl(scoring.a)[:5])
+        scored.clear()
+        S.score_jobs(scoring.jobs, argv, batch_size=4, workers=0)
+        n_a = 5 if change == "rows" else 7
+        assert sum(scored) == n_a + (0 if change == "rows" else 3), change  # both parts, or only the changed rows
+        assert read_json(probs_record_of(scoring.val)) == S.job_record(scoring.ckpt, scoring.a, argv)
+
+
+def test_a_partial_file_of_another_checkpoint_is_not_used(scoring, monkeypatch):
+    scored = count_forward(monkeypatch, stop_at=1)
+    with pytest.raises(KeyboardInterrupt):
+        S.score_jobs(scoring.jobs, scoring.argv, batch_size=2, workers=0, bucket=False)
+    assert probs_partial_of(scoring.val).exists()
+    (scoring.ckpt / "adapter_model.safetensors").write_bytes(b"retrained weights")
+    scored = count_forward(monkeypatch)
+    S.score_jobs(scoring.jobs, scoring.argv, batch_size=2, workers=0, bucket=False)
+    assert sum(scored) == 7 + 3  # every row again: the rows scored before came from the old weights

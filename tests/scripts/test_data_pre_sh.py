@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import images_of, make_official, run_data_pre
+from tests.helpers import files_under, images_of, make_official, run_data_pre
 from tools.augment.filter import cuda_available
 from tools.demo.data import make_dataset
 from tools.task import Layout
@@ -32,8 +32,9 @@ def test_data_pre_passes_folds_and_refuses_a_bad_value(official, tmp_path):
     assert "augment the training split" not in log
     assert json.loads(Layout(out).manifest.read_text(encoding="utf-8"))["folds"] == 2
     assert Layout(out).fold_list(1).exists() and Layout(out).heldout_jsonl(1).exists()
-    assert ': "${FOLDS:=2}"' in Layout(out).pipeline_env.read_text(encoding="utf-8")
-    for bad, message in (("0", "FOLDS must be a whole number >= 1 (1 = no folds), got '0'"),
+    assert json.loads(Layout(out).manifest.read_text(encoding="utf-8"))["settings"]["folds"] == 2
+    assert not (out / "pipeline.env").exists()
+    for bad, message in (("0", "FOLDS='0': expected a whole number >= 1 (1 = no folds)"),
                          ("5", "FOLDS=5 (--folds): the training split has only 4")):
         log = run_data_pre({**env, "FOLDS": bad}, "--workers", "1", rc=1)
         assert message in log
@@ -46,14 +47,20 @@ def test_data_pre_composition_knobs(official, tmp_path):
     manifest = json.loads(Layout(out).manifest.read_text(encoding="utf-8"))
     assert manifest["composition"] == {"stage1_min_share": 0.1, "stage2_high_repeat": 3, "stage2_other_ratio": 2.0}
     assert manifest["seed"] == 7 and manifest["augmentation"] is None
-    env = {**env, "STAGE1_MIN_SHARE": "0.3", "STAGE2_HIGH_REPEAT": "2", "STAGE2_OTHER_RATIO": "1.5"}
+    env = {**env, "STAGE1_MIN_SHARE": "0.15", "STAGE2_HIGH_REPEAT": "2", "STAGE2_OTHER_RATIO": "1.5"}
     run_data_pre(env)
     manifest = json.loads(Layout(out).manifest.read_text(encoding="utf-8"))
-    assert manifest["composition"] == {"stage1_min_share": 0.3, "stage2_high_repeat": 2, "stage2_other_ratio": 1.5}
-    pipeline = Layout(out).pipeline_env.read_text(encoding="utf-8")
-    assert ': "${RECIPE:=real}"' in pipeline and ': "${MODEL_STAGE1:=Qwen/Qwen2.5-VL-7B-Instruct}"' in pipeline
-    log = run_data_pre({**env, "AUGMENT": "2"}, rc=1)
-    assert "AUGMENT must be 0 or 1, got '2'" in log
+    assert manifest["composition"] == {"stage1_min_share": 0.15, "stage2_high_repeat": 2, "stage2_other_ratio": 1.5}
+    assert manifest["settings"]["recipe"] == "real"
+    assert manifest["settings"]["model_stage1"] == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert manifest["settings"]["model_stage2"] == "Qwen/Qwen2.5-VL-3B-Instruct"
+    before = files_under(out)
+    for knob, bad, accepted in (("AUGMENT", "2", "expected 0 or 1"),
+                                ("STAGE1_MIN_SHARE", "0.3", "expected empty, or a number from 0 to below 0.2"),
+                                ("STAGE2_HIGH_REPEAT", "0", "expected empty, or a whole number >= 1")):
+        log = run_data_pre({**env, knob: bad}, rc=1)
+        assert f"{knob}='{bad}': {accepted}" in log
+        assert files_under(out) == before  # refused before any step
 
 
 def test_data_pre_augment_knob(demo, tmp_path):

@@ -4,23 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
-from tests.helpers import (flag, make_official, prepare_and_compose, run_script, swift_calls, swift_env, value)
+from tests.helpers import (flag, prepared, run_script, swift_calls, swift_env, tree_state, value)
 from tools.task import HIGH_RISK, STAGES, Layout
 
 
-def write_pipeline(out: Path, recipe: str = "demo") -> None:
-    """pipeline.env as data-pre.sh writes it (no data needed: the fake swift reads none)."""
-    out.mkdir(exist_ok=True)
-    (out / "pipeline.env").write_text(f': "${{RECIPE:={recipe}}}"\n'
-                                      ': "${MODEL_STAGE1:=/m1}"\n: "${MODEL_STAGE2:=/m2}"\n')
-
-
 def run_train_sh(tmp_path: Path, *args: str, recipe: str = "demo", **env: str) -> list[list[str]]:
-    """(stage-1 argv, stage-2 argv) of one train.sh run with the final run only."""
-    out = tmp_path / "out"
-    write_pipeline(out, recipe)
+    """(stage-1 argv, stage-2 argv) of one train.sh run with the final run only, on tiny prepared data (the fake
+    swift reads none of it) with the models tmp_path/m1 and tmp_path/m2."""
+    out, _ = prepared(tmp_path, recipe=recipe)
     run_script("train.sh", tmp_path, out, *args, **env)
     return swift_calls(tmp_path)
 
@@ -42,7 +33,9 @@ def test_train_sh_uses_plugins_for_stage2_by_default(tmp_path):
         assert flag(argv, "--gradient_checkpointing") == flag(argv, "--vit_gradient_checkpointing") == ["true"]
         assert flag(argv, "--use_liger_kernel") == ["false"]
         assert flag(argv, "--max_pixels") == ["28224"] and flag(argv, "--torch_dtype") == ["float32"]
-    assert value(stage1, "--model") == "/m1" and value(stage2, "--model") == "/m2"
+    assert value(stage1, "--model") == str(tmp_path / "m1") and value(stage2, "--model") == str(tmp_path / "m2")
+    assert flag(stage1, "--save_only_model") == ["false"]  # optimizer state kept: RESUME=1 can continue a run
+    assert flag(stage1, "--resume_from_checkpoint") == []
     assert flag(stage1, "--tuner_type") == ["lora"] and flag(stage1, "--loss_type") == []
     assert flag(stage1, "--callbacks") == []
     assert flag(stage2, "--tuner_type") == ["hr_amplifier"] and flag(stage2, "--loss_type") == ["weighted_ce"]
@@ -86,50 +79,49 @@ def test_train_sh_takes_the_real_recipe(tmp_path):
 
 
 def test_train_sh_refuses_unknown_stages_and_runs(tmp_path):
-    out = tmp_path / "out"
-    write_pipeline(out)
+    out, _ = prepared(tmp_path)
+    before = tree_state(out)
     log = run_script("train.sh", tmp_path, out, rc=1, STAGES="stage1 stage3")
-    assert "unknown stage 'stage3' in STAGES" in log and swift_calls(tmp_path) == []
+    assert "STAGES='stage1 stage3': expected stage1, stage2 or both, separated by spaces" in log
+    assert swift_calls(tmp_path) == []
     log = run_script("train.sh", tmp_path, out, rc=1, RUNS="all")
-    assert "unknown run 'all' in RUNS" in log and swift_calls(tmp_path) == []
-    (out / "pipeline.env").unlink()
+    assert "RUNS='all': expected folds, final or both, separated by spaces" in log and swift_calls(tmp_path) == []
+    assert tree_state(out) == before  # refused before the lock: nothing written, not even the lock file
+    Layout(out).manifest.unlink()
     log = run_script("train.sh", tmp_path, out, rc=1)
-    assert "pipeline.env: run data-pre.sh first" in log
+    assert "manifest.json: not found: run data-pre.sh first" in log and swift_calls(tmp_path) == []
 
 
 # --------------------------------------------------------------------------- the runs, with FOLDS=2
-@pytest.fixture
-def official(tmp_path) -> Path:
-    return make_official(tmp_path / "data", n_per_label=6)  # val 0.25: 2 per label held out, 4 left to fold
-
-
-def test_train_sh_with_two_folds(official, tmp_path):
-    out = tmp_path / "out"
-    prepare_and_compose(official, out, "--val-ratio", "0.25", "--folds", "2")
-    layout = Layout(out)
+def test_train_sh_with_two_folds(tmp_path):
+    out, layout = prepared(tmp_path, None, "--folds", "2")
 
     log = run_script("train.sh", tmp_path, out, "--lora_rank", "4")
     calls = swift_calls(tmp_path)
     runs = [(0, "stage1"), (0, "stage2"), (1, "stage1"), (1, "stage2"), ("final", "stage1"), ("final", "stage2")]
     assert len(calls) == len(runs)
     for argv, (run, stage) in zip(calls, runs):
-        assert argv[:2] == ["sft", "--model"] and value(argv, "--model") == ("/m1" if stage == "stage1" else "/m2")
+        assert argv[:2] == ["sft", "--model"]
+        assert value(argv, "--model") == str(tmp_path / ("m1" if stage == "stage1" else "m2"))
         assert value(argv, "--dataset") == str(layout.train_jsonl(stage, run))
-        assert value(argv, "--output_dir") == str(layout.run_dir(stage, run))
+        assert value(argv, "--output_dir") == str(layout.run_work_dir(stage, run))  # swapped in when it holds one
         # checkpoints are chosen on the validation split, never on the held-out fold
         assert value(argv, "--val_dataset") == str(layout.val_jsonl(stage))
         assert value(argv, "--tuner_type") == ("lora" if stage == "stage1" else "hr_amplifier")
         assert argv[-2:] == ["--lora_rank", "4"]  # the user's flags reach every run
         run_dir = layout.run_dir(stage, run)
-        assert (run_dir / "final_checkpoint.txt").read_text().strip() == str(run_dir / "checkpoint-1")
+        assert (run_dir / "final_checkpoint.txt").read_text().strip() == "checkpoint-1"  # relative to run_dir
+        assert (run_dir / "checkpoint-1").is_dir() and layout.trained_on(stage, run).exists()
+        assert not layout.run_work_dir(stage, run).exists()
     assert layout.run_dir("stage1", 1) == out / "folds" / "1" / "stage1"
-    assert "stage1 (/m1, fold 1 of 2): tuner lora" in log and "stage2 (/m2): tuner hr_amplifier" in log
+    assert f"stage1 ({tmp_path / 'm1'}, fold 1 of 2): tuner lora" in log
+    assert f"stage2 ({tmp_path / 'm2'}): tuner hr_amplifier" in log
 
     # only some runs: RUNS and STAGES
     run_script("train.sh", tmp_path, out, RUNS="final")
-    assert [value(a, "--output_dir") for a in swift_calls(tmp_path)] == [str(layout.run_dir(s)) for s in STAGES]
+    assert [value(a, "--output_dir") for a in swift_calls(tmp_path)] == [str(layout.run_work_dir(s)) for s in STAGES]
     run_script("train.sh", tmp_path, out, RUNS="folds", STAGES="stage2")
-    assert [value(a, "--output_dir") for a in swift_calls(tmp_path)] == [str(layout.run_dir("stage2", i))
+    assert [value(a, "--output_dir") for a in swift_calls(tmp_path)] == [str(layout.run_work_dir("stage2", i))
                                                                          for i in range(2)]
     # a FOLDS that is not the split's fails before any training
     log = run_script("train.sh", tmp_path, out, rc=1, FOLDS="3")
@@ -137,17 +129,16 @@ def test_train_sh_with_two_folds(official, tmp_path):
     # a fold's data missing (data-pre.sh interrupted): refused before any training
     layout.heldout_jsonl(1).unlink()
     log = run_script("train.sh", tmp_path, out, rc=1)
-    assert "heldout.jsonl: not found: run data-pre.sh again" in log and swift_calls(tmp_path) == []
+    assert f"{layout.heldout_jsonl(1)}: missing since data-pre.sh finished" in log and swift_calls(tmp_path) == []
 
 
-def test_train_sh_without_folds(official, tmp_path):
-    out = tmp_path / "out"
-    prepare_and_compose(official, out, "--val-ratio", "0.25")
-    layout = Layout(out)
+def test_train_sh_without_folds(tmp_path):
+    out, layout = prepared(tmp_path)
     run_script("train.sh", tmp_path, out)
     calls = swift_calls(tmp_path)
     assert [value(a, "--dataset") for a in calls] == [str(layout.train_jsonl(s)) for s in STAGES]
-    assert [value(a, "--output_dir") for a in calls] == [str(out / s) for s in STAGES]
+    assert [value(a, "--output_dir") for a in calls] == [str(out / f"{s}.training") for s in STAGES]
+    assert [(out / s / "final_checkpoint.txt").read_text() for s in STAGES] == ["checkpoint-1\n"] * 2
     assert not layout.folds_dir.exists()
     run_script("train.sh", tmp_path, out, RUNS="folds")  # no folds to train: nothing to do
     assert swift_calls(tmp_path) == []
