@@ -36,6 +36,8 @@ AUGMENT_INSERT=${AUGMENT_INSERT:-}            # hazard-insertion copies (empty =
 AUGMENT_HAZARD_HUES=${AUGMENT_HAZARD_HUES:-}  # hues (degrees) the colour jitter keeps (empty = 0,27.3,50.2,223.3)
 CUTOUTS_DIR=${CUTOUTS_DIR:-auto}              # RGBA hazard cut-outs; auto = demo's / $DATA_DIR/cutouts; none = off
 [[ -n "$DATA_DIR" ]] && DATA_DIR=$(realpath -m "$DATA_DIR")
+[[ -n "$MODEL_STAGE1" && -e "$MODEL_STAGE1" ]] && MODEL_STAGE1=$(realpath "$MODEL_STAGE1")  # a folder, from here
+[[ -n "$MODEL_STAGE2" && -e "$MODEL_STAGE2" ]] && MODEL_STAGE2=$(realpath "$MODEL_STAGE2")
 [[ "$CUTOUTS_DIR" != auto && "$CUTOUTS_DIR" != none ]] && CUTOUTS_DIR=$(realpath -m "$CUTOUTS_DIR")
 
 cd "$(dirname "${BASH_SOURCE[0]}")"

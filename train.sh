@@ -33,6 +33,9 @@ export FIRESAFE_FOCAL_GAMMA=${FIRESAFE_FOCAL_GAMMA:-0}     # weighted_ce: focal 
 export FIRESAFE_AMP_LAYERS=${FIRESAFE_AMP_LAYERS:-auto}   # hr_amplifier: LLM layers with the attention bias
 export FIRESAFE_AMP_LR=${FIRESAFE_AMP_LR:-}               # hr_amplifier: its own learning rate (empty = 1e-2)
 
+[[ -n "${MODEL_STAGE1:-}" && -e "$MODEL_STAGE1" ]] && MODEL_STAGE1=$(realpath "$MODEL_STAGE1")  # a folder, from here
+[[ -n "${MODEL_STAGE2:-}" && -e "$MODEL_STAGE2" ]] && MODEL_STAGE2=$(realpath "$MODEL_STAGE2")
+
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source tools/common.sh
 # What data-pre.sh recorded (the environment wins), read as plain values: nothing in it runs as shell code.
@@ -95,8 +98,7 @@ for run in "${runs[@]}"; do
     of=""; [[ "$run" == final ]] || of=", fold $run of $FOLDS"
     train_set=$(path train_jsonl "$stage" "$run")
     val_set=$(path val_jsonl "$stage")
-    run_dir=$(path run_dir "$stage" "$run")
-    work_dir=$(path run_work_dir "$stage" "$run")   # replaces run_dir only once it holds a checkpoint
+    work_dir=$(path run_work_dir "$stage" "$run")   # replaces the run folder only once it holds a checkpoint
     resume_from=""
     if [[ "$RESUME" == 1 ]]; then
       if [[ ! -d "$work_dir" ]] && python -m tools.state --output-dir "$OUTPUT_DIR" models --stages "$stage" \
@@ -104,11 +106,11 @@ for run in "${runs[@]}"; do
         log "$stage$of: trained on the current data, kept (RESUME=1)"
         continue
       fi
-      resume_from=$(python -m tools.model.checkpoint --latest "$work_dir")
+      resume_from=$(python -m tools.model.checkpoint latest --output-dir "$OUTPUT_DIR" --stage "$stage" --run "$run")
       if [[ -n "$resume_from" ]]; then log "$stage$of: continuing from $resume_from (RESUME=1)"; fi
-    else
-      rm -rf "$work_dir"
     fi
+    [[ -n "$resume_from" ]] || rm -rf "$work_dir"    # an unfinished run is continued, or started afresh
+    python -m tools.model.checkpoint start --output-dir "$OUTPUT_DIR" --stage "$stage" --run "$run" >/dev/null
     plugin_flags=(--external_plugins "${PLUGINS[@]}" --tuner_type "$tuner")
     [[ -n "$loss" ]] && plugin_flags+=(--loss_type "$loss")
     [[ "$tuner" == hr_amplifier ]] && plugin_flags+=(--optimizer hr_amplifier --callbacks amplifier_stats)
@@ -155,7 +157,7 @@ for run in "${runs[@]}"; do
       --add_version false \
       ${resume_from:+--resume_from_checkpoint "$resume_from"} \
       "$@"
-    checkpoint=$(python -m tools.model.checkpoint --finish "$work_dir" --run-dir "$run_dir" --output-dir "$OUTPUT_DIR")
+    checkpoint=$(python -m tools.model.checkpoint finish --output-dir "$OUTPUT_DIR" --stage "$stage" --run "$run")
     log "$stage checkpoint: $checkpoint ($((SECONDS - stage_start)) s)"
   done
 done

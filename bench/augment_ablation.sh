@@ -23,15 +23,16 @@ for aug in 0 1; do
   rm -rf "$out"  # a stage-1 checkpoint left from an earlier run would change the AUGMENT=1 filter
   AUGMENT=$aug OUTPUT_DIR=$out bash data-pre.sh
   run_start=$SECONDS  # train and score (data-pre.sh may include building the demo models)
-  OUTPUT_DIR=$out STAGES=$STAGES bash train.sh
+  OUTPUT_DIR=$out STAGES=$STAGES ALLOW_STALE=1 bash train.sh   # stage 1 alone: no stage 2 to keep current
   if [[ " $STAGES " == *" stage2 "* && " $STAGES " == *" stage1 "* ]]; then
     OUTPUT_DIR=$out bash test.sh
   else  # stage 1 only: score the test set exactly as test.sh does for stage 1
     (
       OUTPUT_DIR=$out
-      load_pipeline
+      source recipes/demo.env                 # SCORE_BATCH_SIZE, MAX_PIXELS
+      export MAX_PIXELS
       python -m tools.model.score \
-        --checkpoint "$(python -m tools.model.checkpoint --run-dir "$(path run_dir stage1)" --read)" \
+        --checkpoint "$(python -m tools.model.checkpoint read --output-dir "$out" --stage stage1)" \
         --dataset "$(path test_jsonl)" --output "$(path probs stage1 test)" \
         --batch-size "$SCORE_BATCH_SIZE" \
         -- --max_pixels "$MAX_PIXELS"

@@ -226,7 +226,7 @@ def part_setup(a) -> None:
         build_model(name, a.work / "models" / name, tok)
     make_data(a.work / "data", a.n_train, a.n_test)
     out = a.work / "pipeline"
-    if not (out / "pipeline.env").exists():
+    if not Layout(out).manifest.exists():
         env = {**os.environ, "DATA_DIR": str(a.work / "data"), "OUTPUT_DIR": str(out), "RECIPE": RECIPE,
                "PATH": f"{shim_bin(a.work)}:{os.environ['PATH']}", "VENV": "/nonexistent",
                "AUGMENT": "0",  # augmentation is not what is measured here (and its filter would load a model)
@@ -326,8 +326,8 @@ def part_train(a) -> None:
 
 # --------------------------------------------------------------------------- inference
 def checkpoint(a, stage: str) -> str:
-    return subprocess.run([sys.executable, "-m", "tools.model.checkpoint", "--run-dir", str(Layout(a.work / "pipeline").run_dir(stage)),
-                           "--read"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run([sys.executable, "-m", "tools.model.checkpoint", "read", "--output-dir", str(a.work / "pipeline"),
+                           "--stage", stage], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def ensure_checkpoint(a, stage: str) -> str:

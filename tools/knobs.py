@@ -32,6 +32,8 @@ class Knob:
 def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
             high_open: bool = False) -> Callable[[str], bool]:
     def check(text: str) -> bool:
+        if kind is int and not re.fullmatch(r"[+-]?\d+", text.strip()):  # int() takes "1_0"; bash (( )) does not
+            return False
         try:
             value = kind(text)
         except ValueError:
@@ -99,7 +101,7 @@ KNOBS: dict[str, Knob] = {
     "DEMO_TEST": Knob("a whole number >= 5", _number(int, 5)),
     "DEMO_SEED": Knob("a whole number >= 0", _number(int, 0)),
     "DEMO_QUICK": Knob("0 or 1", _one_of("0", "1")),
-    "STAGE1_MIN_SHARE": Knob("empty, or a number from 0 to below 0.2", lambda t: t == "" or _number(float, 0, 0.2, high_open=True)(t)),
+    "STAGE1_MIN_SHARE": Knob("empty, or a number from 0 to below 1", lambda t: t == "" or _number(float, 0, 1, high_open=True)(t)),
     "STAGE2_HIGH_REPEAT": Knob("empty, or a whole number >= 1", lambda t: t == "" or _number(int, 1)(t)),
     "STAGE2_OTHER_RATIO": Knob("empty, or a number >= 0", lambda t: t == "" or _number(float, 0)(t)),
     # recipes (train.sh, test.sh, data-pre.sh)

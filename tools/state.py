@@ -72,7 +72,9 @@ PART_NAMES = {
     "train_images": "the training images", "test_images": "the test images",
     "split": "the split settings (VAL_RATIO, SEED, FOLDS)", "composition": "the stage-set settings",
     "augmentation": "the augmented copies", "recipe": "the recipe", "model_stage1": "MODEL_STAGE1",
-    "model_stage2": "MODEL_STAGE2",
+    "model_stage2": "MODEL_STAGE2", "model": "its base model (MODEL_STAGE1/2)",
+    "train_rows": "its training rows (the split, the stage-set settings or the augmented copies)",
+    "val_rows": "the validation rows",
 }
 
 
@@ -98,8 +100,23 @@ def check_data(layout: Layout) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- models
-def record_trained_on(path: str | Path, manifest: dict) -> None:
-    write_json(path, {"fingerprint": manifest["fingerprint"]})
+def run_fingerprint(layout: Layout, manifest: dict, stage: str, run: str | int) -> dict:
+    """What one run trains on, and nothing else: its training and validation rows (the split, composition and
+    copies they came from), the training images' bytes (sizes and times), its base model and the recipe. A new
+    test list, or folds added beside the final run, leave it as it is."""
+    files = manifest["files"]
+
+    def rows(path: Path) -> str:
+        return files.get(str(path.relative_to(layout.root)), "missing")
+
+    parts = manifest["fingerprint"]["parts"]
+    return fingerprint({"train_rows": rows(layout.train_jsonl(stage, run)), "val_rows": rows(layout.val_jsonl(stage)),
+                        "train_images": parts["train_images"], "model": parts[f"model_{stage}"],
+                        "recipe": parts["recipe"]})
+
+
+def record_trained_on(path: str | Path, fingerprint_: dict) -> None:
+    write_json(path, {"fingerprint": fingerprint_})
 
 
 def trained_on(path: str | Path) -> dict | None:
@@ -109,11 +126,11 @@ def trained_on(path: str | Path) -> dict | None:
 def stale_models(layout: Layout, manifest: dict, stages: Sequence[str], runs: Sequence[str | int]) -> list[str]:
     """A message for each run × stage whose model is missing or was trained on other data."""
     out = []
-    current = manifest["fingerprint"]
     for run in runs:
         for stage in stages:
             run_dir = layout.run_dir(stage, run)
             where = stage if str(run) == FINAL else f"fold {run}'s {stage}"
+            current = run_fingerprint(layout, manifest, stage, run)
             old = trained_on(layout.trained_on(stage, run))
             if old is None:
                 out.append(f"{where} ({run_dir}): no trained model recorded; run train.sh"

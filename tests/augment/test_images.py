@@ -1,4 +1,4 @@
-"""tools.augment.images: Qwen2.5-VL's resize rule, decoding at the model's size, the cut-outs."""
+"""tools.augment.images: resizing by the one size rule, decoding at the model's size, the cut-outs."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,19 +6,16 @@ import pytest
 from PIL import Image
 
 from tools.augment import images as I
+from tools.data.images import model_size
 from tools.fileio import DataError
 
 
-def test_smart_resize_matches_qwen():
-    qwen = pytest.importorskip("qwen_vl_utils.vision_process")
-    for h, w in [(960, 1280), (224, 224), (3000, 4000), (37, 1000), (1080, 1920), (20, 20), (4032, 3024)]:
-        assert I.smart_resize(h, w) == qwen.smart_resize(h, w, 28, min_pixels=3136, max_pixels=1003520)
-        assert I.smart_resize(h, w, max_pixels=28224) == qwen.smart_resize(h, w, 28, min_pixels=3136,
-                                                                            max_pixels=28224)
-    with pytest.raises(ValueError, match="aspect ratio"):
-        I.smart_resize(10, 2500)
-    with pytest.raises(ValueError, match="empty"):
-        I.smart_resize(0, 10)
+def test_resize_for_model_uses_the_one_size_rule():
+    """The augmentation resizes by tools.data.images.model_size, the rule tests/data/test_images.py checks
+    against swift itself."""
+    for h, w in [(960, 1280), (224, 224), (3000, 4000), (37, 1000), (20, 20)]:
+        img = np.zeros((h, w, 3), np.uint8)
+        assert I.resize_for_model(img, 28224).shape[:2] == model_size(h, w, 28224)
 
 
 def gradient(h: int, w: int) -> np.ndarray:
@@ -32,7 +29,7 @@ def test_load_image_is_at_the_model_size(tmp_path):
     full = I.decode_image(path)
     assert full.shape == (900, 1200, 3) and full.dtype == np.uint8
     reduced = I.decode_image(path, max_pixels=28224)  # decoded at a fraction in the DCT, never below the target
-    th, tw = I.smart_resize(900, 1200, max_pixels=28224)
+    th, tw = model_size(900, 1200, 28224)
     assert th <= reduced.shape[0] < 900 and tw <= reduced.shape[1] < 1200
     img = I.load_image(path, 28224)
     assert img.shape == (th, tw, 3)

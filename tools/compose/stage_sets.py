@@ -103,8 +103,8 @@ def compose(args: argparse.Namespace) -> dict:
     parts = {
         "train_list": digest("".join(f"{s.name}\t{s.label}\n" for s in sorted(fit + val, key=lambda s: s.name))),
         "test_list": files[str(layout.test_list.relative_to(layout.root))],
-        "train_images": images_digest(Path(record["source_train_images"]) / s.name for s in fit + val),
-        "test_images": images_digest(Path(record["source_test_images"]) / s.name for s in test),
+        "train_images": images_digest(sorted(Path(record["source_train_images"]) / s.name for s in fit + val)),
+        "test_images": images_digest(sorted(Path(record["source_test_images"]) / s.name for s in test)),
         "split": json.dumps({k: record[k] for k in ("val_ratio", "seed", "folds", "max_pixels")}, sort_keys=True),
         "composition": json.dumps(composition, sort_keys=True),
         "augmentation": "none" if not args.augment else digest(

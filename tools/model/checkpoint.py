@@ -1,15 +1,17 @@
 """Step 4's bookkeeping: the checkpoint a swift run keeps, recorded where test.sh looks.
 
-    python -m tools.model.checkpoint --finish outputs/stage1.training --run-dir outputs/stage1 --output-dir outputs
-    python -m tools.model.checkpoint --run-dir outputs/stage1 --read          # the recorded checkpoint
-    python -m tools.model.checkpoint --latest outputs/stage1.training         # where RESUME=1 continues
+    python -m tools.model.checkpoint read --output-dir outputs --stage stage1      # the recorded checkpoint
+    python -m tools.model.checkpoint start --output-dir outputs --stage stage1 --run final    # before swift sft
+    python -m tools.model.checkpoint latest --output-dir outputs --stage stage1    # where RESUME=1 continues
+    python -m tools.model.checkpoint finish --output-dir outputs --stage stage1    # after swift sft
 
-train.sh trains into a work folder (tools.task.Layout.run_work_dir). `--finish` chooses its checkpoint (the best
-by the run's metric, trainer_state.json's best_model_checkpoint, else the newest checkpoint-N), writes the
-pointer (final_checkpoint.txt, relative to the run folder) and the data fingerprint the run trained on
-(trained_on.json, from the manifest), and only then replaces the run folder with the work folder: a run that
-saved nothing fails here, and the previous model stays. A pointer never leads outside its run folder, so a copied
-output folder uses its own checkpoints.
+train.sh trains each run into a work folder (tools.task.Layout.run_work_dir). `start` records there what the run
+trains on (trained_on.json: its rows, images, base model and recipe; tools.state.run_fingerprint); `latest` gives
+the newest checkpoint to continue from, only for a run begun on the current data; `finish` chooses the checkpoint
+(the best by the run's metric, trainer_state.json's best_model_checkpoint, else the newest checkpoint-N), writes
+the pointer (final_checkpoint.txt, relative to the run folder), and only then replaces the run folder with the
+work folder: a run that saved nothing fails here, and the previous model stays. A pointer never leads outside its
+run folder, so a copied output folder uses its own checkpoints.
 """
 from __future__ import annotations
 
@@ -21,9 +23,9 @@ import sys
 from pathlib import Path
 
 from tools import cli
-from tools.fileio import DataError, write_text
-from tools.state import check_data, record_trained_on
-from tools.task import POINTER, TRAINED_ON, Layout
+from tools.fileio import DataError, read_json, write_text
+from tools.state import check_data, record_trained_on, run_fingerprint
+from tools.task import FINAL, POINTER, STAGES, TRAINED_ON, Layout
 
 
 def checkpoints(run_dir: str | Path) -> list[Path]:
@@ -73,19 +75,42 @@ def read_pointer(run_dir: str | Path) -> Path:
     return ckpt
 
 
-def latest(work_dir: str | Path) -> Path | None:
-    """The newest checkpoint of an unfinished run (what RESUME=1 continues from), or None."""
+def _recorded(work_dir: Path) -> dict | None:
+    path = work_dir / TRAINED_ON
+    return read_json(path).get("fingerprint") if path.exists() else None
+
+
+def start(layout: Layout, stage: str, run: str | int) -> Path:
+    """Record, in the run's work folder, what the run is about to train on (so RESUME=1 continues it only on the
+    same data, and finish() can tell). Returns the work folder."""
+    work_dir = layout.run_work_dir(stage, run)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    record_trained_on(work_dir / TRAINED_ON, run_fingerprint(layout, check_data(layout), stage, run))
+    return work_dir
+
+
+def latest(layout: Layout, stage: str, run: str | int) -> Path | None:
+    """The newest checkpoint of the run's unfinished work folder, if that run began on the current data (what
+    RESUME=1 continues from); None otherwise."""
+    work_dir = layout.run_work_dir(stage, run)
     found = checkpoints(work_dir)
-    return found[-1].resolve() if found else None
+    if not found:
+        return None
+    current = run_fingerprint(layout, check_data(layout), stage, run)
+    if _recorded(work_dir) != current:
+        print(f"{work_dir}: began on other data than the current (or unrecorded): not continued", file=sys.stderr)
+        return None
+    return found[-1].resolve()
 
 
-def finish(work_dir: str | Path, run_dir: str | Path, layout: Layout) -> Path:
-    """Record the work folder's checkpoint and the data it trained on, then make it the run folder. Returns the
-    checkpoint's path in the run folder."""
-    work_dir, run_dir = Path(work_dir), Path(run_dir)
-    manifest = check_data(layout)
+def finish(layout: Layout, stage: str, run: str | int) -> Path:
+    """Record the work folder's checkpoint, then make the work folder the run folder. Returns the checkpoint's
+    path in the run folder. Refuses a run whose data changed while it trained."""
+    work_dir, run_dir = layout.run_work_dir(stage, run), layout.run_dir(stage, run)
+    current = run_fingerprint(layout, check_data(layout), stage, run)
+    if _recorded(work_dir) != current:
+        raise DataError(f"{work_dir}: the data changed while this run trained (data-pre.sh ran meanwhile?): train again")
     ckpt = write_pointer(work_dir)
-    record_trained_on(work_dir / TRAINED_ON, manifest)
     old = run_dir.with_name(run_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if run_dir.exists():
@@ -97,24 +122,27 @@ def finish(work_dir: str | Path, run_dir: str | Path, layout: Layout) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = cli.parser("tools.model.checkpoint", __doc__)
-    ap.add_argument("--run-dir", help="a run folder (with --read, or the target of --finish)")
-    ap.add_argument("--read", action="store_true", help="print the recorded checkpoint")
-    ap.add_argument("--finish", metavar="WORK_DIR", help="record WORK_DIR's checkpoint and make it --run-dir")
-    ap.add_argument("--output-dir", default="outputs", help="with --finish: the pipeline output folder")
-    ap.add_argument("--latest", metavar="WORK_DIR", help="print WORK_DIR's newest checkpoint, or nothing")
+    ap.add_argument("action", choices=["read", "start", "latest", "finish"])
+    ap.add_argument("--run-dir", help="read: a run folder (or give --output-dir, --stage and --run)")
+    ap.add_argument("--output-dir", default="outputs", help="the pipeline output folder (default: %(default)s)")
+    ap.add_argument("--stage", choices=list(STAGES))
+    ap.add_argument("--run", default=FINAL, help="final (default) or a fold number")
     args = ap.parse_args(argv)
-    if sum(map(bool, (args.read, args.finish, args.latest))) != 1 or (not args.latest and not args.run_dir):
-        ap.error("give one of --run-dir DIR --read, --finish WORK_DIR --run-dir DIR, --latest WORK_DIR")
+    if not args.stage and not (args.action == "read" and args.run_dir):
+        ap.error("give --stage (and --run), or --run-dir with read")
 
     def step() -> None:
-        if args.latest:
-            found = latest(args.latest)
+        layout = Layout(args.output_dir)
+        if args.action == "read":
+            print(read_pointer(args.run_dir or layout.run_dir(args.stage, args.run)))
+        elif args.action == "start":
+            print(start(layout, args.stage, args.run))
+        elif args.action == "latest":
+            found = latest(layout, args.stage, args.run)
             if found:
                 print(found)
-        elif args.finish:
-            print(finish(args.finish, args.run_dir, Layout(args.output_dir)))
         else:
-            print(read_pointer(args.run_dir))
+            print(finish(layout, args.stage, args.run))
 
     return cli.run(step, errors=(DataError, FileNotFoundError))
 
