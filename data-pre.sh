@@ -22,6 +22,7 @@ SKIP_BAD_IMAGES=${SKIP_BAD_IMAGES:-0}         # 1: leave unreadable training ima
 STAGE1_MIN_SHARE=${STAGE1_MIN_SHARE:-}        # stage 1 repeats rare labels up to this share of its rows
 STAGE2_HIGH_REPEAT=${STAGE2_HIGH_REPEAT:-}    # stage 2 rows per 高风险 image (augmented copies first)
 STAGE2_OTHER_RATIO=${STAGE2_OTHER_RATIO:-}    # stage 2 低/无/非 images, as a multiple of the 高风险 count
+STAGE2_TARGET=${STAGE2_TARGET:-five}          # what the specialist answers: five labels | binary (高风险 vs 非高风险)
 DEMO_DATA_DIR=$(realpath -m "${DEMO_DATA_DIR:-$(dirname "${BASH_SOURCE[0]}")/data/demo}")
 DEMO_MODELS_DIR=$(realpath -m "${DEMO_MODELS_DIR:-$(dirname "${BASH_SOURCE[0]}")/.cache/demo-models}")
 DEMO_SEED=${DEMO_SEED:-0}
@@ -51,7 +52,7 @@ export MAX_PIXELS                             # the consistency filter scores at
 # data by tools.data.prepare, still before anything is written).
 python -m tools.knobs OUTPUT_DIR="$OUTPUT_DIR" DATA_DIR="$DATA_DIR" VAL_RATIO="$VAL_RATIO" SEED="$SEED" \
   FOLDS="$FOLDS" SKIP_BAD_IMAGES="$SKIP_BAD_IMAGES" STAGE1_MIN_SHARE="$STAGE1_MIN_SHARE" STAGE2_HIGH_REPEAT="$STAGE2_HIGH_REPEAT" \
-  STAGE2_OTHER_RATIO="$STAGE2_OTHER_RATIO" DEMO_SEED="$DEMO_SEED" DEMO_TRAIN="$DEMO_TRAIN" DEMO_TEST="$DEMO_TEST" \
+  STAGE2_OTHER_RATIO="$STAGE2_OTHER_RATIO" STAGE2_TARGET="$STAGE2_TARGET" DEMO_SEED="$DEMO_SEED" DEMO_TRAIN="$DEMO_TRAIN" DEMO_TEST="$DEMO_TEST" \
   DEMO_QUICK="$DEMO_QUICK" AUGMENT="$AUGMENT" AUGMENT_FILTER="$AUGMENT_FILTER" \
   AUGMENT_FILTER_RATIO="$AUGMENT_FILTER_RATIO" MAX_PIXELS="$MAX_PIXELS" TORCH_DTYPE="$TORCH_DTYPE" \
   SCORE_BATCH_SIZE="$SCORE_BATCH_SIZE" ${MODEL_STAGE1:+MODEL_STAGE1="$MODEL_STAGE1"} \
@@ -114,6 +115,7 @@ step "compose the stage sets" \
     ${STAGE1_MIN_SHARE:+--stage1-min-share "$STAGE1_MIN_SHARE"} \
     ${STAGE2_HIGH_REPEAT:+--stage2-high-repeat "$STAGE2_HIGH_REPEAT"} \
     ${STAGE2_OTHER_RATIO:+--stage2-other-ratio "$STAGE2_OTHER_RATIO"} \
+    --stage2-target "$STAGE2_TARGET" \
     --recipe "$RECIPE" \
     --model-stage1 "$MODEL_STAGE1" \
     --model-stage2 "$MODEL_STAGE2"

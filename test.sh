@@ -12,13 +12,15 @@ set -euo pipefail
 OUTPUT_DIR=$(realpath -m "${OUTPUT_DIR:-$(dirname "${BASH_SOURCE[0]}")/outputs}")  # default: outputs/ beside the scripts
 FUSION_PARAMS=${FUSION_PARAMS:-}              # fusion JSON to use as is; empty = search on held-out predictions
 ALLOW_STALE=${ALLOW_STALE:-0}                 # 1: score with models trained on other data than data-pre.sh's last run
+export PRIOR_CORRECTION=${PRIOR_CORRECTION:-1}  # 1: each model's probabilities corrected to the data's class shares
 [[ -n "$FUSION_PARAMS" ]] && FUSION_PARAMS=$(realpath -m "$FUSION_PARAMS")
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
 source tools/common.sh
 # What data-pre.sh recorded (the environment wins), read as plain values: nothing in it runs as shell code.
 { IFS= read -r -d '' recorded_recipe && IFS= read -r -d '' recorded_model1 && IFS= read -r -d '' recorded_model2 \
-    && IFS= read -r -d '' recorded_test_list && IFS= read -r -d '' recorded_labelled && IFS= read -r -d '' recorded_folds
+    && IFS= read -r -d '' recorded_test_list && IFS= read -r -d '' recorded_labelled && IFS= read -r -d '' recorded_folds \
+    && IFS= read -r -d '' recorded_stage2_target
 } < <(python -m tools.state --output-dir "$OUTPUT_DIR" settings)
 RECIPE=${RECIPE:-$recorded_recipe}
 TEST_LIST=$recorded_test_list                 # the official list: the submission is checked against it
@@ -26,7 +28,7 @@ FOLDS=${FOLDS:-$recorded_folds}               # 1 = tune fusion on validation on
 # shellcheck disable=SC1090
 source "recipes/$RECIPE.env"                  # SCORE_BATCH_SIZE, MAX_PIXELS
 export MAX_PIXELS                             # swift caps qwen_vl_utils' resize by it (tools/data/images.py)
-python -m tools.knobs ALLOW_STALE="$ALLOW_STALE" FOLDS="$FOLDS" SCORE_BATCH_SIZE="$SCORE_BATCH_SIZE" \
+python -m tools.knobs ALLOW_STALE="$ALLOW_STALE" PRIOR_CORRECTION="$PRIOR_CORRECTION" FOLDS="$FOLDS" SCORE_BATCH_SIZE="$SCORE_BATCH_SIZE" \
   MAX_PIXELS="$MAX_PIXELS"
 lock_outputs                                  # one script per output folder
 # Without torchrun swift would spread each model over every visible GPU (device_map auto): a slow pipeline.

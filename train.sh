@@ -25,6 +25,8 @@ STAGE1_TUNER=${STAGE1_TUNER:-lora}            # lora | hr_amplifier (LoRA + High
 STAGE2_TUNER=${STAGE2_TUNER:-hr_amplifier}
 STAGE1_LOSS=${STAGE1_LOSS-}                   # empty = swift's cross-entropy | weighted_ce (class-weighted, focal)
 STAGE2_LOSS=${STAGE2_LOSS-weighted_ce}
+STAGE1_TASK=${STAGE1_TASK:-causal_lm}         # causal_lm: the answer's first token | seq_cls: a classification head
+STAGE2_TASK=${STAGE2_TASK:-causal_lm}
 EVAL_METRIC=${EVAL_METRIC-weighted_f1}        # the validation metric plugin; empty = eval loss picks the checkpoint
 STAGE1_BEST_METRIC=${STAGE1_BEST_METRIC:-weighted_f1}     # what picks stage 1's checkpoint: the competition score
 STAGE2_BEST_METRIC=${STAGE2_BEST_METRIC:-high_risk_auc}   # stage 2's: what fusion uses, its 高风险-vs-rest ranking
@@ -40,7 +42,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 source tools/common.sh
 # What data-pre.sh recorded (the environment wins), read as plain values: nothing in it runs as shell code.
 { IFS= read -r -d '' recorded_recipe && IFS= read -r -d '' recorded_model1 && IFS= read -r -d '' recorded_model2 \
-    && IFS= read -r -d '' recorded_test_list && IFS= read -r -d '' recorded_labelled && IFS= read -r -d '' recorded_folds
+    && IFS= read -r -d '' recorded_test_list && IFS= read -r -d '' recorded_labelled && IFS= read -r -d '' recorded_folds \
+    && IFS= read -r -d '' recorded_stage2_target
 } < <(python -m tools.state --output-dir "$OUTPUT_DIR" settings)
 RECIPE=${RECIPE:-$recorded_recipe}
 MODEL_STAGE1=${MODEL_STAGE1:-$recorded_model1}
@@ -50,7 +53,7 @@ FOLDS=${FOLDS:-$recorded_folds}               # 1 = no fold runs
 source "recipes/$RECIPE.env"                  # the recipe's knobs below (MAX_PIXELS, LORA_RANK, ...)
 export MAX_PIXELS                             # swift caps qwen_vl_utils' resize by it (tools/data/images.py)
 python -m tools.knobs STAGES="$STAGES" RUNS="$RUNS" SEED="$SEED" RESUME="$RESUME" ALLOW_STALE="$ALLOW_STALE" \
-  FIRESAFE_AMP_LR="$FIRESAFE_AMP_LR" \
+  FIRESAFE_AMP_LR="$FIRESAFE_AMP_LR" STAGE1_TASK="$STAGE1_TASK" STAGE2_TASK="$STAGE2_TASK" \
   MODEL_STAGE1="$MODEL_STAGE1" MODEL_STAGE2="$MODEL_STAGE2" FOLDS="$FOLDS" MAX_PIXELS="$MAX_PIXELS" \
   TORCH_DTYPE="$TORCH_DTYPE" LORA_RANK="$LORA_RANK" LORA_ALPHA="$LORA_ALPHA" LORA_DROPOUT="$LORA_DROPOUT" \
   LEARNING_RATE="$LEARNING_RATE" EPOCHS_STAGE1="$EPOCHS_STAGE1" EPOCHS_STAGE2="$EPOCHS_STAGE2" \
@@ -91,13 +94,14 @@ for run in "${runs[@]}"; do
   for stage in $STAGES; do
     case $stage in
       stage1) model=$MODEL_STAGE1 epochs=$EPOCHS_STAGE1 tuner=$STAGE1_TUNER loss=$STAGE1_LOSS liger=$USE_LIGER_KERNEL_STAGE1
-              best=$STAGE1_BEST_METRIC ;;
+              best=$STAGE1_BEST_METRIC task=$STAGE1_TASK num_labels=5 ;;
       stage2) model=$MODEL_STAGE2 epochs=$EPOCHS_STAGE2 tuner=$STAGE2_TUNER loss=$STAGE2_LOSS liger=$USE_LIGER_KERNEL_STAGE2
-              best=$STAGE2_BEST_METRIC ;;
+              best=$STAGE2_BEST_METRIC task=$STAGE2_TASK num_labels=5
+              [[ "$recorded_stage2_target" == binary ]] && num_labels=2 ;;   # 高风险 or 非高风险 (STAGE2_TARGET)
     esac
     of=""; [[ "$run" == final ]] || of=", fold $run of $FOLDS"
-    train_set=$(path train_jsonl "$stage" "$run")
-    val_set=$(path val_jsonl "$stage")
+    train_set=$(path train_jsonl "$stage" "$run" "$task")
+    val_set=$(path val_jsonl "$stage" "$task")
     work_dir=$(path run_work_dir "$stage" "$run")   # replaces the run folder only once it holds a checkpoint
     resume_from=""
     if [[ "$RESUME" == 1 ]]; then
@@ -110,8 +114,9 @@ for run in "${runs[@]}"; do
       if [[ -n "$resume_from" ]]; then log "$stage$of: continuing from $resume_from (RESUME=1)"; fi
     fi
     [[ -n "$resume_from" ]] || rm -rf "$work_dir"    # an unfinished run is continued, or started afresh
-    python -m tools.model.checkpoint start --output-dir "$OUTPUT_DIR" --stage "$stage" --run "$run" >/dev/null
+    python -m tools.model.checkpoint start --output-dir "$OUTPUT_DIR" --stage "$stage" --run "$run" --task "$task" >/dev/null
     plugin_flags=(--external_plugins "${PLUGINS[@]}" --tuner_type "$tuner")
+    [[ "$task" == seq_cls ]] && plugin_flags+=(--num_labels "$num_labels")
     [[ -n "$loss" ]] && plugin_flags+=(--loss_type "$loss")
     [[ "$tuner" == hr_amplifier ]] && plugin_flags+=(--optimizer hr_amplifier --callbacks amplifier_stats)
     [[ -n "$EVAL_METRIC" ]] && plugin_flags+=(--eval_metric "$EVAL_METRIC" --metric_for_best_model "$best" --greater_is_better true)
@@ -121,6 +126,7 @@ for run in "${runs[@]}"; do
     swift sft \
       --model "$model" \
       --template qwen2_5_vl \
+      --task_type "$task" \
       --check_model false \
       --dataset "$train_set" \
       --val_dataset "$val_set" \

@@ -24,7 +24,7 @@ from swift.loss import BaseLoss, loss_map
 from swift.utils import get_logger
 
 from swift_plugins._common import (AnswerTokens, class_weights_from_env, focal_gamma_from_env)
-from tools.task import LABELS
+from tools.task import HIGH_RISK_INDEX, LABELS
 
 logger = get_logger()
 
@@ -55,14 +55,18 @@ class WeightedCrossEntropy(BaseLoss):
         return self.generative_loss(outputs, labels, num_items_in_batch, loss_scale)
 
     def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-        """seq_cls: logits [B, C], labels [B] class indices (-100 = ignore)."""
-        if torch.is_floating_point(labels) or logits.shape[-1] != len(self.class_weights):
+        """seq_cls: logits [B, C], labels [B] class indices (-100 = ignore); C = 5 (the five labels) or 2 (a binary
+        specialist: 高风险 and 非高风险, weighted 高风险's weight and 1)."""
+        if torch.is_floating_point(labels) or logits.shape[-1] not in (len(self.class_weights), 2):
             raise ValueError(f"weighted_ce with seq_cls needs single-label classification over {len(LABELS)} "
-                             f"classes (--num_labels {len(LABELS)}); got logits {tuple(logits.shape)}")
+                             f"classes (--num_labels {len(LABELS)}) or 2; got logits {tuple(logits.shape)}")
+        class_weights = self.class_weights
+        if logits.shape[-1] == 2:
+            class_weights = torch.stack([class_weights[HIGH_RISK_INDEX], torch.ones((), dtype=class_weights.dtype)])
         labels = labels.to(logits.device)
         valid = labels != -100
         ce = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="none")
-        weights = self.class_weights.to(logits.device)[labels.clamp(min=0)] * valid
+        weights = class_weights.to(logits.device)[labels.clamp(min=0)] * valid
         loss = (focal(ce, self.gamma) * weights).sum() / valid.sum().clamp(min=1)  # per-batch mean, as HF's
         # The trainer divides a custom loss by the accumulation steps only when the model takes loss kwargs;
         # otherwise do it here, as HF does for the model's own loss (num_items_in_batch would count 1-D seq_cls

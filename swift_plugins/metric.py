@@ -24,7 +24,7 @@ from swift.metrics.base import EvalMetrics
 from swift.utils import get_logger, is_master
 
 from swift_plugins._common import AnswerTokens
-from tools.report.metrics import Evaluation, evaluate
+from tools.report.metrics import Evaluation, evaluate, roc_auc
 from tools.task import HIGH_RISK_INDEX, LABELS
 
 logger = get_logger()
@@ -40,25 +40,6 @@ def task_metrics(s: Evaluation) -> dict[str, float]:
     return out
 
 
-def roc_auc(positive, score) -> float | None:
-    """ROC AUC of `score` for the boolean `positive`: P(score of a positive > score of a negative), ties counted
-    half (the Mann-Whitney U statistic from average ranks). None when either class is absent."""
-    positive, score = np.asarray(positive, dtype=bool), np.asarray(score, dtype=np.float64)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    order = np.argsort(score, kind="mergesort")
-    sorted_scores = score[order]
-    ranks = np.empty(len(score))
-    # Average rank (1-based) of each run of equal scores.
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    ends = np.r_[starts[1:], len(score)]
-    for start, end in zip(starts, ends):
-        ranks[order[start:end]] = (start + 1 + end) / 2
-    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
-
-
 class WeightedF1Metrics(EvalMetrics):
 
     def __init__(self, args, trainer):
@@ -66,7 +47,8 @@ class WeightedF1Metrics(EvalMetrics):
         self.tokens = AnswerTokens(trainer.template.tokenizer)
 
     def preprocess_logits_for_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """[B, 2 + 5] float: (predicted label index, gold label index or -1, p of each label in LABELS order)."""
+        """[B, 2 + K] float: (predicted label index, gold label index or -1, p of each label): K = 5 in LABELS
+        order, or K = 2 for a binary head (高风险, 非高风险)."""
         if isinstance(logits, (list, tuple)):
             logits = logits[0]
         if logits.dim() == 2:  # seq_cls: class logits, class labels
@@ -83,8 +65,10 @@ class WeightedF1Metrics(EvalMetrics):
 
     def compute_metrics(self, eval_prediction) -> dict[str, float]:
         predictions = np.asarray(eval_prediction.predictions, dtype=np.float64)
-        # [N, 7] from preprocess_logits_for_metrics; [N, 2] (prediction, gold) pairs alone give no AUC.
-        width = 2 + len(LABELS) if predictions.ndim == 2 and predictions.shape[-1] == 2 + len(LABELS) else 2
+        # [N, 7] (or [N, 4], a binary head) from preprocess_logits_for_metrics; [N, 2] (prediction, gold) pairs
+        # alone give no AUC.
+        widths = (2 + len(LABELS), 2 + 2)
+        width = predictions.shape[-1] if predictions.ndim == 2 and predictions.shape[-1] in widths else 2
         rows = predictions.reshape(-1, width)
         rows = rows[rows[:, 1] >= 0]  # rows whose answer is not one of the labels, and DDP padding (-100)
         if len(rows) == 0:

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from tools import cli
-from tools.fileio import DataError, read_json, write_json
-from tools.task import FINAL, STAGES, Layout
+from tools.fileio import DataError, read_json, read_jsonl, write_json
+from tools.task import FINAL, NOT_HIGH_RISK, STAGES, TARGETS, Layout
 
-SETTINGS = ("recipe", "model_stage1", "model_stage2", "test_list", "test_labelled", "folds")
+SETTINGS = ("recipe", "model_stage1", "model_stage2", "test_list", "test_labelled", "folds", "stage2_target")
 
 
 def digest(data: bytes | str) -> str:
@@ -100,7 +100,7 @@ def check_data(layout: Layout) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- models
-def run_fingerprint(layout: Layout, manifest: dict, stage: str, run: str | int) -> dict:
+def run_fingerprint(layout: Layout, manifest: dict, stage: str, run: str | int, task: str = "causal_lm") -> dict:
     """What one run trains on, and nothing else: its training and validation rows (the split, composition and
     copies they came from), the training images' bytes (sizes and times), its base model and the recipe. A new
     test list, or folds added beside the final run, leave it as it is."""
@@ -110,17 +110,45 @@ def run_fingerprint(layout: Layout, manifest: dict, stage: str, run: str | int) 
         return files.get(str(path.relative_to(layout.root)), "missing")
 
     parts = manifest["fingerprint"]["parts"]
-    return fingerprint({"train_rows": rows(layout.train_jsonl(stage, run)), "val_rows": rows(layout.val_jsonl(stage)),
+    return fingerprint({"train_rows": rows(layout.train_jsonl(stage, run, task)),
+                        "val_rows": rows(layout.val_jsonl(stage, task)),
                         "train_images": parts["train_images"], "model": parts[f"model_{stage}"],
                         "recipe": parts["recipe"]})
 
 
-def record_trained_on(path: str | Path, fingerprint_: dict) -> None:
-    write_json(path, {"fingerprint": fingerprint_})
+def stage_target(manifest: dict, stage: str) -> str:
+    """What a stage answers: stage 1 the five labels, stage 2 what STAGE2_TARGET chose (five or binary)."""
+    return manifest.get("composition", {}).get("stage2_target", "five") if stage == "stage2" else "five"
+
+
+def class_shares(layout: Layout, manifest: dict, stage: str, run: str | int, task: str = "causal_lm") -> dict:
+    """The stage's class shares in its training rows ("trained") and in the training split's images ("real",
+    the data's own shares), over the stage's labels: what prior correction turns the one into the other."""
+    labels, _ = TARGETS[stage_target(manifest, stage)]
+    counts = dict.fromkeys(labels, 0)
+    for row in read_jsonl(layout.train_jsonl(stage, run, task)):
+        answer = labels[row["label"]] if "label" in row else row["messages"][-1]["content"]
+        counts[answer] += 1
+    real = dict.fromkeys(labels, 0)
+    for label, n in manifest["counts"]["train"].items():
+        real[label if label in real else NOT_HIGH_RISK] += n
+    total_t, total_r = max(1, sum(counts.values())), max(1, sum(real.values()))
+    return {"labels": list(labels), "trained": [counts[x] / total_t for x in labels],
+            "real": [real[x] / total_r for x in labels]}
+
+
+def record_trained_on(path: str | Path, fingerprint_: dict, **model: object) -> None:
+    """trained_on.json: the run's fingerprint and what its model is (task, labels, prompt, class shares)."""
+    write_json(path, {"fingerprint": fingerprint_, **model})
 
 
 def trained_on(path: str | Path) -> dict | None:
     return read_json(path)["fingerprint"] if Path(path).exists() else None
+
+
+def model_record(path: str | Path) -> dict:
+    """What trained_on.json says of the model (empty for a run trained before it was recorded)."""
+    return {k: v for k, v in read_json(path).items() if k != "fingerprint"} if Path(path).exists() else {}
 
 
 def stale_models(layout: Layout, manifest: dict, stages: Sequence[str], runs: Sequence[str | int]) -> list[str]:
@@ -130,7 +158,8 @@ def stale_models(layout: Layout, manifest: dict, stages: Sequence[str], runs: Se
         for stage in stages:
             run_dir = layout.run_dir(stage, run)
             where = stage if str(run) == FINAL else f"fold {run}'s {stage}"
-            current = run_fingerprint(layout, manifest, stage, run)
+            current = run_fingerprint(layout, manifest, stage, run,
+                                      model_record(layout.trained_on(stage, run)).get("task", "causal_lm"))
             old = trained_on(layout.trained_on(stage, run))
             if old is None:
                 out.append(f"{where} ({run_dir}): no trained model recorded; run train.sh"

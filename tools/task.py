@@ -36,6 +36,19 @@ PROMPT = (
     + "。"
 )
 IMAGE_TAG = "<image>"  # swift's placeholder: one per image in the user turn.
+# The specialist's other target (STAGE2_TARGET=binary): 高风险 or not. Its first tokens (高, 非) differ as well.
+NOT_HIGH_RISK = "非高风险"
+BINARY_LABELS: tuple[str, ...] = (HIGH_RISK, NOT_HIGH_RISK)
+BINARY_PROMPT = (f"请判断图中楼道是否有高风险消防隐患（{LABEL_DEFINITIONS[HIGH_RISK]}），只回答以下两个标签之一："
+                 f"{HIGH_RISK}；{NOT_HIGH_RISK}。")
+TARGETS = {"five": (LABELS, PROMPT), "binary": (BINARY_LABELS, BINARY_PROMPT)}  # a stage's answers and prompt
+
+
+def answer_for(label: str, target: str) -> str:
+    """What a stage with `target` answers for an image of `label` (binary: 高风险 or 非高风险)."""
+    if target == "five":
+        return label
+    return HIGH_RISK if label == HIGH_RISK else NOT_HIGH_RISK
 # The answer is the bare label. The five labels start with distinct characters, so the first answer token
 # alone identifies the label (checked against the tokenizer by label_token_ids).
 
@@ -52,12 +65,21 @@ POINTER = "final_checkpoint.txt"  # in a run folder: the checkpoint train.sh cho
 TRAINED_ON = "trained_on.json"  # in a run folder: the data fingerprint the run trained on
 
 
-def label_token_ids(tokenizer) -> list[int]:
+def label_token_ids(tokenizer, labels: tuple[str, ...] = LABELS) -> list[int]:
     """The first token of each label; they must differ, or one forward pass could not tell them apart."""
-    ids = [tokenizer.encode(label, add_special_tokens=False)[0] for label in LABELS]
+    ids = [tokenizer.encode(label, add_special_tokens=False)[0] for label in labels]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"labels share a first token under this tokenizer: {dict(zip(LABELS, ids))}")
+        raise ValueError(f"labels share a first token under this tokenizer: {dict(zip(labels, ids))}")
     return ids
+
+
+TASKS = ("causal_lm", "seq_cls")  # swift's --task_type: the answer's first token, or a classification head
+
+
+def _task_suffix(task: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    return "" if task == "causal_lm" else f".{task}"
 
 
 def probs_record_of(csv: str | Path) -> Path:
@@ -142,11 +164,12 @@ class Layout:
         return self.augmented_dir / "contact_sheet.png"
 
     # ------------------------------------------------------------------ compose (tools.compose.stage_sets)
-    def train_jsonl(self, stage: str, run: str | int = FINAL) -> Path:
-        return self._data_run(run) / f"{stage}_train.jsonl"
+    def train_jsonl(self, stage: str, run: str | int = FINAL, task: str = "causal_lm") -> Path:
+        """The stage's training rows: answers as text (causal_lm) or class indices for a head (seq_cls)."""
+        return self._data_run(run) / f"{stage}_train{_task_suffix(task)}.jsonl"
 
-    def val_jsonl(self, stage: str) -> Path:
-        return self.data_dir / f"{stage}_val.jsonl"
+    def val_jsonl(self, stage: str, task: str = "causal_lm") -> Path:
+        return self.data_dir / f"{stage}_val{_task_suffix(task)}.jsonl"
 
     @property
     def test_jsonl(self) -> Path:
@@ -239,17 +262,22 @@ class Layout:
         return self.root / "reliability.png"
 
 
-def user_message() -> dict:
-    return {"role": "user", "content": IMAGE_TAG + PROMPT}
+def user_message(prompt: str = PROMPT) -> dict:
+    return {"role": "user", "content": IMAGE_TAG + prompt}
 
 
-def sft_row(image_path: str | Path, label: str | None) -> dict:
-    """One swift JSONL row; without a label it is an inference row (no assistant turn). The image path is made
+def sft_row(image_path: str | Path, answer: str | None, prompt: str = PROMPT) -> dict:
+    """One swift JSONL row; without an answer it is an inference row (no assistant turn). The image path is made
     absolute without following symlinks: the file name stays the one the list gives (rows are named by it)."""
-    messages = [user_message()]
-    if label is not None:
-        messages.append({"role": "assistant", "content": label})
+    messages = [user_message(prompt)]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
     return {"messages": messages, "images": [os.path.abspath(image_path)]}
+
+
+def cls_row(image_path: str | Path, label_index: int, prompt: str = PROMPT) -> dict:
+    """One swift JSONL row for --task_type seq_cls: the question only, and the class index as `label`."""
+    return {"messages": [user_message(prompt)], "images": [os.path.abspath(image_path)], "label": int(label_index)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@
 Reads <output-dir>/stage1/test_probs.csv and stage2/test_probs.csv (tools.model.score), checks that both cover
 the test list's readable images exactly, in order, fuses them (tools.decide.fusion), and writes atomically:
   b-submit.txt       image<TAB>label, the test list's order, no header
-  probabilities.csv  per image: both stages' vectors, the fused vector and the label
+  probabilities.csv  per image: stage 1's vector, stage 2's p(高风险), the fused vector and the label
 A test image data-pre.sh could not read (manifest.json's bad_test_images) is never lost: it gets the fallback,
 the training split's class shares as probabilities and so its most common label, with a warning naming it.
 When the test list carries labels, prints the weighted F1, per-class P/R/F1 and the confusion matrix for
@@ -47,16 +47,17 @@ def fuse_test(output_dir: str | Path, fusion_params: str | Path | None = None, q
     params_path = Path(fusion_params) if fusion_params else layout.fusion_params
     params = FusionParams.load(params_path) if params_path.exists() else FusionParams()
     prior = fallback_probs(manifest)
-    p1, p2, fused = (np.tile(prior, (len(names), 1)) for _ in range(3))
+    p1, fused = (np.tile(prior, (len(names), 1)) for _ in range(2))
+    p2_high = np.full(len(names), prior[HIGH_RISK_INDEX])
     rows = [i for i, name in enumerate(names) if name not in bad]
     p1[rows] = aligned_probs(layout.probs("stage1", "test"), scored, "the readable test images")
-    p2[rows] = aligned_probs(layout.probs("stage2", "test"), scored, "the readable test images")
-    fused[rows] = fuse(p1[rows], p2[rows, HIGH_RISK_INDEX], params)
+    p2_high[rows] = aligned_probs(layout.probs("stage2", "test"), scored, "the readable test images")[:, HIGH_RISK_INDEX]
+    fused[rows] = fuse(p1[rows], p2_high[rows], params)
     labels = [LABELS[i] for i in fused.argmax(1)]  # an unreadable image: the training split's most common label
     for name, reason in bad.items():
         print(f"warning: {name}: unreadable ({reason}): fallback label {LABELS[int(prior.argmax())]}", file=sys.stderr)
     write_submission(layout.submission, names, labels)
-    write_probabilities(layout.probabilities, names, p1, p2, fused, labels)
+    write_probabilities(layout.probabilities, names, p1, p2_high, fused, labels)
     result = {"submission": str(layout.submission), "n": len(names), "fusion": params}
     if not quiet:
         print(f"fusion: beta {params.beta:g}, offsets {params.offsets}"

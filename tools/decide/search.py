@@ -45,7 +45,9 @@ from tools.task import HIGH_RISK_INDEX, LABEL_TO_INDEX, LABELS, STAGES, Layout
 
 N = len(LABELS)
 BETAS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
-OFFSETS_WIDE: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)
+# Up to ±2 nats: prior correction (tools.model.prior) already undoes the rebalanced rows' shares (up to ln 10 for
+# 高风险), so the offsets only fine-tune; ±2 still covers what an uncorrected model (PRIOR_CORRECTION=0) needs.
+OFFSETS_WIDE: tuple[float, ...] = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
 OFFSETS_NARROW: tuple[float, ...] = (-0.5, 0.0, 0.5)
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from tools import cli
 from tools.fileio import DataError, read_json, write_text
-from tools.state import check_data, record_trained_on, run_fingerprint
-from tools.task import FINAL, POINTER, STAGES, TRAINED_ON, Layout
+from tools.state import check_data, class_shares, record_trained_on, run_fingerprint, stage_target
+from tools.task import FINAL, POINTER, STAGES, TARGETS, TASKS, TRAINED_ON, Layout
 
 
 def checkpoints(run_dir: str | Path) -> list[Path]:
@@ -80,13 +80,24 @@ def _recorded(work_dir: Path) -> dict | None:
     return read_json(path).get("fingerprint") if path.exists() else None
 
 
-def start(layout: Layout, stage: str, run: str | int) -> Path:
+def start(layout: Layout, stage: str, run: str | int, task: str = "causal_lm") -> Path:
     """Record, in the run's work folder, what the run is about to train on (so RESUME=1 continues it only on the
-    same data, and finish() can tell). Returns the work folder."""
+    same data, and finish() can tell) and what its model will be: the task (a text answer or a head), the
+    labels and prompt of its target, the class shares of its rows and of the data (prior correction,
+    tools.model.score). Returns the work folder."""
     work_dir = layout.run_work_dir(stage, run)
     work_dir.mkdir(parents=True, exist_ok=True)
-    record_trained_on(work_dir / TRAINED_ON, run_fingerprint(layout, check_data(layout), stage, run))
+    manifest = check_data(layout)
+    labels, prompt = TARGETS[stage_target(manifest, stage)]
+    record_trained_on(work_dir / TRAINED_ON, run_fingerprint(layout, manifest, stage, run, task), task=task,
+                      labels=list(labels), prompt=prompt,
+                      class_shares=class_shares(layout, manifest, stage, run, task))
     return work_dir
+
+
+def _task(work_dir: Path) -> str:
+    path = work_dir / TRAINED_ON
+    return read_json(path).get("task", "causal_lm") if path.exists() else "causal_lm"
 
 
 def latest(layout: Layout, stage: str, run: str | int) -> Path | None:
@@ -96,7 +107,7 @@ def latest(layout: Layout, stage: str, run: str | int) -> Path | None:
     found = checkpoints(work_dir)
     if not found:
         return None
-    current = run_fingerprint(layout, check_data(layout), stage, run)
+    current = run_fingerprint(layout, check_data(layout), stage, run, _task(work_dir))
     if _recorded(work_dir) != current:
         print(f"{work_dir}: began on other data than the current (or unrecorded): not continued", file=sys.stderr)
         return None
@@ -107,7 +118,7 @@ def finish(layout: Layout, stage: str, run: str | int) -> Path:
     """Record the work folder's checkpoint, then make the work folder the run folder. Returns the checkpoint's
     path in the run folder. Refuses a run whose data changed while it trained."""
     work_dir, run_dir = layout.run_work_dir(stage, run), layout.run_dir(stage, run)
-    current = run_fingerprint(layout, check_data(layout), stage, run)
+    current = run_fingerprint(layout, check_data(layout), stage, run, _task(work_dir))
     if _recorded(work_dir) != current:
         raise DataError(f"{work_dir}: the data changed while this run trained (data-pre.sh ran meanwhile?): train again")
     ckpt = write_pointer(work_dir)
@@ -127,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-dir", default="outputs", help="the pipeline output folder (default: %(default)s)")
     ap.add_argument("--stage", choices=list(STAGES))
     ap.add_argument("--run", default=FINAL, help="final (default) or a fold number")
+    ap.add_argument("--task", choices=list(TASKS), default="causal_lm", help="start: the run's --task_type")
     args = ap.parse_args(argv)
     if not args.stage and not (args.action == "read" and args.run_dir):
         ap.error("give --stage (and --run), or --run-dir with read")
@@ -136,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "read":
             print(read_pointer(args.run_dir or layout.run_dir(args.stage, args.run)))
         elif args.action == "start":
-            print(start(layout, args.stage, args.run))
+            print(start(layout, args.stage, args.run, args.task))
         elif args.action == "latest":
             found = latest(layout, args.stage, args.run)
             if found:

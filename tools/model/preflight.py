@@ -22,7 +22,7 @@ from pathlib import Path
 from tools import cli
 from tools.fileio import DataError, read_jsonl
 from tools.state import check_data, runs_of
-from tools.task import HIGH_RISK, LABELS, Layout
+from tools.task import HIGH_RISK, Layout
 
 FLASH = ("flash_attn", "flash_attention_2", "flash_attention_3")
 
@@ -89,16 +89,16 @@ def set_problems(layout: Layout, stage: str, run) -> list[str]:
     path = layout.train_jsonl(stage, run)
     if not path.exists():
         return [f"{path}: not found: run data-pre.sh"]
-    labels = Counter(row["messages"][-1]["content"] for row in read_jsonl(path) if row["messages"][-1]["role"] == "assistant")
-    if not labels:
+    answers = Counter(row["messages"][-1]["content"] for row in read_jsonl(path) if row["messages"][-1]["role"] == "assistant")
+    if not answers:
         return [f"{where} ({path}) is empty"]
     out = []
-    if stage == "stage2" and not labels[HIGH_RISK]:
+    if stage == "stage2" and not answers[HIGH_RISK]:
         out.append(f"{where} ({path}) has no {HIGH_RISK} row: the specialist has nothing to learn (the training split "
                    f"holds no {HIGH_RISK} image); add some, or train stage 1 alone (STAGES=stage1) and submit with "
                    "FUSION_PARAMS set to an identity fusion")
-    if len([label for label in LABELS if labels[label]]) < 2:
-        out.append(f"{where} ({path}) holds one label only ({', '.join(labels)}): nothing to tell apart")
+    if len(answers) < 2:
+        out.append(f"{where} ({path}) holds one answer only ({', '.join(answers)}): nothing to tell apart")
     return out
 
 

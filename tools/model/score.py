@@ -34,16 +34,20 @@ from tqdm import tqdm
 
 from tools import cli
 from tools.fileio import DataError, read_json, read_jsonl, write_json
+from tools.model import prior
 from tools.model.checkpoint import read_pointer
 from tools.model.shm import use_files_if_shm_is_small
 from tools.probs import write_probs
-from tools.state import file_digest, images_digest
-from tools.task import FINAL, LABELS, STAGES, Layout, label_token_ids, probs_partial_of, probs_record_of
+from tools.state import file_digest, images_digest, model_record
+from tools.task import (FINAL, LABELS, PROMPT, STAGES, TRAINED_ON, Layout, label_token_ids, probs_partial_of,
+                        probs_record_of, user_message)
 
 
-def load(swift_argv: list[str], merge: bool | None = None):
+def load(swift_argv: list[str], merge: bool | None = None, labels: tuple[str, ...] = LABELS):
     """(model, template, label ids, swift's InferArguments) prepared by swift from `swift infer`-style arguments.
-    With merge (default: merge_wanted) a LoRA adapter is folded into the base weights in memory."""
+    The label ids are the first tokens of `labels`, or None for a model with a classification head
+    (--task_type seq_cls: its logits are the classes). With merge (default: merge_wanted) a LoRA adapter is
+    folded into the base weights in memory."""
     from swift.arguments import InferArguments
     from swift.pipelines.utils import prepare_model_template
     from swift.utils import parse_args
@@ -57,7 +61,8 @@ def load(swift_argv: list[str], merge: bool | None = None):
         model = merge_lora(model)
         template.model = model
     template.set_mode("transformers")  # inference encoding: no answer, left padding
-    return model, template, label_token_ids(template.tokenizer), args
+    head = getattr(args, "task_type", "causal_lm") == "seq_cls"
+    return model, template, None if head else label_token_ids(template.tokenizer, labels), args
 
 
 def merge_wanted(model) -> bool:
@@ -122,8 +127,8 @@ class _Encoded:
     With `pixel_dtype` the pixel values travel in the model's dtype: half the bytes, the same values (the
     vision tower casts them to its dtype first thing)."""
 
-    def __init__(self, template, rows: list[dict], pixel_dtype=None):
-        self.template, self.rows, self.pixel_dtype = template, rows, pixel_dtype
+    def __init__(self, template, rows: list[dict], pixel_dtype=None, prompt: str | None = None):
+        self.template, self.rows, self.pixel_dtype, self.prompt = template, rows, pixel_dtype, prompt
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -132,8 +137,10 @@ class _Encoded:
         from swift.infer_engine import InferRequest
 
         row = self.rows[i]
-        encoded = self.template.encode(InferRequest(messages=[m for m in row["messages"] if m["role"] != "assistant"],
-                                                    images=row.get("images", [])))
+        # the question the model was trained with (a binary specialist has its own), else the row's
+        messages = ([user_message(self.prompt)] if self.prompt is not None
+                    else [m for m in row["messages"] if m["role"] != "assistant"])
+        encoded = self.template.encode(InferRequest(messages=messages, images=row.get("images", [])))
         if self.pixel_dtype is not None:
             for key in ("pixel_values", "pixel_values_videos"):
                 if key in encoded and encoded[key].is_floating_point():
@@ -175,13 +182,16 @@ def inference_context(model, autocast: bool | None = None):
 
 
 def forward_probs(model, template, batch: dict, label_ids):
-    """[batch, 5] label probabilities of one collated batch (call inside inference_context)."""
+    """[batch, K] label probabilities of one collated batch (call inside inference_context): the first answer
+    token's distribution over the K labels' first tokens, or with label_ids None a classification head's softmax."""
     import torch
     from swift.utils import to_device
 
     inputs = to_device(batch, model.device)
     _, inputs = template.pre_forward_hook(model, None, inputs)
     inputs.pop("labels", None)
+    if label_ids is None:  # seq_cls: one logit per class, pooled at the last token
+        return torch.softmax(model(**inputs).logits.float(), -1)
     logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()
     index = torch.as_tensor(label_ids, device=logits.device)
     return torch.softmax(logits[:, index], -1)
@@ -189,15 +199,17 @@ def forward_probs(model, template, batch: dict, label_ids):
 
 def score_rows(model, template, label_ids: list[int], rows: list[dict], batch_size: int = 8,
                progress: bool = True, workers: int | None = None, bucket: bool = True,
-               done: dict[int, np.ndarray] | None = None, on_batch=None) -> np.ndarray:
-    """[len(rows), 5] probabilities, in the order of `rows`; rows are swift JSONL rows (an assistant turn, if
-    any, is ignored). `workers` encode batches ahead of the forward pass (default: default_workers);
-    `bucket` batches rows of equal image size together. `done` holds rows already scored (row index ->
-    probabilities), which are not scored again; on_batch(indices, probabilities) sees each new batch."""
+               done: dict[int, np.ndarray] | None = None, on_batch=None, prompt: str | None = None,
+               n_labels: int = len(LABELS)) -> np.ndarray:
+    """[len(rows), n_labels] probabilities, in the order of `rows`; rows are swift JSONL rows (an assistant turn,
+    if any, is ignored; with `prompt` the question is that prompt instead of the row's). `workers` encode batches
+    ahead of the forward pass (default: default_workers); `bucket` batches rows of equal image size together.
+    `done` holds rows already scored (row index -> probabilities), which are not scored again;
+    on_batch(indices, probabilities) sees each new batch."""
     import torch
     from torch.utils.data import DataLoader
 
-    out = np.zeros((len(rows), len(LABELS)), dtype=np.float64)
+    out = np.zeros((len(rows), n_labels), dtype=np.float64)
     for i, p in (done or {}).items():
         out[i] = p
     todo = [i for i in range(len(rows)) if i not in (done or {})]
@@ -209,7 +221,7 @@ def score_rows(model, template, label_ids: list[int], rows: list[dict], batch_si
     order = [i for i in (bucket_order(rows) if bucket else range(len(rows))) if i not in (done or {})]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     pixel_dtype = model.dtype if use_autocast(model) else None
-    loader = DataLoader(_Encoded(template, rows, pixel_dtype), batch_sampler=batches, collate_fn=template.data_collator,
+    loader = DataLoader(_Encoded(template, rows, pixel_dtype, prompt), batch_sampler=batches, collate_fn=template.data_collator,
                         num_workers=min(workers, len(batches)), prefetch_factor=4 if workers else None,
                         pin_memory=workers > 0 and torch.cuda.is_available())
     with inference_context(model):
@@ -252,15 +264,26 @@ def jobs_for(layout: Layout, runs: list[str], folds: int) -> list[tuple[Path, li
     return jobs
 
 
-def job_record(checkpoint: Path, dataset: Path, swift_argv: list[str]) -> dict:
-    """What a probability CSV depends on: the checkpoint's files (names, sizes, times), the rows, the arguments."""
+def model_of(checkpoint: Path) -> dict:
+    """What the checkpoint's run recorded of its model (tools.model.checkpoint start): labels, prompt, task and
+    class shares; a checkpoint without the record is a five-label text-answer model with the task prompt."""
+    record = model_record(Path(checkpoint).parent / TRAINED_ON)
+    return {"labels": list(record.get("labels", LABELS)), "prompt": record.get("prompt", PROMPT),
+            "task": record.get("task", "causal_lm"), "class_shares": record.get("class_shares")}
+
+
+def job_record(checkpoint: Path, dataset: Path, swift_argv: list[str], model: dict | None = None) -> dict:
+    """What a probability CSV depends on: the checkpoint's files (names, sizes, times), the rows, the arguments,
+    the model's labels and prompt, and whether its prior is corrected."""
     files = sorted(p for p in Path(checkpoint).rglob("*") if p.is_file())
+    model = model if model is not None else model_of(checkpoint)
     return {"checkpoint": str(checkpoint),
             "checkpoint_files": images_digest(files),  # a stat per file: a retrained checkpoint differs
-            "rows": file_digest(dataset), "swift_argv": list(swift_argv)}
+            "rows": file_digest(dataset), "swift_argv": list(swift_argv), **model,
+            "prior_corrected": bool(model["class_shares"]) and prior.wanted()}
 
 
-def read_partial(path: Path, record: dict, n_rows: int) -> dict[int, np.ndarray]:
+def read_partial(path: Path, record: dict, n_rows: int, n_labels: int = len(LABELS)) -> dict[int, np.ndarray]:
     """Rows an interrupted run scored with the same record, or nothing."""
     if not path.exists():
         return {}
@@ -274,24 +297,29 @@ def read_partial(path: Path, record: dict, n_rows: int) -> dict[int, np.ndarray]
             index, values = int(fields[0]), np.array([float(v) for v in fields[1:]])
         except ValueError:  # a line cut by the interruption
             continue
-        if 0 <= index < n_rows and values.shape == (len(LABELS),):
+        if 0 <= index < n_rows and values.shape == (n_labels,):
             done[index] = values
     return done
 
 
 def score_jobs(jobs: list[tuple[Path, list[tuple[Path, Path]]]], swift_argv: list[str], batch_size: int,
                workers: int | None = None, bucket: bool = True) -> None:
-    """Load each checkpoint once, score its datasets, write their CSVs (rows named by image file name).
+    """Load each checkpoint once, score its datasets, write their CSVs (rows named by image file name), over the
+    model's own labels (five, or 高风险/非高风险), asked with its own prompt, prior-corrected to the data's class
+    shares when its run recorded them (tools.model.prior).
 
-    Resumable: a CSV whose record (checkpoint files, rows, arguments) matches is kept as it is, and the rows an
-    interrupted run scored (the partial file, appended batch by batch) are not scored again."""
+    Resumable: a CSV whose record (checkpoint files, rows, arguments, model) matches is kept as it is, and the rows
+    an interrupted run scored (the partial file, appended batch by batch, before correction) are not scored
+    again."""
     import gc
 
     datasets = {path: read_jsonl(path) for _, parts in jobs for path, _ in parts}
     # One choice per process (the plugin reads it at import): by the largest number of images one model scores.
     choose_compile(max((sum(len(datasets[path]) for path, _ in parts) for _, parts in jobs), default=0))
     for checkpoint, parts in jobs:
-        records = {output: job_record(checkpoint, dataset, swift_argv) for dataset, output in parts}
+        model_info = model_of(checkpoint)
+        labels, shares = tuple(model_info["labels"]), model_info["class_shares"]
+        records = {output: job_record(checkpoint, dataset, swift_argv, model_info) for dataset, output in parts}
         kept = [output for _, output in parts if output.exists() and probs_record_of(output).exists()
                 and read_json(probs_record_of(output)) == records[output]]
         for output in kept:
@@ -300,11 +328,11 @@ def score_jobs(jobs: list[tuple[Path, list[tuple[Path, Path]]]], swift_argv: lis
         if not todo:
             continue
         print(f"scoring with {checkpoint}")
-        model, template, label_ids, _ = load(["--adapters", str(checkpoint), *swift_argv])
+        model, template, label_ids, _ = load(["--adapters", str(checkpoint), *swift_argv], labels=labels)
         for dataset, output in todo:
             rows, start, record = datasets[dataset], time.time(), records[output]
             partial = probs_partial_of(output)
-            done = read_partial(partial, record, len(rows))
+            done = read_partial(partial, record, len(rows), len(labels))
             if done:
                 print(f"continuing {output}: {len(done)} of {len(rows)} images scored before")
             else:
@@ -317,7 +345,9 @@ def score_jobs(jobs: list[tuple[Path, list[tuple[Path, Path]]]], swift_argv: lis
                     f.flush()
 
                 probs = score_rows(model, template, label_ids, rows, batch_size, workers=workers, bucket=bucket,
-                                   done=done, on_batch=keep)
+                                   done=done, on_batch=keep, prompt=model_info["prompt"], n_labels=len(labels))
+            if record["prior_corrected"]:
+                probs = prior.correct(probs, shares["trained"], shares["real"])
             write_probs(output, [Path(r["images"][0]).name for r in rows], probs)
             write_json(probs_record_of(output), record)
             partial.unlink(missing_ok=True)

@@ -5,8 +5,9 @@
 Reads <output-dir>/probabilities.csv (tools.decide.fuse) and the gold labels of the test list named in
 <output-dir>/data/manifest.json, and writes atomically into <output-dir>:
   report.md        weighted F1, per-class precision/recall/F1 and confusion matrix for stage 1 and fused;
-                   stage 2 as a binary 高风险 detector (its argmax == 高风险); the deltas fused - stage 1 in
-                   weighted F1 and 高风险 F1, and the reduction in misclassified images; stage 1's ECE
+                   stage 2 as a 高风险 detector (AUC of p(高风险), its calls at p >= 0.5) beside stage 1 and
+                   the fusion; the deltas fused - stage 1 in weighted F1 and 高风险 F1, and the reduction in
+                   misclassified images; stage 1's ECE
   confusion.png    stage-1 and fused confusion matrices side by side, with counts
   reliability.png  reliability diagram of stage 1's top-class confidence (10 bins), ECE in the title
 Pictures use ASCII class names (default fonts lack Chinese glyphs); the Markdown keeps the labels.
@@ -23,7 +24,7 @@ from tools import cli
 from tools.data.lists import read_list
 from tools.fileio import DataError, atomic_open, read_json, write_text
 from tools.probs import read_probabilities
-from tools.report.metrics import WEIGHTS, Evaluation, evaluate
+from tools.report.metrics import WEIGHTS, Evaluation, evaluate, roc_auc
 from tools.task import HIGH_RISK, HIGH_RISK_INDEX, LABEL_TO_INDEX, LABELS, MAX_SCORE, Layout
 
 SHORT_NAMES: tuple[str, ...] = ("High", "Medium", "Low", "None", "NotCorridor")  # LABELS order, for pictures
@@ -89,10 +90,11 @@ class Report:
     n: int
     stage1: Evaluation
     fused: Evaluation
-    stage2_high: Binary  # stage 2's argmax == 高风险, against gold == 高风险
-    stage1_high: Binary  # the same for stage 1 and fused, for comparison
+    stage2_high: Binary  # stage 2's p(高风险) >= 0.5, against gold == 高风险
+    stage1_high: Binary  # stage 1's and the fused argmax == 高风险, for comparison
     fused_high: Binary
     reliability: Reliability  # stage 1's top-class confidence
+    auc: dict  # 高风险-vs-rest ROC AUC of p(高风险): stage 1, stage 2, fused (None when a class is absent)
 
     @property
     def errors_stage1(self) -> int:
@@ -118,19 +120,23 @@ class Report:
         return float(self.fused.f1[HIGH_RISK_INDEX] - self.stage1.f1[HIGH_RISK_INDEX])
 
 
-def build_report(gold, p1: np.ndarray, p2: np.ndarray, fused: np.ndarray) -> Report:
-    """All the numbers, from gold label indices [N] and the three [N, 5] probability arrays."""
+def build_report(gold, p1: np.ndarray, p2_high: np.ndarray, fused: np.ndarray) -> Report:
+    """All the numbers, from gold label indices [N], stage 1's and the fused [N, 5] probabilities and stage 2's
+    [N] p(高风险) (a five-label or a binary specialist alike: it calls 高风险 at p >= 0.5)."""
     gold = np.asarray(gold, dtype=int)
-    p1, p2, fused = (np.asarray(a, dtype=np.float64) for a in (p1, p2, fused))
-    for name, a in (("stage 1", p1), ("stage 2", p2), ("fused", fused)):
-        if a.shape != (len(gold), len(LABELS)):
-            raise ValueError(f"{name} probabilities have shape {a.shape}, expected {(len(gold), len(LABELS))}")
-    pred1, pred2, predf = p1.argmax(1), p2.argmax(1), fused.argmax(1)
+    p1, p2_high, fused = (np.asarray(a, dtype=np.float64) for a in (p1, p2_high, fused))
+    for name, a, shape in (("stage 1", p1, (len(gold), len(LABELS))), ("stage 2", p2_high, (len(gold),)),
+                           ("fused", fused, (len(gold), len(LABELS)))):
+        if a.shape != shape:
+            raise ValueError(f"{name} probabilities have shape {a.shape}, expected {shape}")
+    pred1, predf = p1.argmax(1), fused.argmax(1)
     gold_high = gold == HIGH_RISK_INDEX
+    auc = {"stage 1": roc_auc(gold_high, p1[:, HIGH_RISK_INDEX]), "stage 2": roc_auc(gold_high, p2_high),
+           "fused": roc_auc(gold_high, fused[:, HIGH_RISK_INDEX])}
     return Report(n=len(gold), stage1=evaluate(gold, pred1), fused=evaluate(gold, predf),
-                  stage2_high=binary(gold_high, pred2 == HIGH_RISK_INDEX),
+                  stage2_high=binary(gold_high, p2_high >= 0.5),
                   stage1_high=binary(gold_high, pred1 == HIGH_RISK_INDEX),
-                  fused_high=binary(gold_high, predf == HIGH_RISK_INDEX), reliability=reliability(p1, gold))
+                  fused_high=binary(gold_high, predf == HIGH_RISK_INDEX), reliability=reliability(p1, gold), auc=auc)
 
 
 # ---------------------------------------------------------------------------------------------- Markdown
@@ -169,11 +175,14 @@ def render_markdown(r: Report, source: str = "", unreadable: dict[str, str] | No
              f"{_signed(r.errors_fused - r.errors_stage1, 0)} |", "",
              f"Error reduction (fused vs stage 1): **{reduction}** of stage 1's misclassified images.", "",
              "## Stage 1 alone", "", *_scores_md(r.stage1), "",
-             f"## Stage 2 alone: {h} vs rest", "",
-             f"Stage 2 predicts {h} when its argmax is {h}.", "",
-             "| | precision | recall | F1 |", "|---|---:|---:|---:|"]
+             f"## {h} vs rest: the specialist beside stage 1 and the fusion", "",
+             f"AUC ranks the images by p({h}) (threshold-free); stage 2 calls {h} at p({h}) >= 0.5, stage 1 "
+             f"and the fusion when {h} is their argmax.", "",
+             "| | AUC | precision | recall | F1 |", "|---|---:|---:|---:|---:|"]
     for name, b in (("stage 2", r.stage2_high), ("stage 1", r.stage1_high), ("fused", r.fused_high)):
-        lines.append(f"| {name} | {b.precision:.3f} | {b.recall:.3f} | {b.f1:.3f} |")
+        auc = r.auc.get(name)
+        lines.append(f"| {name} | {'–' if auc is None else f'{auc:.3f}'} | {b.precision:.3f} | {b.recall:.3f} | "
+                     f"{b.f1:.3f} |")
     b = r.stage2_high
     lines += ["", "Stage 2 confusion (rows gold, columns predicted):", "",
               f"| gold \\ predicted | {h} | 其他 |", "|---|---:|---:|",
@@ -317,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
           f"({_signed(report.delta_weighted_f1)}); {HIGH_RISK} F1 {_signed(report.delta_high_f1)}; "
           f"errors {report.errors_stage1} -> {report.errors_fused} (reduction {reduction}); "
           f"stage-1 ECE {report.reliability.ece:.3f}")
+    aucs = ", ".join(f"{k} {'–' if v is None else f'{v:.3f}'}" for k, v in report.auc.items())
+    print(f"{HIGH_RISK}-vs-rest AUC: {aucs}; stage 2's {HIGH_RISK} F1 {report.stage2_high.f1:.3f} "
+          f"(stage 1's {report.stage1_high.f1:.3f})")
     print(f"wrote {layout.report}, {layout.confusion_png}, {layout.reliability_png}")
     return 0
 
