@@ -114,7 +114,8 @@ for run in "${runs[@]}"; do
       if [[ -n "$resume_from" ]]; then log "$stage$of: continuing from $resume_from (RESUME=1)"; fi
     fi
     [[ -n "$resume_from" ]] || rm -rf "$work_dir"    # an unfinished run is continued, or started afresh
-    python -m tools.model.checkpoint start --output-dir "$OUTPUT_DIR" --stage "$stage" --run "$run" --task "$task" >/dev/null
+    python -m tools.model.checkpoint start --output-dir "$OUTPUT_DIR" --stage "$stage" --run "$run" --task "$task" \
+      --model "$model" >/dev/null
     plugin_flags=(--external_plugins "${PLUGINS[@]}" --tuner_type "$tuner")
     [[ "$task" == seq_cls ]] && plugin_flags+=(--num_labels "$num_labels")
     [[ -n "$loss" ]] && plugin_flags+=(--loss_type "$loss")

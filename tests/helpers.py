@@ -82,7 +82,7 @@ def make_official(root: Path, n_per_label: int = 4) -> Path:
 
 
 def prepare(data: Path, out: Path, *extra: str) -> dict:
-    """tools.data.prepare (validate and split) in-process; returns split.json's record."""
+    """tools.data.prepare (validate, prepare the images, split) in-process; returns split.json's record."""
     from tools.data import prepare as P
 
     return P.prepare(P.build_parser().parse_args(["--data-dir", str(data), "--output-dir", str(out), "--workers", "1",
@@ -122,6 +122,15 @@ def list_pairs(path: Path) -> list[tuple[str, str]]:
     return [tuple(line.split("\t")) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def relabel_first_line(data: Path) -> None:
+    """Give data/train.txt's first image the next label (what a corrected annotation does)."""
+    train = data / "train.txt"
+    lines = train.read_text(encoding="utf-8").splitlines()
+    name, label = lines[0].split("\t")
+    train.write_text("\n".join([f"{name}\t{LABELS[(LABELS.index(label) + 1) % len(LABELS)]}", *lines[1:]]) + "\n",
+                     encoding="utf-8")
+
+
 def random_probs(n: int, seed) -> np.ndarray:
     p = np.random.default_rng(seed).random((n, len(LABELS))) + 0.01
     return p / p.sum(1, keepdims=True)
@@ -134,7 +143,7 @@ FAKE_SWIFT = """#!/usr/bin/env bash
 # (default: every call): FAKE_SWIFT_SAVE=0 saves nothing, FAKE_SWIFT_RC=N exits N after saving (or not);
 # while the file $FAKE_SWIFT_WAIT exists, the call waits (another script can then try the output folder).
 printf '%s\\n' "$@" >> "$SWIFT_CALLS"; echo >> "$SWIFT_CALLS"
-env | grep '^FIRESAFE_' | sort >> "$SWIFT_CALLS.env"
+env | grep -E '^(FIRESAFE_|MAX_PIXELS=)' | sort >> "$SWIFT_CALLS.env"
 while [[ -n "${FAKE_SWIFT_WAIT:-}" && -e "$FAKE_SWIFT_WAIT" ]]; do sleep 0.1; done
 out=""
 while [[ $# -gt 0 ]]; do [[ $1 == --output_dir ]] && out=$2; shift; done
@@ -142,14 +151,31 @@ if [[ "$out" != *"${FAKE_SWIFT_FOR:-}"* ]]; then mkdir -p "$out/checkpoint-${FAK
 [[ "${FAKE_SWIFT_SAVE:-1}" == 1 ]] && mkdir -p "$out/checkpoint-${FAKE_SWIFT_STEP:-1}"
 exit "${FAKE_SWIFT_RC:-0}"
 """
-# `python -m tools.model.score` runs FAKE_SCORE instead (no model); every other python call is the real one.
+# `python -m tools.model.score` runs FAKE_SCORE instead (no model), `python -m tools.model.preflight` runs the real
+# preflight on the device FAKE_GPU says (FAKE_PREFLIGHT); every other python call is the real one.
 FAKE_PYTHON = """#!/usr/bin/env bash
 if [[ "${1-} ${2-}" == "-m tools.model.score" ]]; then shift 2; exec "$REAL_PYTHON" "$FAKE_SCORE" "$@"; fi
+if [[ "${1-} ${2-}" == "-m tools.model.preflight" ]]; then shift 2; exec "$REAL_PYTHON" "$FAKE_PREFLIGHT" "$@"; fi
 exec "$REAL_PYTHON" "$@"
+"""
+# tools.model.preflight as train.sh runs it, on a pretended device: FAKE_GPU=1 a CUDA GPU with bf16 (the real
+# recipe's settings then pass on a machine without one), 0 no GPU, unset the machine's own.
+FAKE_PREFLIGHT = """import os, runpy, sys
+sys.path.insert(0, os.getcwd())  # the scripts run from their repository: its tools/, not the installed one
+import torch
+if os.environ.get("FAKE_GPU") == "1":
+    torch.cuda.is_available = lambda: True
+    torch.cuda.is_bf16_supported = lambda *a, **k: True
+    torch.cuda.get_device_name = lambda *a, **k: "a pretended GPU (tests/helpers.py FAKE_GPU=1)"
+elif os.environ.get("FAKE_GPU") == "0":
+    torch.cuda.is_available = lambda: False
+sys.argv = ["tools.model.preflight", *sys.argv[1:]]
+runpy.run_module("tools.model.preflight", run_name="__main__", alter_sys=True)
 """
 # The fake scorer takes tools.model.score's --output-dir form, asks tools.model.score.jobs_for what to score (the
 # checkpoints train.sh recorded), writes random probabilities where Layout puts them, and records its call.
 FAKE_SCORE = """import json, os, sys
+sys.path.insert(0, os.getcwd())  # the scripts run from their repository: its tools/, not the installed one
 from pathlib import Path
 import numpy as np
 from tools.fileio import read_json, read_jsonl
@@ -201,15 +227,18 @@ def install_fakes(tmp_path: Path) -> Path:
         (fake / name).write_text(text)
         (fake / name).chmod(0o755)
     (tmp_path / "fake_score.py").write_text(FAKE_SCORE)
+    (tmp_path / "fake_preflight.py").write_text(FAKE_PREFLIGHT)
     return fake
 
 
 def script_env(tmp_path: Path, out: Path | None, **env: str) -> dict[str, str]:
-    """The environment run_script gives a script: the fakes first on PATH, OUTPUT_DIR=out (unset when out is None)."""
+    """The environment run_script gives a script: the fakes first on PATH, OUTPUT_DIR=out (unset when out is None),
+    train.sh's preflight on a pretended GPU (FAKE_GPU=1: the fake swift trains in any dtype) unless env says."""
     fake = install_fakes(tmp_path)
-    full_env = clean_env()
+    full_env = {**clean_env(), "FAKE_GPU": "1"}
     full_env.update(PATH=f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}", VENV=str(tmp_path / "novenv"),
                     REAL_PYTHON=sys.executable, FAKE_SCORE=str(tmp_path / "fake_score.py"),
+                    FAKE_PREFLIGHT=str(tmp_path / "fake_preflight.py"),
                     SWIFT_CALLS=str(tmp_path / "swift_calls.txt"), SCORE_CALLS=str(tmp_path / "score_calls.jsonl"),
                     **({} if out is None else {"OUTPUT_DIR": str(out)}), **env)
     return full_env
@@ -245,32 +274,32 @@ def fake_model(folder: Path) -> Path:
 
 
 def prepared(tmp_path: Path, out: Path | None = None, *prepare_extra: str, recipe: str = "demo",
-             n_per_label: int = 6, data: Path | None = None) -> tuple[Path, Layout]:
+             n_per_label: int = 6, data: Path | None = None,
+             compose_extra: tuple[str, ...] = ()) -> tuple[Path, Layout]:
     """data-pre.sh's outputs in-process (no augmentation; val 0.25 of make_official's data unless overridden), with
-    the models tmp_path/m1 and tmp_path/m2 (fake_model); returns (output folder, its Layout)."""
+    the models tmp_path/m1 and tmp_path/m2 (fake_model) and any other stage-set flags; returns (output folder, its
+    Layout)."""
     out = out or tmp_path / "out"
     data = data or tmp_path / "data"
     if not (data / "train.txt").exists():
         make_official(data, n_per_label=n_per_label)
     prepare_and_compose(data, out, "--val-ratio", "0.25", *prepare_extra,
                         compose_extra=("--recipe", recipe, "--model-stage1", str(fake_model(tmp_path / "m1")),
-                                       "--model-stage2", str(fake_model(tmp_path / "m2"))))
+                                       "--model-stage2", str(fake_model(tmp_path / "m2")), *compose_extra))
     return out, Layout(out)
 
 
 def fake_trained(layout: Layout, folds: int = 1) -> dict:
-    """What train.sh leaves, without training: for each stage of each run a checkpoint-1, its pointer and the data
-    fingerprint of the current manifest; returns {(run, stage): checkpoint path}."""
-    from tools.model.checkpoint import write_pointer
-    from tools.state import check_data, record_trained_on
+    """What train.sh leaves, without training: each stage of each run started (tools.model.checkpoint.start: what
+    it trains on, in trained_on.json), a checkpoint-1 saved and finished (its pointer, the work folder swapped in);
+    returns {(run, stage): checkpoint path}."""
+    from tools.model.checkpoint import finish, start
 
-    manifest = check_data(layout)
     ckpts = {}
     for run in ["final", *range(folds if folds > 1 else 0)]:
         for stage in STAGES:
-            (layout.run_dir(stage, run) / "checkpoint-1").mkdir(parents=True, exist_ok=True)
-            ckpts[(run, stage)] = str(write_pointer(layout.run_dir(stage, run)))
-            record_trained_on(layout.trained_on(stage, run), manifest)
+            (start(layout, stage, run) / "checkpoint-1").mkdir(parents=True, exist_ok=True)
+            ckpts[(run, stage)] = str(finish(layout, stage, run).resolve())
     return ckpts
 
 
@@ -290,7 +319,7 @@ def swift_calls(tmp_path: Path) -> list[list[str]]:
 
 
 def swift_env(tmp_path: Path) -> str:
-    """The FIRESAFE_* variables the fake swift saw, one NAME=value a line."""
+    """The FIRESAFE_* variables and MAX_PIXELS the fake swift saw, one NAME=value a line."""
     path = tmp_path / "swift_calls.txt.env"
     return path.read_text(encoding="utf-8") if path.exists() else ""
 

@@ -29,7 +29,7 @@ def test_four_scripts_on_reduced_demo(tmp_path):
            "DEMO_QUICK": "1", "DEMO_TRAIN": "60", "DEMO_TEST": "30",
            "EPOCHS_STAGE1": "1", "EPOCHS_STAGE2": "1", "BATCH_SIZE": "8"}
     out = run("data-pre.sh", env)
-    assert "validate and split done" in out and "高风险" in out
+    assert "validate, prepare the images, split done" in out and "高风险" in out
     assert "augment the training split done" in out and "compose the stage sets done" in out
     layout = Layout(tmp_path / "out")
     assert layout.split_record.exists() and layout.augment_report.exists() and layout.manifest.exists()
@@ -62,5 +62,6 @@ def test_four_scripts_on_reduced_demo(tmp_path):
     assert len(probs) == len(test) + 1
     for line in probs[1:]:
         values = [float(v) for v in line.split(",")[1:-1]]
-        for k in range(3):  # stage 1, stage 2, fused: each a full distribution over the five labels
-            assert sum(values[5 * k:5 * k + 5]) == pytest.approx(1.0, abs=1e-4)
+        assert len(values) == 5 + 1 + 5  # stage 1's distribution, stage 2's p(高风险), the fused distribution
+        assert sum(values[:5]) == pytest.approx(1.0, abs=1e-4) and sum(values[6:]) == pytest.approx(1.0, abs=1e-4)
+        assert 0 <= values[5] <= 1

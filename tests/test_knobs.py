@@ -45,7 +45,10 @@ from tools import knobs as K
     ("WARMUP_RATIO", "1.1", "a number from 0 to 1"),
     ("BATCH_SIZE", "0", "a whole number >= 1"),
     ("SCORE_BATCH_SIZE", "4.5", "a whole number >= 1"),
-    ("STAGE1_MIN_SHARE", "0.2", "empty, or a number from 0 to below 0.2"),
+    ("STAGE1_MIN_SHARE", "1", "empty, or a number from 0 to below 1"),
+    ("STAGE1_MIN_SHARE", "-0.1", "empty, or a number from 0 to below 1"),
+    ("FOLDS", "1_0", "a whole number >= 1"),  # int() takes it, bash's (( )) does not
+    ("SEED", "4_2", "a whole number >= 0"),
     ("DEMO_TRAIN", "19", "a whole number >= 20"),
 ])
 def test_a_bad_value_names_the_knob_and_the_accepted_range(name, value, accepted):
@@ -60,8 +63,9 @@ def test_a_bad_value_names_the_knob_and_the_accepted_range(name, value, accepted
     ("FOLDS", "1"), ("FOLDS", "5"), ("EPOCHS_STAGE1", "0.5"), ("EPOCHS_STAGE2", "3"), ("SEED", "0"),
     ("STAGES", "stage1 stage2"), ("STAGES", "stage2"), ("STAGES", "stage2  stage1"), ("RUNS", "final folds"),
     ("RUNS", "final"), ("RESUME", "1"), ("ALLOW_STALE", "0"), ("LEARNING_RATE", "3e-3"), ("LORA_DROPOUT", "0"),
-    ("WARMUP_RATIO", "0"), ("STAGE1_MIN_SHARE", ""), ("STAGE1_MIN_SHARE", "0.1"), ("STAGE2_HIGH_REPEAT", ""),
-    ("STAGE2_OTHER_RATIO", "0"), ("DATA_DIR", ""), ("TORCH_DTYPE", "bfloat16"), ("USE_LIGER_KERNEL_STAGE1", "true"),
+    ("WARMUP_RATIO", "0"), ("STAGE1_MIN_SHARE", ""), ("STAGE1_MIN_SHARE", "0.1"), ("STAGE1_MIN_SHARE", "0.5"),
+    ("STAGE1_MIN_SHARE", "0"), ("STAGE2_HIGH_REPEAT", ""), ("STAGE2_OTHER_RATIO", "0"), ("DATA_DIR", ""),
+    ("TORCH_DTYPE", "bfloat16"), ("USE_LIGER_KERNEL_STAGE1", "true"),
 ])
 def test_good_values_pass(name, value):
     assert K.problems({name: value}) == []

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 
 from tools.fileio import DataError
-from tools.probs import (PROBABILITIES_HEADER, PROBS_HEADER, aligned_probs, read_probabilities, read_probs,
+from tools.probs import (PROBABILITIES_HEADER, PROBS_HEADERS, aligned_probs, read_probabilities, read_probs,
                          write_probabilities, write_probs)
-from tools.task import LABELS
+from tools.task import BINARY_LABELS, HIGH_RISK, LABELS
+
+PROBS_HEADER = PROBS_HEADERS[len(LABELS)]  # a five-label stage's
 
 P1 = np.array([[0.30, 0.40, 0.10, 0.15, 0.05],
                [0.05, 0.05, 0.10, 0.75, 0.05],
@@ -23,6 +25,14 @@ def test_probs_round_trip(tmp_path):
     names, probs = read_probs(path)
     assert names == ["a.jpg", "b.jpg", "c.jpg"]
     np.testing.assert_allclose(probs, P1, atol=1e-6)
+    # a binary specialist's (STAGE2_TARGET=binary): 高风险 and 非高风险, 高风险 in column 0 either way
+    binary = np.stack([P1[:, 0], 1 - P1[:, 0]], axis=1)
+    write_probs(path, ["a.jpg", "b.jpg", "c.jpg"], binary)
+    assert path.read_text(encoding="utf-8").splitlines()[0] == ",".join(["image", *BINARY_LABELS])
+    assert BINARY_LABELS[0] == HIGH_RISK
+    np.testing.assert_allclose(read_probs(path)[1], binary, atol=1e-6)
+    with pytest.raises(ValueError, match="3 probability columns: expected five labels or two"):
+        write_probs(path, ["a.jpg", "b.jpg", "c.jpg"], P1[:, :3])
 
 
 def test_an_empty_probs_file_reads_as_no_rows(tmp_path):
@@ -68,11 +78,14 @@ def test_probs_must_match_test_list(tmp_path):
 
 
 def test_probabilities_round_trip(tmp_path):
+    """probabilities.csv: stage 1's vector, stage 2's p(高风险) (what fusion uses, whatever its target), the fused
+    vector and the label."""
     path = tmp_path / "probabilities.csv"
-    p2, fused = P1[::-1], np.full((3, 5), 0.2)
+    p2, fused = P1[::-1, 0], np.full((3, 5), 0.2)
     write_probabilities(path, ["a.jpg", "b.jpg", "c.jpg"], P1, p2, fused, ["中风险", "无风险", "高风险"])
     lines = path.read_text(encoding="utf-8").splitlines()
-    assert lines[0] == ",".join(PROBABILITIES_HEADER) and len(PROBABILITIES_HEADER) == 1 + 15 + 1
+    assert lines[0] == ",".join(PROBABILITIES_HEADER) and len(PROBABILITIES_HEADER) == 1 + 5 + 1 + 5 + 1
+    assert PROBABILITIES_HEADER[6] == f"stage2_{HIGH_RISK}"
     assert lines[1].startswith("a.jpg,0.300000,") and lines[1].endswith(",中风险")
     names, g1, g2, gf = read_probabilities(path)
     assert names == ["a.jpg", "b.jpg", "c.jpg"]

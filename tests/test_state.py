@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, compose, fake_trained, prepare, prepared
+from tests.helpers import ROOT, compose, fake_trained, prepare, prepared, relabel_first_line
 from tools import state as T
 from tools.fileio import DataError
 from tools.task import STAGES
@@ -79,19 +79,15 @@ def test_stale_models_say_which_model_and_what_changed(tmp_path):
         f"stage2 ({layout.run_dir('stage2')}): no trained model recorded; run train.sh"]
     fake_trained(layout, 2)
     assert T.stale_models(layout, manifest, STAGES, T.runs_of(manifest, ["folds", "final"])) == []
-    # relabel one training line and prepare again: every model is stale, and the message says why
-    train = tmp_path / "data" / "train.txt"
-    lines = train.read_text(encoding="utf-8").splitlines()
-    name, label = lines[0].split("\t")
-    train.write_text("\n".join([f"{name}\t{'无风险' if label != '无风险' else '低风险'}", *lines[1:]]) + "\n",
-                     encoding="utf-8")
+    # relabel one training line (a 高风险 image) and prepare again: every model is stale, and the message says why
+    relabel_first_line(tmp_path / "data")
     prepared(tmp_path, out, "--folds", "2")
     new = T.check_data(layout)
     found = T.stale_models(layout, new, ["stage2"], [1, "final"])
     assert [line.split(" was ")[0] for line in found] == ["fold 1's stage2", "stage2"]
-    for line in found:  # (the new split order also changes the training images' part: see test_stage_sets)
+    for line in found:  # each run is judged by what it trains on: its rows (tools.state.run_fingerprint)
         assert line.startswith(f"{line.split(' was ')[0]} was trained on other data than data-pre.sh prepared since: ")
-        assert "the training list or its labels" in line and "train_list" in line
+        assert "its training rows" in line and "train_rows" in line
 
 
 def test_runs_of():
@@ -117,7 +113,7 @@ def test_settings_are_plain_nul_separated_values(tmp_path):
     assert proc.returncode == 0, proc.stderr
     values = proc.stdout.split(b"\0")
     assert values[-1] == b"" and len(values) == len(T.SETTINGS) + 1
-    assert [v.decode("utf-8") for v in values[:-1]] == ["real", odd_model, "/m2", str(odd / "B.txt"), "0", "1"]
+    assert [v.decode("utf-8") for v in values[:-1]] == ["real", odd_model, "/m2", str(odd / "B.txt"), "0", "1", "five"]
     # what bash's `read -r -d ''` makes of them (as train.sh and test.sh read them): the same strings, nothing run
     script = ('{ IFS= read -r -d "" a && IFS= read -r -d "" b && IFS= read -r -d "" c && IFS= read -r -d "" d '
               '&& IFS= read -r -d "" e && IFS= read -r -d "" f; } < "$1"; printf "%s\\n" "$d"')
@@ -142,23 +138,42 @@ def test_cli_models_and_allow_stale(tmp_path):
     assert proc.returncode == 1 and b"RUNS: unknown run 'all'" in proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="tools/state.py stale_models compares the whole fingerprint digest, test_list "
-                   "and test_images included: a new test list (round B) on the same training data makes every model "
-                   "'stale' (retrain or ALLOW_STALE=1), though no model trained on it")
 def test_a_new_test_list_alone_keeps_the_models_current(tmp_path):
     out, layout = prepared(tmp_path)
     fake_trained(layout)
+    before = T.check_data(layout)["fingerprint"]
     b = tmp_path / "data" / "B.txt"
-    b.write_text("\n".join(b.read_text(encoding="utf-8").split()[:4]) + "\n", encoding="utf-8")
+    b.write_text("\n".join(b.read_text(encoding="utf-8").split()[:4]) + "\n", encoding="utf-8")  # round B's list
     prepared(tmp_path, out)
-    assert T.stale_models(layout, T.check_data(layout), STAGES, ["final"]) == []
+    manifest = T.check_data(layout)
+    assert T.changed_parts(before, manifest["fingerprint"]) == ["test_images", "test_list"]  # none trained on them
+    assert T.stale_models(layout, manifest, STAGES, ["final"]) == []
 
 
-@pytest.mark.xfail(strict=True, reason="the split part holds FOLDS, so FOLDS=2 after FOLDS=1 makes the final models "
-                   "'stale' although their stage sets are byte for byte the same (test_stage_sets checks that): "
-                   "`RUNS=folds bash train.sh` then leaves test.sh refusing the final models")
 def test_adding_folds_keeps_the_final_models_current(tmp_path):
     out, layout = prepared(tmp_path)
     fake_trained(layout)
     prepared(tmp_path, out, "--folds", "2")
-    assert T.stale_models(layout, T.check_data(layout), STAGES, ["final"]) == []
+    manifest = T.check_data(layout)
+    assert T.stale_models(layout, manifest, STAGES, ["final"]) == []
+    assert T.stale_models(layout, manifest, ["stage1"], T.runs_of(manifest, ["folds"])) == [  # only the new folds
+        f"fold {i}'s stage1 ({layout.run_dir('stage1', i)}): no trained model recorded; run train.sh (its fold runs)"
+        for i in range(2)]
+
+
+def test_each_run_records_only_what_it_trains_on(tmp_path):
+    """trained_on.json holds the run's own fingerprint (its rows, the training images, its base model, the recipe),
+    not the data's: a stage-set setting of stage 2 alone makes stage 2 stale, naming its training rows."""
+    out, layout = prepared(tmp_path)
+    fake_trained(layout)
+    manifest = T.check_data(layout)
+    for stage in STAGES:
+        recorded = T.trained_on(layout.trained_on(stage))
+        assert recorded == T.run_fingerprint(layout, manifest, stage, "final") != manifest["fingerprint"]
+        assert set(recorded["parts"]) == {"train_rows", "val_rows", "train_images", "model", "recipe"}
+        assert recorded["parts"]["model"] == manifest["settings"][f"model_{stage}"]
+    assert T.trained_on(layout.trained_on("stage1")) != T.trained_on(layout.trained_on("stage2"))
+    prepared(tmp_path, out, compose_extra=("--stage2-high-repeat", "2"))
+    assert T.stale_models(layout, T.check_data(layout), STAGES, ["final"]) == [
+        "stage2 was trained on other data than data-pre.sh prepared since: its training rows (the split, the "
+        "stage-set settings or the augmented copies) changed (train_rows)"]

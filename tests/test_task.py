@@ -24,7 +24,9 @@ def every_path(layout: Layout) -> dict[str, Path]:
             out[name] = getattr(layout, name)
         elif callable(attr):
             params = list(inspect.signature(attr).parameters)[1:]
-            choices = {"stage": STAGES, "run": (FINAL, 0, 2), "fold": (0, 3), "part": ("test", "val", "heldout")}
+            parts = ("train", "test") if name == "prepared_images" else ("test", "val", "heldout")
+            choices = {"stage": STAGES, "run": (FINAL, 0, 2), "fold": (0, 3), "part": parts,
+                       "task": ("causal_lm", "seq_cls")}
             combos = [[]]
             for p in params:
                 combos = [c + [v] for c in combos for v in choices[p]]
@@ -60,6 +62,11 @@ def test_final_run_and_fold_runs(tmp_path):
     assert layout.probs("stage2", "heldout", 1) == root / "folds/1/stage2/heldout_probs.csv"
     assert layout.val_list == root / "data/split/val.txt" and layout.train_split == root / "data/split/train.txt"
     assert layout.test_list == root / "data/split/test.txt" and layout.fold_list(2) == root / "data/split/folds/2.txt"
+    # the prepared images (tools.data.prepare): training and validation images in train/, the test list's in test/
+    assert layout.prepared_images("train") == root / "data/images/train"
+    assert layout.prepared_images("test") == root / "data/images/test"
+    with pytest.raises(ValueError, match="part must be train or test, got 'val'"):
+        layout.prepared_images("val")
     assert layout.augmented_list.parent == layout.augmented_dir == root / "data/augmented"
     assert layout.oof_probs("stage1") == root / "folds/oof_stage1.csv" and layout.oof_gold.parent == layout.folds_dir
     assert layout.submission == root / "b-submit.txt" and not hasattr(layout, "pipeline_env")  # in the manifest now

@@ -100,10 +100,12 @@ def check_data(layout: Layout) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- models
-def run_fingerprint(layout: Layout, manifest: dict, stage: str, run: str | int, task: str = "causal_lm") -> dict:
+def run_fingerprint(layout: Layout, manifest: dict, stage: str, run: str | int, task: str = "causal_lm",
+                    model: str | None = None) -> dict:
     """What one run trains on, and nothing else: its training and validation rows (the split, composition and
-    copies they came from), the training images' bytes (sizes and times), its base model and the recipe. A new
-    test list, or folds added beside the final run, leave it as it is."""
+    copies they came from), the training images' bytes (sizes and times), its base model (`model`, default the
+    one data-pre.sh recorded) and the recipe. A new test list, or folds added beside the final run, leave it as
+    it is."""
     files = manifest["files"]
 
     def rows(path: Path) -> str:
@@ -112,7 +114,7 @@ def run_fingerprint(layout: Layout, manifest: dict, stage: str, run: str | int, 
     parts = manifest["fingerprint"]["parts"]
     return fingerprint({"train_rows": rows(layout.train_jsonl(stage, run, task)),
                         "val_rows": rows(layout.val_jsonl(stage, task)),
-                        "train_images": parts["train_images"], "model": parts[f"model_{stage}"],
+                        "train_images": parts["train_images"], "model": model or parts[f"model_{stage}"],
                         "recipe": parts["recipe"]})
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -32,6 +33,16 @@ DEMO_PIXELS = 28224  # recipes/demo.env
 def demo(tmp_path_factory) -> Path:
     """A small demo dataset in the official layout, with its cut-out folder (DATA_DIR/cutouts)."""
     return make_dataset(tmp_path_factory.mktemp("demo"), seed=0, n_train=60, n_test=10, workers=1)
+
+
+def with_one_more(demo: Path, data: Path, label: str) -> Path:
+    """A copy of the demo data with one more training image of `label` (a copy of the first one, another name)."""
+    shutil.copytree(demo, data)
+    name = next(n for n, lab in list_pairs(data / "train.txt") if lab == label)
+    shutil.copyfile(data / "train" / name, data / "train" / f"extra_{name}")
+    with open(data / "train.txt", "a", encoding="utf-8") as f:
+        f.write(f"extra_{name}\t{label}\n")
+    return data
 
 
 def prepared(data: Path, out: Path, *extra: str) -> Layout:
@@ -89,7 +100,7 @@ def test_copies_come_from_the_training_split_and_go_only_to_training_rows(demo, 
              if r["messages"][1]["content"] == HIGH_RISK]
     n_high = sum(s.label == HIGH_RISK for s in fit)
     assert len(high2) == 3 * n_high and len(set(high2)) == len(high2) and set(high2) & copies
-    assert all(p in copies or Path(p).parent == demo / "train" for p in stage2)
+    assert all(p in copies or Path(p).parent == layout.prepared_images("train") for p in stage2)
 
     # labels: an insertion copy is 高风险 from a 无风险/低风险 source; any other keeps its source's label
     inserted = [r for r in index if "insert" in r["transforms"]]
@@ -218,20 +229,22 @@ def test_a_model_that_cannot_load_skips_auto_but_fails_1(demo, tmp_path, capsys)
 
 # --------------------------------------------------------------------------- the fold sets
 def test_fold_training_sets_get_no_copy_of_their_held_out_images(demo, tmp_path):
-    out = tmp_path / "out"  # no validation split: the demo's 2 非楼道 images then make 2 folds possible
-    layout = prepared(demo, out, "--val-ratio", "0", "--folds", "2")
-    R.augment(augment_args(out, "--cutouts", str(demo / "cutouts"), "--filter", "0"))
+    data = with_one_more(demo, tmp_path / "data", "非楼道")  # 3 非楼道 images: 1 validates, 2 make 2 folds possible
+    out = tmp_path / "out"
+    layout = prepared(data, out, "--val-ratio", "0.01", "--folds", "2")
+    R.augment(augment_args(out, "--cutouts", str(data / "cutouts"), "--filter", "0"))
     compose(out, "--augment", "1")
     heldout_rows = [layout.heldout_jsonl(i).read_bytes() for i in range(2)]
     index = read_index(layout.augmented_index)
     source = {str((layout.augmented_images / r["image"]).resolve()): r for r in index}  # copy path -> its index row
     manifest = json.loads(layout.manifest.read_text(encoding="utf-8"))
+    banned_inserts = 0
     for i in range(2):
         held = {name for name, _ in list_pairs(layout.fold_list(i))}
         allowed = {p for p, r in source.items() if r["source"] not in held}
         banned = set(source) - allowed
-        # not vacuous: each fold has copies of its held-out images, insertion copies among them
-        assert banned and allowed and any("insert" in source[p]["transforms"] for p in banned)
+        assert banned and allowed  # not vacuous: each fold has copies of its held-out images
+        banned_inserts += sum("insert" in source[p]["transforms"] for p in banned)
         for stage in ("stage1", "stage2"):
             rows = images_of(layout.train_jsonl(stage, i))
             assert not set(rows) & banned  # no copy of a held-out image ...
@@ -245,6 +258,7 @@ def test_fold_training_sets_get_no_copy_of_their_held_out_images(demo, tmp_path)
         assert layout.heldout_jsonl(i).read_bytes() == heldout_rows[i]  # held-out rows: no copy
         assert not set(images_of(layout.heldout_jsonl(i))) & set(source)
         assert sum(manifest["counts"]["folds"][i]["stage1_rows"].values()) == len(stage1)
+    assert banned_inserts  # insertion copies (a 无风险/低风险 source made 高风险) among the banned ones
 
 
 # --------------------------------------------------------------------------- CLI

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (compose, copies_of, files_under, images_of, list_pairs, make_official, names_in, prepare,
-                           prepare_and_compose, write_image)
+                           prepare_and_compose, relabel_first_line, write_image)
 from tools.augment.record import split_digest, write_index
 from tools.compose import stage_sets as C
 from tools.compose.rules import DEFAULT_COMPOSITION, stage_sets
 from tools.data.lists import Sample, read_list, write_list
 from tools.fileio import DataError, read_jsonl, write_json
-from tools.state import changed_parts
+from tools.state import changed_parts, images_digest
 from tools.task import HIGH_RISK, LABELS, PROMPT, STAGES, Layout
 
 COMPOSITION = {"stage1_min_share": 0.1, "stage2_high_repeat": 3, "stage2_other_ratio": 2.0}
@@ -45,6 +45,9 @@ def test_compose_writes_swift_jsonl_and_manifest(tmp_path, capsys):
     assert row["messages"][0] == {"role": "user", "content": "<image>" + PROMPT}
     assert row["messages"][1]["role"] == "assistant" and row["messages"][1]["content"] in LABELS
     assert all(Path(r["images"][0]).is_absolute() and Path(r["images"][0]).exists() for r in train + val + test)
+    # every row reads a prepared image, named as the list names it
+    assert {str(Path(r["images"][0]).parent) for r in train + val} == {str(layout.prepared_images("train"))}
+    assert {str(Path(r["images"][0]).parent) for r in test} == {str(layout.prepared_images("test"))}
     assert {r["images"][0] for r in train}.isdisjoint({r["images"][0] for r in val})
     assert Counter(r["messages"][1]["content"] for r in val) == {label: 1 for label in LABELS}
     assert layout.val_jsonl("stage2").read_bytes() == layout.val_jsonl("stage1").read_bytes()  # judged on the same
@@ -53,7 +56,7 @@ def test_compose_writes_swift_jsonl_and_manifest(tmp_path, capsys):
     assert manifest["test_labelled"] is False
     split = list_pairs(layout.train_split)
     assert {name for name, _ in split} == {Path(r["images"][0]).name for r in train}
-    assert manifest["composition"] == {"stage1_min_share": 0.1, "stage2_high_repeat": 3, "stage2_other_ratio": 2.0}
+    assert manifest["composition"] == {**COMPOSITION, "stage2_target": "five"}
     assert manifest["augmentation"] is None and manifest["folds"] == 1
     assert {k: manifest[k] for k in record} == {**record, "counts": manifest["counts"]}  # the split's record, kept
     assert manifest["counts"]["stage1_rows"] == dict(Counter(r["messages"][1]["content"] for r in train))
@@ -61,18 +64,26 @@ def test_compose_writes_swift_jsonl_and_manifest(tmp_path, capsys):
     # the settings train.sh and test.sh read, as plain values (no shell quoting); no pipeline.env any more
     assert manifest["settings"] == {"recipe": "real", "model_stage1": "Qwen/Qwen2.5-VL-7B-Instruct",
                                     "model_stage2": "/models/3b dir", "test_list": record["test_list"],
-                                    "test_labelled": 0, "folds": 1}
+                                    "test_labelled": 0, "folds": 1, "stage2_target": "five"}
     assert not (out / "pipeline.env").exists()
-    # every data file the three steps wrote has its digest in the manifest, the manifest itself excepted
-    assert set(manifest["files"]) == set(files_under(out)) - {"data/manifest.json"}
-    assert all(manifest["files"][name] == hashlib.sha256(content).hexdigest()
-               for name, content in files_under(out).items() if name != "data/manifest.json")
+    # every data file the three steps wrote has its digest in the manifest, the manifest itself and the prepared
+    # images excepted (their sources are in the fingerprint's image parts)
+    digested = {name: content for name, content in files_under(out).items()
+                if name != "data/manifest.json" and not name.startswith("data/images/")}
+    assert set(manifest["files"]) == set(digested)
+    assert all(manifest["files"][name] == hashlib.sha256(content).hexdigest() for name, content in digested.items())
     # the fingerprint: one digest over named parts, so a mismatch can say what changed
     assert set(manifest["fingerprint"]["parts"]) == {"train_list", "test_list", "train_images", "test_images", "split",
                                                      "composition", "augmentation", "recipe", "model_stage1",
                                                      "model_stage2"}
     assert manifest["fingerprint"]["parts"]["model_stage2"] == "/models/3b dir"
     assert manifest["fingerprint"]["parts"]["augmentation"] == "none"
+    # the image parts are the source images' (sizes and times, in name order), not the prepared copies'
+    names = sorted(name for name, _ in split + list_pairs(layout.val_list))
+    assert manifest["fingerprint"]["parts"]["train_images"] == images_digest(
+        sorted(Path(record["source_train_images"]) / name for name in names))
+    assert manifest["fingerprint"]["parts"]["test_images"] == images_digest(
+        sorted(Path(record["source_test_images"]) / f"t{i}.jpg" for i in range(5)))
     assert "高风险" in capsys.readouterr().out
     # the split is read, never written; the stage sets are the composition rules' on it
     for name, content in split_files.items():
@@ -90,7 +101,7 @@ def test_composition_flags_reach_the_rows_and_the_manifest(tmp_path):
     manifest = prepare_and_compose(data, out, "--seed", "7", compose_extra=(
         "--stage1-min-share", "0.3", "--stage2-high-repeat", "2", "--stage2-other-ratio", "1.5"))
     layout = Layout(out)
-    assert manifest["composition"] == composition
+    assert manifest["composition"] == {**composition, "stage2_target": "five"}
     fit = read_list(layout.train_split, data / "train", labelled=True, check_images=False)
     one, two = stage_sets(fit, composition, 7)  # the split's seed
     assert names_in(layout.train_jsonl("stage1")) == [s.name for s in one]
@@ -122,7 +133,7 @@ def test_same_data_same_fingerprint_and_each_change_names_its_part(tmp_path):
     b = prepare_and_compose(data, tmp_path / "b", "--val-ratio", "0.25")["fingerprint"]
     assert a == b  # another output folder, the same data: the same fingerprint
     reseeded = prepare_and_compose(data, tmp_path / "c", "--val-ratio", "0.25", "--seed", "1")["fingerprint"]
-    assert "split" in changed_parts(a, reseeded)  # (train_images too: test_a_new_seed_changes_only_the_split_part)
+    assert "split" in changed_parts(a, reseeded)  # (alone: test_a_new_seed_changes_only_the_split_part)
     changed = {
         "composition": prepare_and_compose(data, tmp_path / "d", "--val-ratio", "0.25",
                                            compose_extra=("--stage2-high-repeat", "2")),
@@ -131,10 +142,7 @@ def test_same_data_same_fingerprint_and_each_change_names_its_part(tmp_path):
     }
     for part, manifest in changed.items():
         assert changed_parts(a, manifest["fingerprint"]) == [part], part
-    lines = (data / "train.txt").read_text(encoding="utf-8").splitlines()
-    name, label = lines[0].split("\t")
-    (data / "train.txt").write_text("\n".join([f"{name}\t{LABELS[(LABELS.index(label) + 1) % 5]}", *lines[1:]]) + "\n",
-                                    encoding="utf-8")
+    relabel_first_line(data)
     relabelled = prepare_and_compose(data, tmp_path / "f", "--val-ratio", "0.25")["fingerprint"]
     assert "train_list" in changed_parts(a, relabelled)
     image = data / "B" / "t0.jpg"
@@ -143,9 +151,6 @@ def test_same_data_same_fingerprint_and_each_change_names_its_part(tmp_path):
     assert changed_parts(relabelled, touched) == ["test_images"]
 
 
-@pytest.mark.xfail(strict=True, reason="tools/compose/stage_sets.py digests the training images in split order "
-                   "(images_digest(s.path for s in fit + val)), so a new SEED or VAL_RATIO also reports 'the training "
-                   "images' as changed; sorting the paths there would name the split alone")
 def test_a_new_seed_changes_only_the_split_part(tmp_path):
     data = make_official(tmp_path / "data", n_per_label=6)
     a = prepare_and_compose(data, tmp_path / "a", "--val-ratio", "0.25")["fingerprint"]
@@ -214,8 +219,9 @@ def test_copies_of_another_split_or_no_augmentation_are_refused(tmp_path, capsys
 
 # --------------------------------------------------------------------------- the fold sets
 def test_fold_sets_hold_out_their_fold_and_train_on_the_rest(official, tmp_path):
-    plain, out = tmp_path / "plain", tmp_path / "out"
-    prepare_and_compose(official, plain, "--val-ratio", "0.25")
+    out = tmp_path / "out"  # FOLDS=1 first, in the same folder: the rows name its prepared images
+    prepare_and_compose(official, out, "--val-ratio", "0.25")
+    plain = files_under(out)
     manifest = prepare_and_compose(official, out, "--val-ratio", "0.25", "--folds", "2")
     layout = Layout(out)
     fit = read_list(layout.train_split, official / "train", labelled=True, check_images=False)
@@ -240,7 +246,7 @@ def test_fold_sets_hold_out_their_fold_and_train_on_the_rest(official, tmp_path)
 
     # folds change nothing else: the split and the normal sets are byte for byte those of FOLDS=1
     with_folds = files_under(out)
-    for name, content in files_under(plain).items():
+    for name, content in plain.items():
         if name not in ("data/manifest.json", "data/split/split.json"):
             assert with_folds[name] == content, name
     assert manifest["settings"]["folds"] == 2
@@ -251,14 +257,16 @@ def test_fold_sets_hold_out_their_fold_and_train_on_the_rest(official, tmp_path)
 
 def test_folds_1_after_folds_2_leaves_no_fold_sets(official, tmp_path):
     """data-pre.sh with FOLDS=1 after FOLDS=2: no fold files left behind, the output is exactly a plain run's."""
-    plain, out = tmp_path / "plain", tmp_path / "out"
-    prepare_and_compose(official, plain, "--val-ratio", "0.25")
-    prepare_and_compose(official, out, "--val-ratio", "0.25", "--folds", "2")
+    out = tmp_path / "out"  # one folder throughout: the rows name its prepared images
     prepare_and_compose(official, out, "--val-ratio", "0.25")
+    plain = files_under(out)
+    prepare_and_compose(official, out, "--val-ratio", "0.25", "--folds", "2")
     layout = Layout(out)
+    assert (layout.data_dir / "folds").exists()
+    prepare_and_compose(official, out, "--val-ratio", "0.25")
     assert json.loads(layout.manifest.read_text(encoding="utf-8"))["folds"] == 1
     assert not (layout.data_dir / "folds").exists()
-    assert files_under(out) == files_under(plain)
+    assert files_under(out) == plain
 
 
 def test_fold_sets_take_only_copies_of_their_training_images(official, tmp_path):

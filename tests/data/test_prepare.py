@@ -1,5 +1,5 @@
-"""tools.data.prepare, step 1 of data-pre.sh: validate, split, deal the folds; it writes data/split/ and nothing
-else."""
+"""tools.data.prepare, step 1 of data-pre.sh: validate, prepare every image once, split, deal the folds; it writes
+data/split/ and data/images/ and nothing else."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.helpers import files_under, list_pairs, make_official, prepare, write_image
+from tools.data.images import model_size
 from tools.data.lists import read_list
 from tools.data.prepare import main as prepare_main
 from tools.fileio import DataError
@@ -20,13 +22,22 @@ def official(tmp_path) -> Path:
     return make_official(tmp_path / "data", n_per_label=6)  # val 0.25: 2 per label held out, 4 left to fold
 
 
-def test_prepare_writes_the_split_and_nothing_else(tmp_path, capsys):
+def test_prepare_writes_the_split_the_prepared_images_and_nothing_else(tmp_path, capsys):
     data = make_official(tmp_path / "data")
     out = tmp_path / "out"
     record = prepare(data, out, "--val-ratio", "0.25")
     layout = Layout(out)
+    train_names = [name for name, _ in list_pairs(data / "train.txt")]
+    test_names = [f"t{i}.jpg" for i in range(5)]
     assert set(files_under(out)) == {"data/split/train.txt", "data/split/val.txt", "data/split/test.txt",
-                                     "data/split/split.json"}
+                                     "data/split/split.json", "data/images/train/.prepared.json",
+                                     "data/images/test/.prepared.json",
+                                     *(f"data/images/train/{n}" for n in train_names),
+                                     *(f"data/images/test/{n}" for n in test_names)}
+    for path in [layout.prepared_images("train") / n for n in train_names] + \
+            [layout.prepared_images("test") / n for n in test_names]:
+        with Image.open(path) as img:  # 32x24 sources at the default MAX_PIXELS, as swift would feed them
+            assert (img.height, img.width) == model_size(24, 32, 1003520) and img.mode == "RGB"
     fit, val = list_pairs(layout.train_split), list_pairs(layout.val_list)
     assert {n for n, _ in fit}.isdisjoint({n for n, _ in val}) and len(fit) + len(val) == 20
     assert Counter(label for _, label in val) == {label: 1 for label in LABELS}
@@ -35,7 +46,13 @@ def test_prepare_writes_the_split_and_nothing_else(tmp_path, capsys):
     assert layout.test_list.read_text(encoding="utf-8") == "".join(f"t{i}.jpg\n" for i in range(5))  # list order
     assert record == json.loads(layout.split_record.read_text(encoding="utf-8"))
     assert record["test_labelled"] is False and record["folds"] == 1 and record["seed"] == 42
-    assert record["val_ratio"] == 0.25 and record["train_images"] == str((data / "train").resolve())
+    assert record["val_ratio"] == 0.25 and record["max_pixels"] == 1003520
+    # the later steps read the prepared folders; the originals are recorded for the fingerprint
+    assert record["train_images"] == str(layout.prepared_images("train"))
+    assert record["test_images"] == str(layout.prepared_images("test"))
+    assert record["source_train_images"] == str((data / "train").resolve())
+    assert record["source_test_images"] == str((data / "B").resolve())
+    assert record["skipped_train_images"] == {} and record["bad_test_images"] == {}
     assert record["counts"]["val"] == dict.fromkeys(LABELS, 1) and record["counts"]["train"] == dict.fromkeys(LABELS, 3)
     assert "高风险" in capsys.readouterr().out
 
@@ -56,6 +73,16 @@ def test_prepare_refuses_bad_data(tmp_path):
         prepare(data, tmp_path / "out")
     assert not (tmp_path / "out" / "data").exists()  # nothing written on bad data
     assert prepare_main(["--data-dir", str(data), "--output-dir", str(tmp_path / "out"), "--workers", "1"]) == 1
+
+
+@pytest.mark.parametrize("ratio", ["0", "1", "-0.1"])
+def test_a_validation_ratio_outside_0_to_1_is_refused_before_anything_is_written(tmp_path, ratio):
+    """VAL_RATIO=0 left swift without validation rows (a bare StopIteration); 1 leaves nothing to train on."""
+    data = make_official(tmp_path / "data")
+    with pytest.raises(DataError, match=rf"VAL_RATIO \(--val-ratio\) must be between 0 and 1, both excluded, "
+                                        rf"got {float(ratio)}"):
+        prepare(data, tmp_path / "out", "--val-ratio", ratio)
+    assert not (tmp_path / "out").exists()
 
 
 def test_test_images_in_the_training_list_are_refused(tmp_path):
@@ -107,9 +134,11 @@ def test_fold_lists_partition_the_training_split(official, tmp_path):
 
 def test_folds_1_after_folds_2_leaves_no_fold_list(official, tmp_path):
     """A re-run with FOLDS=1 leaves exactly what a plain run leaves: no stale fold list of the earlier split."""
-    plain, out = tmp_path / "plain", tmp_path / "out"
-    prepare(official, plain, "--val-ratio", "0.25")
+    out = tmp_path / "out"  # one folder throughout: split.json names its prepared image folders
+    prepare(official, out, "--val-ratio", "0.25")
+    plain = files_under(out)
     prepare(official, out, "--val-ratio", "0.25", "--folds", "2")
+    assert (Layout(out).split_dir / "folds").exists()
     prepare(official, out, "--val-ratio", "0.25")
     assert not (Layout(out).split_dir / "folds").exists()
-    assert files_under(out) == files_under(plain)
+    assert files_under(out) == plain

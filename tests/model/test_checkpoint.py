@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, files_under, make_official, prepare_and_compose
+from tests.helpers import ROOT, files_under, make_official, prepare_and_compose, relabel_first_line
 from tools.fileio import DataError
-from tools.model.checkpoint import finish, find_checkpoint, main, pointer_of, read_pointer, write_pointer
+from tools.model.checkpoint import find_checkpoint, finish, latest, main, pointer_of, read_pointer, start, write_pointer
+from tools.state import check_data, run_fingerprint
 from tools.task import POINTER, TRAINED_ON, Layout
 
 
@@ -97,70 +98,131 @@ def test_best_checkpoint_is_looked_up_by_name_in_the_run_folder(tmp_path):
     assert find_checkpoint(run) == (run / "checkpoint-2").resolve()
 
 
-def test_cli_exit_codes(tmp_path, capsys):
+def current_data(tmp_path):
+    """An output folder data-pre.sh finished (2 images a label, half of them validating); returns its Layout."""
     out = tmp_path / "out"
-    make_official(tmp_path / "data", n_per_label=2)
+    if not (tmp_path / "data").exists():
+        make_official(tmp_path / "data", n_per_label=2)
     prepare_and_compose(tmp_path / "data", out, "--val-ratio", "0.5")
+    return Layout(out)
+
+
+def test_cli_exit_codes(tmp_path, capsys):
+    layout = current_data(tmp_path)
+    out = str(layout.root)
     capsys.readouterr()
-    layout = Layout(out)
     work, run = layout.run_work_dir("stage1"), layout.run_dir("stage1")
+    assert main(["start", "--output-dir", out, "--stage", "stage1"]) == 0  # --run final by default
+    assert capsys.readouterr().out.strip() == str(work) and (work / TRAINED_ON).exists()
     make_run(work, [1, 3])
-    assert main(["--latest", str(work)]) == 0
+    assert main(["latest", "--output-dir", out, "--stage", "stage1", "--run", "final"]) == 0
     assert capsys.readouterr().out.strip() == str((work / "checkpoint-3").resolve())
-    assert main(["--finish", str(work), "--run-dir", str(run), "--output-dir", str(out)]) == 0
+    assert main(["finish", "--output-dir", out, "--stage", "stage1"]) == 0
     assert capsys.readouterr().out.strip() == str(run / "checkpoint-3")
-    assert main(["--run-dir", str(run), "--read"]) == 0
+    assert main(["read", "--output-dir", out, "--stage", "stage1"]) == 0
     assert capsys.readouterr().out.strip() == str((run / "checkpoint-3").resolve())
-    assert main(["--latest", str(tmp_path / "empty")]) == 0 and capsys.readouterr().out == ""  # nothing to resume
-    assert main(["--finish", str(tmp_path / "empty"), "--run-dir", str(tmp_path / "r"), "--output-dir", str(out)]) == 1
+    assert main(["read", "--run-dir", str(run)]) == 0
+    assert capsys.readouterr().out.strip() == str((run / "checkpoint-3").resolve())
+    # nothing to resume: no output, success
+    assert main(["latest", "--output-dir", out, "--stage", "stage2"]) == 0 and capsys.readouterr().out == ""
+    assert main(["start", "--output-dir", out, "--stage", "stage2"]) == 0  # swift then saves nothing
+    capsys.readouterr()
+    assert main(["finish", "--output-dir", out, "--stage", "stage2"]) == 1
     assert "no checkpoint-N folder" in capsys.readouterr().err
-    assert main(["--run-dir", str(tmp_path / "empty"), "--read"]) == 1
+    assert main(["read", "--output-dir", out, "--stage", "stage2"]) == 1
     assert "not found: run train.sh first" in capsys.readouterr().err
-    for argv in ([], ["--run-dir", str(run)], ["--finish", str(work)], ["--read", "--latest", str(work)]):
+    assert main(["finish", "--output-dir", out, "--stage", "stage1", "--run", "0"]) == 1  # never started
+    assert "no record of what this run trained on" in capsys.readouterr().err
+    for argv in ([], ["read"], ["latest", "--run-dir", str(run)], ["finish", "--output-dir", out], ["resume"],
+                 ["start", "--output-dir", out, "--stage", "stage3"], ["--read", "--run-dir", str(run)]):
         with pytest.raises(SystemExit) as exc:
             main(argv)
-        assert exc.value.code == 2
-    proc = subprocess.run([sys.executable, "-m", "tools.model.checkpoint", "--run-dir", str(run), "--read"], cwd=ROOT,
+        assert exc.value.code == 2, argv
+    proc = subprocess.run([sys.executable, "-m", "tools.model.checkpoint", "read", "--run-dir", str(run)], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == str((run / "checkpoint-3").resolve())
 
 
-# --------------------------------------------------------------------------- finish: the work folder replaces the run
-def test_finish_swaps_in_the_work_folder_and_records_the_data(tmp_path):
-    out = tmp_path / "out"
-    make_official(tmp_path / "data", n_per_label=2)
-    manifest = prepare_and_compose(tmp_path / "data", out, "--val-ratio", "0.5")
-    layout = Layout(out)
+# --------------------------------------------------------------------------- start, latest, finish: one run's life
+def test_finish_swaps_in_the_work_folder_and_records_what_the_run_trained_on(tmp_path):
+    layout = current_data(tmp_path)
+    out = layout.root
+    manifest = check_data(layout)
     run, work = layout.run_dir("stage1"), layout.run_work_dir("stage1")
     assert work == out / "stage1.training" and layout.run_work_dir("stage2", 1) == out / "folds/1/stage2.training"
     make_run(run, [7])
     (run / "old_file").write_text("previous model")
+    assert start(layout, "stage1", "final") == work
     make_run(work, [2, 4], best=work / "checkpoint-2")
-    assert finish(work, run, layout) == run / "checkpoint-2"
+    assert finish(layout, "stage1", "final") == run / "checkpoint-2"
     assert not work.exists() and not (out / "stage1.old").exists()
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2", "checkpoint-4", POINTER, TRAINED_ON]
     assert read_pointer(run) == (run / "checkpoint-2").resolve()
-    assert json.loads(layout.trained_on("stage1").read_text(encoding="utf-8")) == {
-        "fingerprint": manifest["fingerprint"]}
+    # the run's own fingerprint (tools.state.run_fingerprint), not the whole data's
+    recorded = json.loads(layout.trained_on("stage1").read_text(encoding="utf-8"))["fingerprint"]
+    assert recorded == run_fingerprint(layout, manifest, "stage1", "final") != manifest["fingerprint"]
 
 
 def test_finish_without_a_checkpoint_keeps_the_previous_model(tmp_path):
-    out = tmp_path / "out"
-    make_official(tmp_path / "data", n_per_label=2)
-    prepare_and_compose(tmp_path / "data", out, "--val-ratio", "0.5")
-    layout = Layout(out)
+    layout = current_data(tmp_path)
     run, work = layout.run_dir("stage1"), layout.run_work_dir("stage1")
     make_run(run, [7])
     write_pointer(run)
     before = files_under(run)
-    work.mkdir()
+    start(layout, "stage1", "final")
     (work / "logging.jsonl").write_text("{}")  # swift ran, saved nothing (EPOCHS=0, a crash)
     with pytest.raises(FileNotFoundError, match="no checkpoint-N folder"):
-        finish(work, run, layout)
+        finish(layout, "stage1", "final")
     assert files_under(run) == before and read_pointer(run) == (run / "checkpoint-7").resolve()
-    # the data changed since data-pre.sh: refused before anything moves
+    # a data file changed since data-pre.sh finished: refused before anything moves
     make_run(work, [1])
     layout.val_jsonl("stage1").write_text("changed\n")
     with pytest.raises(DataError, match="changed since data-pre.sh finished"):
-        finish(work, run, layout)
+        finish(layout, "stage1", "final")
     assert files_under(run) == before and (work / "checkpoint-1").is_dir()
+
+
+def test_finish_refuses_a_run_whose_data_changed_while_it_trained(tmp_path):
+    """data-pre.sh ran again while swift trained (no lock kept it out, or another output folder's copy): the run
+    trained on the old rows, so it is not recorded as trained on the new ones; the previous model stays."""
+    layout = current_data(tmp_path)
+    run, work = layout.run_dir("stage1"), layout.run_work_dir("stage1")
+    make_run(run, [7])
+    write_pointer(run)
+    before = files_under(run)
+    start(layout, "stage1", "final")
+    make_run(work, [5])
+    relabel_first_line(tmp_path / "data")
+    current_data(tmp_path)  # data-pre.sh again, meanwhile
+    with pytest.raises(DataError, match=rf"{work}: the data changed while this run trained \(data-pre.sh ran "
+                                        r"meanwhile\?\): train again"):
+        finish(layout, "stage1", "final")
+    assert files_under(run) == before and (work / "checkpoint-5").is_dir()
+    # a run whose own rows did not change finishes: a new test list is nothing stage 2 trains on
+    start(layout, "stage2", "final")
+    make_run(layout.run_work_dir("stage2"), [3])
+    b = tmp_path / "data" / "B.txt"
+    b.write_text("\n".join(b.read_text(encoding="utf-8").split()[:3]) + "\n", encoding="utf-8")
+    current_data(tmp_path)
+    assert finish(layout, "stage2", "final") == layout.run_dir("stage2") / "checkpoint-3"
+
+
+def test_latest_continues_only_a_run_begun_on_the_current_data(tmp_path, capsys):
+    """RESUME=1: the newest checkpoint of an unfinished run, if the run began on the current data; a work folder
+    begun on other data, or with no record of what it began on, is not continued (train.sh then starts afresh)."""
+    layout = current_data(tmp_path)
+    work = layout.run_work_dir("stage1")
+    assert latest(layout, "stage1", "final") is None  # no work folder
+    start(layout, "stage1", "final")
+    assert latest(layout, "stage1", "final") is None  # begun, nothing saved yet
+    make_run(work, [2, 10])
+    assert latest(layout, "stage1", "final") == (work / "checkpoint-10").resolve()
+    capsys.readouterr()
+    relabel_first_line(tmp_path / "data")
+    current_data(tmp_path)
+    assert latest(layout, "stage1", "final") is None
+    assert f"{work}: began on other data than the current (or unrecorded): not continued" in capsys.readouterr().err
+    assert main(["latest", "--output-dir", str(layout.root), "--stage", "stage1"]) == 0
+    assert capsys.readouterr().out == ""
+    (work / TRAINED_ON).unlink()  # a work folder of an older train.sh: what it began on is unknown
+    assert latest(layout, "stage1", "final") is None

@@ -16,7 +16,7 @@ from tools.fileio import read_json, read_jsonl, write_jsonl
 from tools.model import score as S
 from tools.model.checkpoint import write_pointer
 from tools.probs import read_probs
-from tools.task import LABELS, STAGES, Layout, label_token_ids, probs_partial_of, probs_record_of, sft_row
+from tools.task import LABELS, PROMPT, STAGES, Layout, label_token_ids, probs_partial_of, probs_record_of, sft_row
 
 TINY = TinySpec(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=32, vision_depth=2,
                 pretrain_samples=0, pretrain_epochs=0)
@@ -178,14 +178,15 @@ def test_score_jobs_loads_each_checkpoint_once_and_writes_csvs(loaded, rows, tmp
     write_jsonl(a, rows[:4])
     write_jsonl(b, rows[4:])
     calls = []
-    monkeypatch.setattr(S, "load", lambda argv: calls.append(argv) or (model, template, label_ids, None))
+    monkeypatch.setattr(S, "load",
+                        lambda argv, labels: calls.append((argv, labels)) or (model, template, label_ids, None))
     monkeypatch.setenv("FIRESAFE_COMPILE", "on")  # choose_compile sets it: restored after the test
     monkeypatch.setenv("SCORE_COMPILE", "auto")
     jobs = [(Path("/ck/one"), [(a, tmp_path / "s1" / "a.csv"), (b, tmp_path / "s1" / "b.csv")]),
             (Path("/ck/two"), [(a, tmp_path / "s2" / "a.csv")])]
     S.score_jobs(jobs, ["--max_pixels", "3136"], batch_size=2, workers=0)
-    assert calls == [["--adapters", "/ck/one", "--max_pixels", "3136"],
-                     ["--adapters", "/ck/two", "--max_pixels", "3136"]]
+    assert calls == [(["--adapters", "/ck/one", "--max_pixels", "3136"], LABELS),  # no record: the five labels
+                     (["--adapters", "/ck/two", "--max_pixels", "3136"], LABELS)]
     names, probs = read_probs(tmp_path / "s1" / "a.csv")
     assert names == [Path(r["images"][0]).name for r in rows[:4]]  # rows named by image file name
     np.testing.assert_allclose(probs, S.score_rows(model, template, label_ids, rows[:4], progress=False), atol=2e-6)
@@ -259,7 +260,7 @@ def scoring(loaded, rows, tmp_path, monkeypatch):
     write_jsonl(a, rows)
     write_jsonl(b, rows[:3])
     loads = []
-    monkeypatch.setattr(S, "load", lambda argv: loads.append(argv) or (model, template, label_ids, None))
+    monkeypatch.setattr(S, "load", lambda argv, labels: loads.append(argv) or (model, template, label_ids, None))
     monkeypatch.setenv("FIRESAFE_COMPILE", "on")  # choose_compile sets it: restored after the test
     monkeypatch.setenv("SCORE_COMPILE", "auto")
     jobs = [(ckpt, [(a, tmp_path / "run" / "val_probs.csv"), (b, tmp_path / "run" / "test_probs.csv")])]
@@ -289,7 +290,10 @@ def test_an_interrupted_scoring_continues_with_only_the_missing_rows(scoring, lo
     names, probs = read_probs(scoring.val)
     assert names == [Path(r["images"][0]).name for r in rows]
     np.testing.assert_allclose(probs[:4], [first[i] for i in range(4)], rtol=0, atol=1e-6)  # kept as scored
-    full = S.score_rows(model, template, label_ids, rows, batch_size=2, progress=False, workers=0, bucket=False)
+    # every row asked with the model's own question (no record: the task's prompt; row 5 has another)
+    assert S.model_of(scoring.ckpt)["prompt"] == PROMPT
+    full = S.score_rows(model, template, label_ids, rows, batch_size=2, progress=False, workers=0, bucket=False,
+                        prompt=PROMPT)
     np.testing.assert_allclose(probs, full, rtol=0, atol=2e-5)
     assert not partial.exists() and not probs_partial_of(scoring.test).exists()
     assert read_json(probs_record_of(scoring.val)) == S.job_record(scoring.ckpt, scoring.a, scoring.argv)

@@ -8,7 +8,7 @@ from tools.fileio import write_json, write_text
 from tools.probs import write_probabilities, write_probs
 from tools.report.ablation import main, run_scores, table
 from tools.report.metrics import evaluate
-from tools.task import LABEL_TO_INDEX, LABELS, Layout
+from tools.task import HIGH_RISK_INDEX, LABEL_TO_INDEX, LABELS, Layout
 
 
 def test_ablation_table_scores(tmp_path, capsys):
@@ -28,7 +28,8 @@ def test_ablation_table_scores(tmp_path, capsys):
         write_probs(layout.probs("stage1", "test"), names, p1)
         if aug:  # both stages and fusion
             write_probs(layout.probs("stage2", "test"), names, p2)
-            write_probabilities(layout.probabilities, names, p1, p2, p2, [LABELS[i] for i in p2.argmax(1)])
+            write_probabilities(layout.probabilities, names, p1, p2[:, HIGH_RISK_INDEX], p2,
+                                [LABELS[i] for i in p2.argmax(1)])
             write_json(layout.root / "ablation.json", {"seconds": 321.4})
         r = run_scores(layout.root)
         p1 = np.round(p1, 6)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from tools.probs import write_probabilities
 from tools.report.report import binary, build_report, main, reliability, write_report
-from tools.task import LABELS, Layout
+from tools.task import HIGH_RISK_INDEX, LABELS, Layout
 
 # image:        1   2   3   4   5   6   7   8
 # gold:         高  高  高  中  中  低  无  非
@@ -31,7 +31,7 @@ def one_hot_probs(pred, conf):
 
 
 P1 = one_hot_probs(PRED1, CONF1)
-P2 = one_hot_probs([0 if h else 1 for h in HIGH2], [0.8] * 8)
+P2 = one_hot_probs([0 if h else 1 for h in HIGH2], [0.8] * 8)[:, HIGH_RISK_INDEX]  # stage 2's p(高风险): 0.8 or 0.05
 PF = one_hot_probs(PREDF, [0.7] * 8)
 
 # Stage 1:
@@ -52,8 +52,11 @@ F_F1 = [2 / 3, 0.5, 1.0, 1.0, 1.0]
 F_W = 61 / 12
 # Deltas: weighted F1 61/12 - 44/12 = 17/12 = +1.4167; 高 F1 2/3 - 1/2 = +1/6 = +0.1667;
 # errors 3 -> 2: reduction 1/3 = 33.3%.
-# Stage 2 as 高 vs rest: predicted 高 = {1, 2, 5}, gold 高 = {1, 2, 3}: tp 2 (1, 2), fp 1 (5), fn 1 (3), tn 4
-#   -> P 2/3, R 2/3, F1 2/3.
+# Stage 2 as 高 vs rest: predicted 高 (p >= 0.5) = {1, 2, 5}, gold 高 = {1, 2, 3}: tp 2 (1, 2), fp 1 (5), fn 1 (3),
+#   tn 4 -> P 2/3, R 2/3, F1 2/3.
+# AUC of p(高风险), ties half: stage 2 (0.8 for 1, 2, 5; 0.05 else): positives 1 and 2 beat negatives 4, 6, 7, 8 and
+#   tie 5 (4.5 each), 3 ties 4, 6, 7, 8 (2) -> 11/15. Fused (0.7 / 0.075, the same calls): 11/15. Stage 1 (p 0.1,
+#   0.6, 0.1 for 1-3; 0.025 for 4-7, 0.15 for 8): 1 and 3 beat 4 negatives (4 each), 2 beats all 5 -> 13/15.
 # ECE of stage 1, 10 bins: bin 0.6-0.7 holds images 1-3 (confidence 0.6, accuracy 1/3): |1/3 - 0.6| · 3/8 = 0.1
 #   bin 0.9-1.0 holds 4-7 (0.9, accuracy 1): 0.1 · 4/8 = 0.05;  bin 0.4-0.5 holds 8 (0.4, accuracy 0): 0.4 · 1/8 = 0.05
 #   ECE = 0.2
@@ -78,6 +81,7 @@ def test_numbers_match_hand_computation():
     assert (b.tp, b.fp, b.fn, b.tn) == (2, 1, 1, 4)
     assert (b.precision, b.recall, b.f1) == pytest.approx((2 / 3, 2 / 3, 2 / 3))
     assert b.confusion.tolist() == [[2, 1], [1, 4]]
+    assert r.auc == pytest.approx({"stage 1": 13 / 15, "stage 2": 11 / 15, "fused": 11 / 15})
     assert r.stage1.confusion[0].tolist() == [1, 2, 0, 0, 0]  # gold 高: one right, two called 中
     assert r.fused.confusion[1].tolist() == [1, 1, 0, 0, 0]  # gold 中: one called 高 by fusion
     assert r.reliability.ece == pytest.approx(0.2)
@@ -88,13 +92,17 @@ def test_numbers_match_hand_computation():
 def test_edge_cases():
     # no error in stage 1: the reduction is undefined, not a division by zero
     p = one_hot_probs(GOLD, [0.9] * 8)
-    assert build_report(GOLD, p, p, p).error_reduction_pct is None
+    assert build_report(GOLD, p, p[:, HIGH_RISK_INDEX], p).error_reduction_pct is None
+    # one class only: no AUC (not a division by zero)
+    assert build_report([1] * 8, p, p[:, HIGH_RISK_INDEX], p).auc == {"stage 1": None, "stage 2": None, "fused": None}
     # a confidence of exactly 1 falls in the last bin; binary F1 is 0 when nothing is found
     rel = reliability(np.eye(5)[[0, 1]], [0, 2])
     assert rel.count[-1] == 2 and rel.ece == pytest.approx(0.5)
     assert binary([True, False], [False, False]).f1 == 0.0
     with pytest.raises(ValueError, match="shape"):
         build_report(GOLD, P1[:5], P2, PF)
+    with pytest.raises(ValueError, match=r"stage 2 probabilities have shape \(8, 5\), expected \(8,\)"):
+        build_report(GOLD, P1, PF, PF)  # stage 2 gives p(高风险) only
 
 
 def _assert_png(path, min_size):
@@ -112,7 +120,8 @@ def test_write_report_markdown_and_pictures(tmp_path):
     assert "| 高风险 F1 | 0.500 | 0.667 | +0.167 |" in md
     assert "| errors (misclassified images) | 3 | 2 | -1 |" in md
     assert "**33.3%**" in md
-    assert "| stage 2 | 0.667 | 0.667 | 0.667 |" in md
+    assert "| stage 2 | 0.733 | 0.667 | 0.667 | 0.667 |" in md  # AUC, P, R, F1
+    assert "| stage 1 | 0.867 | 1.000 | 0.333 | 0.500 |" in md
     assert "| 高风险 | 2 | 1 |" in md and "| 其他 | 1 | 4 |" in md  # stage 2's 2×2
     assert "| 高风险 | 2 | 0.667 | 0.667 | 0.667 | 3 |" in md  # fused per-class row
     assert "| 高风险 | 1 | 2 | 0 | 0 | 0 |" in md  # stage 1 confusion row

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.helpers import files_under, images_of, make_official, run_data_pre
 from tools.augment.filter import cuda_available
+from tools.data.images import model_size
 from tools.demo.data import make_dataset
 from tools.task import Layout
 
@@ -28,7 +30,7 @@ def test_data_pre_passes_folds_and_refuses_a_bad_value(official, tmp_path):
     out = tmp_path / "out"
     env = {"DATA_DIR": str(official), "OUTPUT_DIR": str(out), "AUGMENT": "0", "VAL_RATIO": "0.25"}
     log = run_data_pre({**env, "FOLDS": "2"}, "--workers", "1")
-    assert "validate and split done" in log and "compose the stage sets done" in log
+    assert "validate, prepare the images, split done" in log and "compose the stage sets done" in log
     assert "augment the training split" not in log
     assert json.loads(Layout(out).manifest.read_text(encoding="utf-8"))["folds"] == 2
     assert Layout(out).fold_list(1).exists() and Layout(out).heldout_jsonl(1).exists()
@@ -45,22 +47,42 @@ def test_data_pre_composition_knobs(official, tmp_path):
     env = {"DATA_DIR": str(official), "OUTPUT_DIR": str(out), "AUGMENT": "0", "SEED": "7"}
     run_data_pre(env)
     manifest = json.loads(Layout(out).manifest.read_text(encoding="utf-8"))
-    assert manifest["composition"] == {"stage1_min_share": 0.1, "stage2_high_repeat": 3, "stage2_other_ratio": 2.0}
+    assert manifest["composition"] == {"stage1_min_share": 0.1, "stage2_high_repeat": 3, "stage2_other_ratio": 2.0,
+                                       "stage2_target": "five"}
     assert manifest["seed"] == 7 and manifest["augmentation"] is None
     env = {**env, "STAGE1_MIN_SHARE": "0.15", "STAGE2_HIGH_REPEAT": "2", "STAGE2_OTHER_RATIO": "1.5"}
     run_data_pre(env)
     manifest = json.loads(Layout(out).manifest.read_text(encoding="utf-8"))
-    assert manifest["composition"] == {"stage1_min_share": 0.15, "stage2_high_repeat": 2, "stage2_other_ratio": 1.5}
+    assert manifest["composition"] == {"stage1_min_share": 0.15, "stage2_high_repeat": 2, "stage2_other_ratio": 1.5,
+                                       "stage2_target": "five"}
     assert manifest["settings"]["recipe"] == "real"
     assert manifest["settings"]["model_stage1"] == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert manifest["settings"]["model_stage2"] == "Qwen/Qwen2.5-VL-3B-Instruct"
     before = files_under(out)
     for knob, bad, accepted in (("AUGMENT", "2", "expected 0 or 1"),
-                                ("STAGE1_MIN_SHARE", "0.3", "expected empty, or a number from 0 to below 0.2"),
+                                ("STAGE1_MIN_SHARE", "1", "expected empty, or a number from 0 to below 1"),
+                                ("SKIP_BAD_IMAGES", "yes", "expected 0 or 1"),
                                 ("STAGE2_HIGH_REPEAT", "0", "expected empty, or a whole number >= 1")):
         log = run_data_pre({**env, knob: bad}, rc=1)
         assert f"{knob}='{bad}': {accepted}" in log
         assert files_under(out) == before  # refused before any step
+
+
+def test_data_pre_prepares_at_max_pixels_and_skips_bad_images_only_when_asked(official, tmp_path):
+    out = tmp_path / "out"
+    layout = Layout(out)
+    (official / "train" / "2_1.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    env = {"DATA_DIR": str(official), "OUTPUT_DIR": str(out), "AUGMENT": "0", "VAL_RATIO": "0.25",
+           "MAX_PIXELS": "28224"}
+    log = run_data_pre(env, rc=1)
+    assert "2_1.jpg" in log and "SKIP_BAD_IMAGES=1" in log and not layout.manifest.exists()
+    log = run_data_pre({**env, "SKIP_BAD_IMAGES": "1"})
+    assert "left out (SKIP_BAD_IMAGES=1)" in log
+    manifest = json.loads(layout.manifest.read_text(encoding="utf-8"))
+    assert list(manifest["skipped_train_images"]) == ["2_1.jpg"] and manifest["max_pixels"] == 28224
+    assert "2_1.jpg" not in {Path(p).name for p in images_of(layout.train_jsonl("stage1"))}
+    with Image.open(layout.prepared_images("train") / "0_0.jpg") as img:  # at MAX_PIXELS, not the recipe's
+        assert (img.height, img.width) == model_size(24, 32, 28224)
 
 
 def test_data_pre_augment_knob(demo, tmp_path):
@@ -70,7 +92,8 @@ def test_data_pre_augment_knob(demo, tmp_path):
     log = run_data_pre({**env, "AUGMENT": "0"})
     assert "augment the training split" not in log and not layout.augmented_dir.exists()
     plain = {stage: layout.train_jsonl(stage).read_bytes() for stage in ("stage1", "stage2")}
-    assert all(Path(p).parent == demo / "train" for p in images_of(layout.train_jsonl("stage1")))
+    assert all(Path(p).parent == layout.prepared_images("train") for p in images_of(layout.train_jsonl("stage1")))
+    assert json.loads(layout.split_record.read_text(encoding="utf-8"))["max_pixels"] == 1003520  # the recipe's
 
     # on by default; real recipe without a GPU: the filter is skipped (a 7B on CPU), cut-outs from DATA_DIR
     log = run_data_pre({**env, "AUGMENT_HAZARD_HUES": "0,223.3"})

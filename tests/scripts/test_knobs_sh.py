@@ -47,7 +47,7 @@ def test_data_pre_checks_each_knob_before_any_work(tmp_path, knob, bad):
     log = run_data_pre(env, rc=1)
     assert time.monotonic() - start < 30  # seconds, not an image check or a demo build (about 1 s on an idle machine)
     assert f"{knob}={bad!r}: {ACCEPTED[knob]}" in log
-    assert "Traceback" not in log and "validate and split" not in log
+    assert "Traceback" not in log and "validate, prepare the images, split" not in log
     assert not out.exists() and (tmp_path / "file").is_file()  # nothing written, no output folder
     assert not (tmp_path / "missing").exists()
 

@@ -83,13 +83,23 @@ def test_outputs_honour_the_umask(tmp_path, umask, file_mode, dir_mode):
         assert mode == expected, (name, oct(mode))
 
 
-@pytest.mark.xfail(strict=True, reason="data-pre.sh resolves DATA_DIR, OUTPUT_DIR and CUTOUTS_DIR against the "
-                   "caller's directory before its `cd`, but not MODEL_STAGE1/MODEL_STAGE2: './m1' is refused by "
-                   "tools.knobs (looked up beside the scripts) and 'm1/x' is taken for a hub id and recorded as is")
 def test_a_relative_model_folder_is_the_callers(tmp_path, repo_copy):
+    """MODEL_STAGE1/2 given as folders relative to the caller's directory (`./models/m1`, or `models/m2`, which
+    also looks like a hub id) are resolved there, before the scripts' `cd`, by data-pre.sh and by train.sh; a hub id
+    that names no folder here is recorded as it is."""
     elsewhere = tmp_path / "elsewhere"
-    fake_model(elsewhere / "models" / "m1")
-    env = {**data_env(tmp_path), "MODEL_STAGE1": "./models/m1", "OUTPUT_DIR": str(tmp_path / "out")}
+    m1, m2 = fake_model(elsewhere / "models" / "m1"), fake_model(elsewhere / "models" / "m2")
+    out = tmp_path / "out"
+    env = {**data_env(tmp_path), "MODEL_STAGE1": "./models/m1", "MODEL_STAGE2": "models/m2", "OUTPUT_DIR": str(out)}
     run_data_pre(env, root=repo_copy, cwd=elsewhere)
-    assert Layout(tmp_path / "out").manifest.exists()
-    assert read_json(Layout(tmp_path / "out").manifest)["settings"]["model_stage1"] == str(elsewhere / "models" / "m1")
+    settings = read_json(Layout(out).manifest)["settings"]
+    assert settings["model_stage1"] == str(m1) and settings["model_stage2"] == str(m2)
+    run_script("train.sh", tmp_path, out, root=repo_copy, cwd=elsewhere)
+    assert [value(a, "--model") for a in swift_calls(tmp_path)] == [str(m1), str(m2)]
+    # train.sh's own MODEL_STAGE2 (the environment wins over the record), relative to where it is called from
+    m3 = fake_model(tmp_path / "other" / "m3")
+    run_script("train.sh", tmp_path, out, root=repo_copy, cwd=tmp_path / "other", STAGES="stage2", MODEL_STAGE2="m3")
+    assert [value(a, "--model") for a in swift_calls(tmp_path)] == [str(m3)]
+    # a hub id: no such folder here, kept as given
+    run_data_pre({**env, "MODEL_STAGE2": "Qwen/Qwen2.5-VL-3B-Instruct"}, root=repo_copy, cwd=elsewhere)
+    assert read_json(Layout(out).manifest)["settings"]["model_stage2"] == "Qwen/Qwen2.5-VL-3B-Instruct"

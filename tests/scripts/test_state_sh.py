@@ -12,23 +12,13 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
 
-from tests.helpers import (ROOT, fake_model, fake_trained, flag, make_official, prepare, prepared, run_data_pre,
-                           run_script, score_calls, script_env, swift_calls, tree_state, value)
+from tests.helpers import (ROOT, fake_model, fake_trained, flag, make_official, prepare, prepared, relabel_first_line,
+                           run_data_pre, run_script, score_calls, script_env, swift_calls, tree_state, value)
 from tools.demo.data import make_dataset
 from tools.fileio import read_json
-from tools.state import check_data, stale_models
-from tools.task import LABELS, STAGES, Layout
-
-
-def relabel_first_line(data: Path) -> None:
-    """Give train.txt's first image another label (what a corrected annotation does)."""
-    train = data / "train.txt"
-    lines = train.read_text(encoding="utf-8").splitlines()
-    name, label = lines[0].split("\t")
-    train.write_text("\n".join([f"{name}\t{LABELS[(LABELS.index(label) + 1) % len(LABELS)]}", *lines[1:]]) + "\n",
-                     encoding="utf-8")
+from tools.state import check_data, run_fingerprint, stale_models
+from tools.task import STAGES, TRAINED_ON, Layout
 
 
 def runs_state(layout: Layout) -> dict:
@@ -60,7 +50,7 @@ def test_test_sh_refuses_models_trained_on_other_data(tmp_path):
     log = run_script("test.sh", tmp_path, out, rc=1)
     for stage in STAGES:
         assert f"{stage} was trained on other data than data-pre.sh prepared since: " in log
-    assert "the training list or its labels" in log and "train_list" in log
+    assert "its training rows" in log and "train_rows" in log
     assert "retrain (bash train.sh), or set ALLOW_STALE=1 to use them anyway" in log
     assert score_calls(tmp_path) == [] and layout.submission.read_bytes() == submission  # nothing scored or written
 
@@ -71,8 +61,9 @@ def test_test_sh_refuses_models_trained_on_other_data(tmp_path):
     other = make_official(tmp_path / "other data", n_per_label=5)  # another DATA_DIR
     run_data_pre({**env, "DATA_DIR": str(other)})
     log = run_script("test.sh", tmp_path, out, rc=1)
-    assert ("the test images, the training images, the training list or its labels changed "
-            "(test_images, train_images, train_list)") in log  # same test names: the test list itself is unchanged
+    assert ("the training images, its training rows (the split, the stage-set settings or the augmented copies), "
+            "the validation rows changed (train_images, train_rows, val_rows)") in log
+    assert "test_images" not in log  # new test images too, but no model trained on them
     assert score_calls(tmp_path) == []
 
     run_script("train.sh", tmp_path, out)  # retrained: no override needed
@@ -92,7 +83,7 @@ def test_retraining_one_stage_refuses_a_stale_other_stage(tmp_path):
     log = run_script("train.sh", tmp_path, out, rc=1, STAGES="stage2")
     assert time.monotonic() - start < 60
     assert "stage1 was trained on other data than data-pre.sh prepared since: " in log
-    assert "the training list or its labels" in log
+    assert "its training rows" in log
     assert "retrain (bash train.sh), or set ALLOW_STALE=1" in log and "stage2 was trained" not in log
     assert swift_calls(tmp_path) == [] and runs_state(layout) == before
 
@@ -305,9 +296,12 @@ def interrupted_retrain(tmp_path: Path, out: Path, stage: str = "stage1") -> Pat
     log = run_script("train.sh", tmp_path, out, rc=130, FAKE_SWIFT_FOR=f"/{stage}.", FAKE_SWIFT_STEP="4",
                      FAKE_SWIFT_RC="130")
     assert "next: bash test.sh" not in log
-    work = Layout(out).run_work_dir(stage)
+    layout = Layout(out)
+    work = layout.run_work_dir(stage)
     (work / "checkpoint-2").mkdir()
-    assert sorted(p.name for p in work.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoint-2", "checkpoint-4", TRAINED_ON]
+    # recorded before swift started: what the run trains on (tools.model.checkpoint start)
+    assert read_json(work / TRAINED_ON)["fingerprint"] == run_fingerprint(layout, check_data(layout), stage, "final")
     swift_calls(tmp_path)
     return work
 
@@ -327,7 +321,7 @@ def test_resume_continues_an_unfinished_run_and_keeps_finished_ones(tmp_path):
     assert flag(call, "--resume_from_checkpoint") == [str((work / "checkpoint-4").resolve())]
     assert f"stage1: continuing from {(work / 'checkpoint-4').resolve()} (RESUME=1)" in log
     assert "stage2: trained on the current data, kept (RESUME=1)" in log
-    assert read_json(layout.trained_on("stage1")) == read_json(layout.trained_on("stage2"))
+    assert stale_models(layout, check_data(layout), STAGES, ["final"]) == []
     assert (layout.checkpoint_pointer("stage1")).read_text(encoding="utf-8") == "checkpoint-6\n"
     assert not work.exists() and tree_state(layout.run_dir("stage2")) == stage2_before
 
@@ -362,16 +356,17 @@ def test_without_resume_an_unfinished_run_starts_afresh(tmp_path):
     assert sorted(p.name for p in layout.run_dir("stage1").glob("checkpoint-*")) == ["checkpoint-1"]
 
 
-@pytest.mark.xfail(strict=True, reason="train.sh (RESUME=1) continues any <run>.training without checking what data "
-                   "it began on, and tools.model.checkpoint --finish then records the current fingerprint: a run "
-                   "begun before data-pre.sh changed the data is marked as trained on the new data")
 def test_resume_does_not_continue_a_run_begun_on_other_data(tmp_path):
     out, layout = prepared(tmp_path)
     run_script("train.sh", tmp_path, out)
     swift_calls(tmp_path)
-    interrupted_retrain(tmp_path, out)  # begun on the current data...
+    work = interrupted_retrain(tmp_path, out)  # begun on the current data...
     relabel_first_line(tmp_path / "data")
     prepared(tmp_path, out)  # ...which data-pre.sh then replaced
-    run_script("train.sh", tmp_path, out, RESUME="1")
+    log = run_script("train.sh", tmp_path, out, RESUME="1")
     calls = swift_calls(tmp_path)
+    assert [value(a, "--output_dir") for a in calls] == [str(layout.run_work_dir(s)) for s in STAGES]
     assert all(flag(a, "--resume_from_checkpoint") == [] for a in calls)  # stage 1 starts afresh on the new data
+    assert f"{work}: began on other data than the current (or unrecorded): not continued" in log
+    assert sorted(p.name for p in layout.run_dir("stage1").glob("checkpoint-*")) == ["checkpoint-1"]  # no old one
+    assert stale_models(layout, check_data(layout), STAGES, ["final"]) == []

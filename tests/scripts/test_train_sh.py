@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.helpers import (flag, prepared, run_script, swift_calls, swift_env, tree_state, value)
+import pytest
+
+from tests.helpers import fake_model, flag, prepared, run_script, swift_calls, swift_env, tree_state, value
+from tools.fileio import read_json
 from tools.task import HIGH_RISK, STAGES, Layout
 
 
@@ -25,7 +28,7 @@ def test_train_sh_uses_plugins_for_stage2_by_default(tmp_path):
         assert argv[:2] == ["sft", "--model"]
         assert flag(argv, "--external_plugins") == [str(p) for p in plugin_files()]
         assert flag(argv, "--external_plugins")[-1].endswith("swift_plugins/patches/vision_attention.py")
-        assert flag(argv, "--eval_metric") == flag(argv, "--metric_for_best_model") == ["weighted_f1"]
+        assert flag(argv, "--eval_metric") == ["weighted_f1"] and flag(argv, "--greater_is_better") == ["true"]
         assert flag(argv, "--save_steps") == flag(argv, "--eval_steps")  # every evaluated step can become the best
         assert argv[-2:] == ["--lora_rank", "4"]  # the user's flags come last and win
         # the recipe's knobs, always passed (recipes/demo.env sets swift's defaults)
@@ -40,7 +43,13 @@ def test_train_sh_uses_plugins_for_stage2_by_default(tmp_path):
     assert flag(stage1, "--callbacks") == []
     assert flag(stage2, "--tuner_type") == ["hr_amplifier"] and flag(stage2, "--loss_type") == ["weighted_ce"]
     assert flag(stage2, "--callbacks") == ["amplifier_stats"]
+    # the amplifier trains at its own learning rate (swift_plugins/optimizer.py): with its tuner only
+    assert flag(stage1, "--optimizer") == [] and flag(stage2, "--optimizer") == ["hr_amplifier"]
+    # stage 1's checkpoint by the competition score, stage 2's by what fusion uses: its 高风险-vs-rest ranking
+    assert flag(stage1, "--metric_for_best_model") == ["weighted_f1"]
+    assert flag(stage2, "--metric_for_best_model") == ["high_risk_auc"]
     assert flag(stage1, "--num_train_epochs") == ["4"] and flag(stage2, "--num_train_epochs") == ["3"]
+    assert "MAX_PIXELS=28224" in swift_env(tmp_path)  # swift caps qwen_vl_utils' resize by it
 
 
 def test_train_sh_turns_plugins_on_for_stage1_and_passes_knobs(tmp_path):
@@ -52,9 +61,44 @@ def test_train_sh_turns_plugins_on_for_stage1_and_passes_knobs(tmp_path):
     assert f"FIRESAFE_CLASS_WEIGHTS={HIGH_RISK}=3" in env and "FIRESAFE_AMP_LAYERS=auto" in env
     stage1, stage2 = run_train_sh(tmp_path, STAGE1_TUNER="hr_amplifier", STAGE2_LOSS="", EVAL_METRIC="")
     assert flag(stage1, "--tuner_type") == ["hr_amplifier"] and flag(stage1, "--callbacks") == ["amplifier_stats"]
+    assert flag(stage1, "--optimizer") == ["hr_amplifier"]
     assert flag(stage2, "--loss_type") == [] and flag(stage2, "--tuner_type") == ["hr_amplifier"]
     for argv in (stage1, stage2):  # empty = off
         assert flag(argv, "--eval_metric") == [] and flag(argv, "--metric_for_best_model") == []
+        assert flag(argv, "--greater_is_better") == []
+
+
+def test_train_sh_picks_each_stage_checkpoint_by_its_metric_and_the_optimizer_by_the_tuner(tmp_path):
+    out, _ = prepared(tmp_path)
+    log = run_script("train.sh", tmp_path, out, STAGE2_BEST_METRIC="high_risk_f1", STAGE1_BEST_METRIC="accuracy",
+                     STAGE2_TUNER="lora", FIRESAFE_AMP_LR="5e-3")
+    stage1, stage2 = swift_calls(tmp_path)
+    assert flag(stage1, "--metric_for_best_model") == ["accuracy"]
+    assert flag(stage2, "--metric_for_best_model") == ["high_risk_f1"]
+    assert flag(stage2, "--eval_metric") == ["weighted_f1"]  # one metric plugin computes them all
+    assert "stage2 (" in log and "tuner lora, loss weighted_ce, best checkpoint by high_risk_f1" in log
+    for argv in (stage1, stage2):  # no amplifier, no optimizer plugin nor its callback
+        assert flag(argv, "--tuner_type") == ["lora"]
+        assert flag(argv, "--optimizer") == [] and flag(argv, "--callbacks") == []
+    assert "FIRESAFE_AMP_LR=5e-3" in swift_env(tmp_path)  # exported for the optimizer plugin
+    run_script("train.sh", tmp_path, out, STAGES="stage2")
+    (stage2,) = swift_calls(tmp_path)
+    assert flag(stage2, "--metric_for_best_model") == ["high_risk_auc"]  # the defaults again
+    assert flag(stage2, "--optimizer") == ["hr_amplifier"]
+    assert "FIRESAFE_AMP_LR=\n" in swift_env(tmp_path)  # empty: the plugin's own default (1e-2)
+
+
+def test_train_sh_checks_the_machine_before_training(tmp_path):
+    """train.sh's preflight (tools.model.preflight): the real recipe's bfloat16 and liger on a machine without a GPU
+    fail before stage 1, naming both."""
+    out, layout = prepared(tmp_path, recipe="real")
+    log = run_script("train.sh", tmp_path, out, rc=1, FAKE_GPU="0")
+    assert "this machine cannot train with these settings" in log
+    assert "TORCH_DTYPE=bfloat16 on a machine without a CUDA GPU" in log
+    assert "USE_LIGER_KERNEL_STAGE1=true needs a CUDA GPU" in log
+    assert swift_calls(tmp_path) == [] and not layout.run_work_dir("stage1").exists()
+    log = run_script("train.sh", tmp_path, out, FAKE_GPU="0", TORCH_DTYPE="float32", USE_LIGER_KERNEL_STAGE1="false")
+    assert "preflight: stage1 stage2 can train here" in log and len(swift_calls(tmp_path)) == 2
 
 
 def test_train_sh_sets_liger_per_stage(tmp_path):
@@ -142,3 +186,12 @@ def test_train_sh_without_folds(tmp_path):
     assert not layout.folds_dir.exists()
     run_script("train.sh", tmp_path, out, RUNS="folds")  # no folds to train: nothing to do
     assert swift_calls(tmp_path) == []
+
+
+def test_the_run_records_the_base_model_it_trained_on(tmp_path):
+    out, layout = prepared(tmp_path)
+    other = fake_model(tmp_path / "m3")
+    run_script("train.sh", tmp_path, out, MODEL_STAGE2=str(other))
+    _, stage2 = swift_calls(tmp_path)
+    assert value(stage2, "--model") == str(other)
+    assert read_json(layout.trained_on("stage2"))["fingerprint"]["parts"]["model"] == str(other)

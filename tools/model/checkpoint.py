@@ -80,7 +80,7 @@ def _recorded(work_dir: Path) -> dict | None:
     return read_json(path).get("fingerprint") if path.exists() else None
 
 
-def start(layout: Layout, stage: str, run: str | int, task: str = "causal_lm") -> Path:
+def start(layout: Layout, stage: str, run: str | int, task: str = "causal_lm", model: str | None = None) -> Path:
     """Record, in the run's work folder, what the run is about to train on (so RESUME=1 continues it only on the
     same data, and finish() can tell) and what its model will be: the task (a text answer or a head), the
     labels and prompt of its target, the class shares of its rows and of the data (prior correction,
@@ -89,7 +89,7 @@ def start(layout: Layout, stage: str, run: str | int, task: str = "causal_lm") -
     work_dir.mkdir(parents=True, exist_ok=True)
     manifest = check_data(layout)
     labels, prompt = TARGETS[stage_target(manifest, stage)]
-    record_trained_on(work_dir / TRAINED_ON, run_fingerprint(layout, manifest, stage, run, task), task=task,
+    record_trained_on(work_dir / TRAINED_ON, run_fingerprint(layout, manifest, stage, run, task, model), task=task,
                       labels=list(labels), prompt=prompt,
                       class_shares=class_shares(layout, manifest, stage, run, task))
     return work_dir
@@ -100,6 +100,12 @@ def _task(work_dir: Path) -> str:
     return read_json(path).get("task", "causal_lm") if path.exists() else "causal_lm"
 
 
+def _model(work_dir: Path) -> str | None:
+    """The base model the run said it trains (start's --model), compared as part of its fingerprint."""
+    recorded = _recorded(work_dir)
+    return (recorded or {}).get("parts", {}).get("model")
+
+
 def latest(layout: Layout, stage: str, run: str | int) -> Path | None:
     """The newest checkpoint of the run's unfinished work folder, if that run began on the current data (what
     RESUME=1 continues from); None otherwise."""
@@ -107,7 +113,7 @@ def latest(layout: Layout, stage: str, run: str | int) -> Path | None:
     found = checkpoints(work_dir)
     if not found:
         return None
-    current = run_fingerprint(layout, check_data(layout), stage, run, _task(work_dir))
+    current = run_fingerprint(layout, check_data(layout), stage, run, _task(work_dir), _model(work_dir))
     if _recorded(work_dir) != current:
         print(f"{work_dir}: began on other data than the current (or unrecorded): not continued", file=sys.stderr)
         return None
@@ -118,7 +124,10 @@ def finish(layout: Layout, stage: str, run: str | int) -> Path:
     """Record the work folder's checkpoint, then make the work folder the run folder. Returns the checkpoint's
     path in the run folder. Refuses a run whose data changed while it trained."""
     work_dir, run_dir = layout.run_work_dir(stage, run), layout.run_dir(stage, run)
-    current = run_fingerprint(layout, check_data(layout), stage, run, _task(work_dir))
+    if _recorded(work_dir) is None:
+        raise DataError(f"{work_dir}: no record of what this run trained on ({TRAINED_ON}; `start` writes it before "
+                        "swift, as train.sh does): train again")
+    current = run_fingerprint(layout, check_data(layout), stage, run, _task(work_dir), _model(work_dir))
     if _recorded(work_dir) != current:
         raise DataError(f"{work_dir}: the data changed while this run trained (data-pre.sh ran meanwhile?): train again")
     ckpt = write_pointer(work_dir)
@@ -139,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", choices=list(STAGES))
     ap.add_argument("--run", default=FINAL, help="final (default) or a fold number")
     ap.add_argument("--task", choices=list(TASKS), default="causal_lm", help="start: the run's --task_type")
+    ap.add_argument("--model", help="start: the base model the run trains (default: the one data-pre.sh recorded)")
     args = ap.parse_args(argv)
     if not args.stage and not (args.action == "read" and args.run_dir):
         ap.error("give --stage (and --run), or --run-dir with read")
@@ -148,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "read":
             print(read_pointer(args.run_dir or layout.run_dir(args.stage, args.run)))
         elif args.action == "start":
-            print(start(layout, args.stage, args.run, args.task))
+            print(start(layout, args.stage, args.run, args.task, args.model))
         elif args.action == "latest":
             found = latest(layout, args.stage, args.run)
             if found:
