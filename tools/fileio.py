@@ -42,6 +42,33 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         raise
 
 
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write, renamed over `path` when the block ends without error."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def put_bytes(path: str | Path, data: bytes) -> None:
+    """Atomic like atomic_open, without its fsync: for folders of thousands of images, where a lost image after a
+    power cut is redone by running the step again."""
+    with _replacing(Path(path)) as tmp:
+        tmp.write_bytes(data)
+
+
+def put_copy(src: str | Path, path: str | Path) -> None:
+    """put_bytes of src's bytes (a symlink is followed: the copy is a plain file)."""
+    import shutil
+
+    with _replacing(Path(path)) as tmp:
+        shutil.copyfile(src, tmp)
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_open(path) as f:
         f.write(text)

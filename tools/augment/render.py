@@ -15,6 +15,7 @@ from tools.augment.images import DEFAULT_MAX_PIXELS, encode_jpeg, load_cutout, l
 from tools.augment.plan import AugmentJob
 from tools.augment.transforms import AugmentConfig, apply_transforms
 from tools.data.lists import Sample
+from tools.fileio import put_bytes
 
 
 def render_job(job: AugmentJob, cfg: AugmentConfig = AugmentConfig(), max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
@@ -25,17 +26,6 @@ def render_job(job: AugmentJob, cfg: AugmentConfig = AugmentConfig(), max_pixels
     return encode_jpeg(out, cfg.jpeg_quality)
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Temporary file + rename: a reader never sees half an image (no fsync per image: speed)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _run_one(job: AugmentJob, out_dir: str, cfg: AugmentConfig, max_pixels: int) -> Sample:
     path = Path(out_dir) / job.out_name
     try:
@@ -43,7 +33,7 @@ def _run_one(job: AugmentJob, out_dir: str, cfg: AugmentConfig, max_pixels: int)
     except Exception as e:
         raise RuntimeError(f"augmenting {job.sample.path} (copy {job.copy}, {'+'.join(job.transforms)}): "
                            f"{type(e).__name__}: {e}") from e
-    _write_bytes(path, data)
+    put_bytes(path, data)
     return Sample(name=job.out_name, path=path, label=job.label, source=f"augment:{job.sample.source}")
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import io
 import math
 import os
-import shutil
 from pathlib import Path
+
+from tools.fileio import put_bytes, put_copy
 
 PATCH_FACTOR = 28  # a visual token is a 2x2 merge of 14-pixel patches
 MIN_TOKENS = 4  # qwen_vl_utils' IMAGE_MIN_TOKEN_NUM: swift's smallest image
@@ -84,7 +85,7 @@ def prepare_image(src: str | os.PathLike, dst: str | os.PathLike, max_pixels: in
             target_h, target_w = model_size(upright[1], upright[0], max_pixels)
             if fmt in ("JPEG", "PNG") and mode == "RGB" and orientation == 1 and size == (target_w, target_h):
                 img.load()  # a full decode: a truncated file fails here, not in training
-                _copy(src, dst)
+                put_copy(src, dst)
                 return "copied"
             if fmt == "JPEG":  # decode at 1/2, 1/4 or 1/8 in the DCT while that still leaves the model's size
                 scale = min(upright[0] / target_w, upright[1] / target_h)
@@ -107,25 +108,5 @@ def prepare_image(src: str | os.PathLike, dst: str | os.PathLike, max_pixels: in
         raise ValueError(f"unreadable image ({type(e).__name__}: {e})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = default_limit
-    _write(dst, buf.getvalue())
+    put_bytes(dst, buf.getvalue())
     return "resized"
-
-
-def _write(dst: Path, data: bytes) -> None:
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        shutil.copyfile(src, tmp)  # follows a symlink: the copy is a plain file with the list's name
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
