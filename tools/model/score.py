@@ -368,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             jobs = jobs_for(layout, args.runs, int(read_json(layout.manifest).get("folds", 1)))
         else:
             jobs = [(Path(args.checkpoint), list(zip(map(Path, args.dataset), map(Path, args.output))))]
-        score_jobs(jobs, swift_argv, args.batch_size, args.workers, args.bucket)
+        from tools.model.shards import score_jobs_on_gpus  # several GPUs: one process each (SCORE_GPUS)
+        score_jobs_on_gpus(jobs, swift_argv, args.batch_size, args.workers, args.bucket)
 
     return cli.run(step, errors=(DataError, FileNotFoundError))
 
