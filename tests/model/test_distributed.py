@@ -268,3 +268,22 @@ def test_the_preflight_wants_a_row_for_every_process(out):
     found = [p for p in problems(layout, ["stage2"], ["final"], env) if "training processes" in p]
     assert found == [f"{layout.train_jsonl('stage2')}: {rows} rows for {rows + 1} training processes: every process "
                      f"needs one"]
+
+
+def test_deepspeed_0_19_is_refused_with_the_amplifier_under_zero2(monkeypatch):
+    """deepspeed 0.19 broadcasts each parameter as torch.uint8 views at start-up (ZeRO-1/2): the amplifier's 0-dim
+    parameters cannot be viewed so (tests/model/test_deepspeed.py runs ZeRO-2 with 0.18)."""
+    import torch
+
+    with pytest.raises(RuntimeError, match="cannot be 0"):
+        torch.zeros(()).view(torch.uint8)  # what deepspeed 0.19's _broadcast_model does with gate.token_scale
+    env = {"DEEPSPEED": "zero2", "NPROC_PER_NODE": "2"}
+    monkeypatch.setattr(D, "_deepspeed_version", lambda: "0.19.8")
+    (found,) = D.setup_problems(env, ["stage1", "stage2"], cuda_devices=2)
+    assert "deepspeed 0.19.8 and the hr_amplifier tuner (stage2)" in found and "deepspeed<0.19" in found
+    assert D.setup_problems(env, ["stage1"], cuda_devices=2) == []  # stage 1 is plain LoRA by default
+    assert D.setup_problems({**env, "STAGE2_TUNER": "lora"}, ["stage2"], cuda_devices=2) == []
+    assert D.setup_problems({**env, "DEEPSPEED": "zero3"}, ["stage2"], cuda_devices=2) == []  # zero.Init: no broadcast
+    for version in ("0.18.9", "0.18.0+cu12", None):
+        monkeypatch.setattr(D, "_deepspeed_version", lambda v=version: v)
+        assert D.setup_problems(env, ["stage1", "stage2"], cuda_devices=2) == []

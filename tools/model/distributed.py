@@ -65,8 +65,8 @@ def split_accumulation(grad_accum: int, world: int, batch_size: int = 1) -> tupl
     accum = min((high, low), key=lambda a: abs(batch_size * a * world - wanted))  # high first: ties go up
     return accum, (f"GRAD_ACCUM={grad_accum} does not divide by {world} processes: {accum} per process, global batch "
                    f"{batch_size} x {accum} x {world} = {batch_size * accum * world} instead of the recipe's "
-                   f"{batch_size} x {grad_accum} = {wanted} (the learning rate stays the recipe's; a GRAD_ACCUM that is "
-                   f"a multiple of {world} divides exactly)")
+                   f"{batch_size} x {grad_accum} = {wanted} (the learning rate stays the recipe's; a GRAD_ACCUM "
+                   f"that is a multiple of {world} divides exactly)")
 
 
 def steps_per_epoch(rows: int, batch_size: int, accum: int, world: int = 1) -> int:
@@ -173,7 +173,7 @@ def setup_problems(env: dict, stages: list[str], cuda_devices: int | None = None
     GPUs torch sees (default: asked of torch; 0 without CUDA)."""
     out = []
     try:
-        world = world_size(env)
+        world_size(env)
     except DataError as e:
         return [str(e)]
     if cuda_devices is None:
@@ -189,17 +189,49 @@ def setup_problems(env: dict, stages: list[str], cuda_devices: int | None = None
     if deepspeed and not cuda_devices:
         out.append(f"DEEPSPEED={deepspeed} needs CUDA GPUs (no GPU visible here): leave DEEPSPEED empty; on a CPU "
                    f"NPROC_PER_NODE={nproc or 'N'} trains data-parallel (gloo) without it")
+    if stage is not None and stage < 3:
+        version = _deepspeed_version()
+        default_tuner = {"1": "lora", "2": "hr_amplifier"}  # train.sh's
+        amplified = [name for name in stages
+                     if env.get(f"STAGE{name[-1]}_TUNER", default_tuner[name[-1]]) == "hr_amplifier"]
+        if version and amplified and _release(version) >= (0, 19):
+            out.append(f"DEEPSPEED={deepspeed} with deepspeed {version} and the hr_amplifier tuner "
+                       f"({', '.join(amplified)}): deepspeed 0.19 broadcasts every parameter as a byte view at "
+                       "start-up, which fails for the amplifier's scalar parameters (gate.token_scale, "
+                       "gate.probe_bias: \"self.dim() cannot be 0\"); install deepspeed<0.19 "
+                       "(pip install -e '.[deepspeed]'), or use DEEPSPEED=zero3")
     if stage == 3:
         for name in stages:
             n = name[-1]
             default_loss = "" if n == "1" else "weighted_ce"  # train.sh's defaults
             if (env.get(f"USE_LIGER_KERNEL_STAGE{n}", "false") == "true"
                     and not env.get(f"STAGE{n}_LOSS", default_loss).strip()):
-                out.append(f"USE_LIGER_KERNEL_STAGE{n}=true with DEEPSPEED=zero3: liger's fused cross-entropy (used with "
-                           f"swift's own loss) reads lm_head.weight outside lm_head's forward, where ZeRO-3 leaves it an "
-                           f"empty partition (a size-mismatch crash at the first step); set USE_LIGER_KERNEL_STAGE{n}="
-                           f"false or use DEEPSPEED=zero2")
+                out.append(f"USE_LIGER_KERNEL_STAGE{n}=true with DEEPSPEED=zero3: liger's fused cross-entropy "
+                           "(used with swift's own loss) reads lm_head.weight outside lm_head's forward, where ZeRO-3 "
+                           "leaves it an empty partition (a size-mismatch crash at the first step); set "
+                           f"USE_LIGER_KERNEL_STAGE{n}=false or use DEEPSPEED=zero2")
     return out
+
+
+def _deepspeed_version() -> str | None:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        return version("deepspeed")
+    except PackageNotFoundError:
+        return None
+
+
+def _release(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split("+")[0].split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit()) if part else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
 
 
 def checkpoint_layout(checkpoint: str | Path) -> dict:
