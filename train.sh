@@ -68,6 +68,8 @@ python -m tools.knobs NPROC_PER_NODE="${NPROC_PER_NODE:-}" NNODES="${NNODES:-}" 
   MASTER_ADDR="${MASTER_ADDR:-}" MASTER_PORT="${MASTER_PORT:-}" DEEPSPEED="$DEEPSPEED" EVAL_EVERY="$EVAL_EVERY"
 python -m tools.model.distributed world >/dev/null   # NODE_RANK below NNODES
 for v in NPROC_PER_NODE NNODES MASTER_ADDR MASTER_PORT; do [[ -n "${!v:-}" ]] || unset "$v"; done  # empty = unset
+# DeepSpeed needs torchrun's distributed environment, one process too (HF sets it up only under a launcher)
+if [[ -n "$DEEPSPEED" && -z "${NPROC_PER_NODE:-}" && -z "${NNODES:-}" ]]; then export NPROC_PER_NODE=1; fi
 export DEEPSPEED RESUME STAGE1_LOSS STAGE2_LOSS   # for the preflight's checks
 # --- end several GPUs
 (( NODE_RANK > 0 )) || lock_outputs           # one script per output folder

@@ -82,6 +82,11 @@ def test_gpus_and_deepspeed(tmp_path):
     assert all(flag(a, "--deepspeed") == [] for a in swift_calls(tmp_path))
     run_gpu_script("train.sh", tmp_path, out, gpus=4, cuda=True)  # no NPROC_PER_NODE: GPU 0 as before
     assert dist_calls(tmp_path) == [{"CUDA_VISIBLE_DEVICES": "0"}] * 2
+    swift_calls(tmp_path)
+    # DeepSpeed in one process still goes through torchrun (HF sets DeepSpeed's distributed environment up only there)
+    run_gpu_script("train.sh", tmp_path, out, gpus=4, cuda=True, DEEPSPEED="zero2")
+    assert dist_calls(tmp_path) == [{"CUDA_VISIBLE_DEVICES": "0", "NPROC_PER_NODE": "1"}] * 2
+    assert [flag(a, "--deepspeed") for a in swift_calls(tmp_path)] == [["zero2"]] * 2
 
 
 @pytest.mark.parametrize("env, message", [
