@@ -30,12 +30,13 @@ source "recipes/$RECIPE.env"                  # SCORE_BATCH_SIZE, MAX_PIXELS
 export MAX_PIXELS                             # swift caps qwen_vl_utils' resize by it (tools/data/images.py)
 python -m tools.knobs ALLOW_STALE="$ALLOW_STALE" PRIOR_CORRECTION="$PRIOR_CORRECTION" FOLDS="$FOLDS" SCORE_BATCH_SIZE="$SCORE_BATCH_SIZE" \
   MAX_PIXELS="$MAX_PIXELS"
+# --- several GPUs (issue 16): one scoring process per visible GPU (SCORE_GPUS=all, or at most N), each scoring its
+# share of every dataset, merged in list order (tools/model/shards.py); one GPU or none: as before, in one process
+export SCORE_GPUS=${SCORE_GPUS:-all}
+python -m tools.knobs SCORE_GPUS="$SCORE_GPUS"
+if (( $(gpu_count) > 1 )); then log "several GPUs visible: scoring with SCORE_GPUS=$SCORE_GPUS, one process per GPU"; fi
+# --- end several GPUs
 lock_outputs                                  # one script per output folder
-# Without torchrun swift would spread each model over every visible GPU (device_map auto): a slow pipeline.
-if [[ -z "${CUDA_VISIBLE_DEVICES:-}" ]] && (( $(gpu_count) > 1 )); then
-  export CUDA_VISIBLE_DEVICES=0
-  log "$(gpu_count) GPUs: scoring on GPU 0 (CUDA_VISIBLE_DEVICES=0)"
-fi
 if (( FOLDS > 1 )); then python -m tools.decide.oof --output-dir "$OUTPUT_DIR" --folds "$FOLDS" --check; fi
 
 start=$SECONDS

@@ -61,13 +61,40 @@ python -m tools.knobs STAGES="$STAGES" RUNS="$RUNS" SEED="$SEED" RESUME="$RESUME
   DATALOADER_WORKERS="$DATALOADER_WORKERS" GRADIENT_CHECKPOINTING="$GRADIENT_CHECKPOINTING" \
   VIT_GRADIENT_CHECKPOINTING="$VIT_GRADIENT_CHECKPOINTING" USE_LIGER_KERNEL_STAGE1="$USE_LIGER_KERNEL_STAGE1" \
   USE_LIGER_KERNEL_STAGE2="$USE_LIGER_KERNEL_STAGE2"
-lock_outputs                                  # one script per output folder
+# --- several GPUs (issue 16): torchrun through swift's CLI (NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR,
+# MASTER_PORT), DeepSpeed (DEEPSPEED=zero2|zero3), evaluation every EVAL_EVERY epochs (EVAL_STEPS=auto). Node 0 keeps
+# the output folder (lock, checkpoints); the other nodes of a multi-node run only train (README "Several GPUs").
+DEEPSPEED=${DEEPSPEED:-}                      # empty | zero2 | zero3 (pip install -e '.[deepspeed]')
+NODE_RANK=${NODE_RANK:-0}
+EVAL_EVERY=${EVAL_EVERY:-0.5}                 # epochs between evaluations (and saves) with EVAL_STEPS=auto
+python -m tools.knobs NPROC_PER_NODE="${NPROC_PER_NODE:-}" NNODES="${NNODES:-}" NODE_RANK="$NODE_RANK" \
+  MASTER_ADDR="${MASTER_ADDR:-}" MASTER_PORT="${MASTER_PORT:-}" DEEPSPEED="$DEEPSPEED" EVAL_EVERY="$EVAL_EVERY"
+python -m tools.model.distributed world >/dev/null   # NODE_RANK below NNODES
+[[ -n "${NPROC_PER_NODE:-}" ]] || unset NPROC_PER_NODE   # empty = unset, as swift's torchrun launcher reads them
+[[ -n "${NNODES:-}" ]] || unset NNODES
+[[ -n "${MASTER_ADDR:-}" ]] || unset MASTER_ADDR
+[[ -n "${MASTER_PORT:-}" ]] || unset MASTER_PORT
+# DeepSpeed needs torchrun's distributed environment, one process too (HF sets it up only under a launcher)
+if [[ -n "$DEEPSPEED" && -z "${NPROC_PER_NODE:-}" && -z "${NNODES:-}" ]]; then export NPROC_PER_NODE=1; fi
+export DEEPSPEED RESUME STAGE1_LOSS STAGE2_LOSS   # for the preflight's checks
+# --- end several GPUs
+(( NODE_RANK > 0 )) || lock_outputs           # one script per output folder
 if (( FOLDS > 1 )); then python -m tools.decide.oof --output-dir "$OUTPUT_DIR" --folds "$FOLDS" --check; fi
 # Without torchrun swift would spread each model over every visible GPU (device_map auto): a slow pipeline.
 if [[ -z "${NPROC_PER_NODE:-}" && -z "${CUDA_VISIBLE_DEVICES:-}" ]] && (( $(gpu_count) > 1 )); then
   export CUDA_VISIBLE_DEVICES=0
   log "$(gpu_count) GPUs and no NPROC_PER_NODE: training on GPU 0 (CUDA_VISIBLE_DEVICES=0)"
 fi
+# --- several GPUs (issue 16): NPROC_PER_NODE=N with more GPUs visible takes the first N (swift would otherwise
+# spread each process's model over the rest with device_map, which DeepSpeed refuses)
+if [[ -n "${NPROC_PER_NODE:-}" && -z "${CUDA_VISIBLE_DEVICES:-}" ]] && (( $(gpu_count) > NPROC_PER_NODE )); then
+  export CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((NPROC_PER_NODE - 1)))
+  log "$(gpu_count) GPUs and NPROC_PER_NODE=$NPROC_PER_NODE: training on GPUs $CUDA_VISIBLE_DEVICES"
+fi
+dist_text=$(python -m tools.model.distributed swift-flags)   # --deepspeed; --use_cpu true for DDP on CPUs
+dist_flags=()
+[[ -z "$dist_text" ]] || mapfile -t dist_flags <<< "$dist_text"
+# --- end several GPUs
 # Both stages' settings must be able to run here (packages, dtype, attention, models, training sets): checked now,
 # not at stage 2's first step.
 TORCH_DTYPE=$TORCH_DTYPE ATTN_IMPL=$ATTN_IMPL USE_LIGER_KERNEL_STAGE1=$USE_LIGER_KERNEL_STAGE1 \
@@ -113,9 +140,11 @@ for run in "${runs[@]}"; do
       resume_from=$(python -m tools.model.checkpoint latest --output-dir "$OUTPUT_DIR" --stage "$stage" --run "$run")
       if [[ -n "$resume_from" ]]; then log "$stage$of: continuing from $resume_from (RESUME=1)"; fi
     fi
-    [[ -n "$resume_from" ]] || rm -rf "$work_dir"    # an unfinished run is continued, or started afresh
-    python -m tools.model.checkpoint start --output-dir "$OUTPUT_DIR" --stage "$stage" --run "$run" --task "$task" \
-      --model "$model" >/dev/null
+    if (( NODE_RANK == 0 )); then                 # several nodes: node 0 writes the output folder (issue 16)
+      [[ -n "$resume_from" ]] || rm -rf "$work_dir"  # an unfinished run is continued, or started afresh
+      python -m tools.model.checkpoint start --output-dir "$OUTPUT_DIR" --stage "$stage" --run "$run" \
+        --task "$task" --model "$model" >/dev/null
+    fi
     plugin_flags=(--external_plugins "${PLUGINS[@]}" --tuner_type "$tuner")
     [[ "$task" == seq_cls ]] && plugin_flags+=(--num_labels "$num_labels")
     [[ -n "$loss" ]] && plugin_flags+=(--loss_type "$loss")
@@ -124,6 +153,12 @@ for run in "${runs[@]}"; do
     stage_start=$SECONDS
     [[ -n "$EVAL_METRIC" ]] || best="eval loss"
     log "$stage ($model$of): tuner $tuner, loss ${loss:-cross_entropy}, best checkpoint by $best"
+    # --- several GPUs (issue 16): accumulation per process (the recipe's global batch) and evaluation steps
+    plan=$(python -m tools.model.distributed plan --dataset "$train_set" --batch-size "$BATCH_SIZE" \
+      --grad-accum "$GRAD_ACCUM" --epochs "$epochs" --eval-every "$EVAL_EVERY" --eval-steps "$EVAL_STEPS" \
+      --what "$stage")
+    read -r grad_accum eval_steps <<< "$plan"
+    # --- end several GPUs
     swift sft \
       --model "$model" \
       --template qwen2_5_vl \
@@ -144,14 +179,14 @@ for run in "${runs[@]}"; do
       --num_train_epochs "$epochs" \
       --per_device_train_batch_size "$BATCH_SIZE" \
       --per_device_eval_batch_size "$BATCH_SIZE" \
-      --gradient_accumulation_steps "$GRAD_ACCUM" \
+      --gradient_accumulation_steps "$grad_accum" \
       --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
       --vit_gradient_checkpointing "$VIT_GRADIENT_CHECKPOINTING" \
       --use_liger_kernel "$liger" \
       --eval_strategy steps \
-      --eval_steps "$EVAL_STEPS" \
+      --eval_steps "$eval_steps" \
       --save_strategy steps \
-      --save_steps "$EVAL_STEPS" \
+      --save_steps "$eval_steps" \
       --save_total_limit 1 \
       --save_only_model false \
       --logging_steps 10 \
@@ -163,7 +198,9 @@ for run in "${runs[@]}"; do
       --output_dir "$work_dir" \
       --add_version false \
       ${resume_from:+--resume_from_checkpoint "$resume_from"} \
+      "${dist_flags[@]}" \
       "$@"
+    if (( NODE_RANK > 0 )); then log "$stage: trained on node $NODE_RANK; node 0 keeps the checkpoint"; continue; fi
     checkpoint=$(python -m tools.model.checkpoint finish --output-dir "$OUTPUT_DIR" --stage "$stage" --run "$run")
     log "$stage checkpoint: $checkpoint ($((SECONDS - stage_start)) s)"
   done

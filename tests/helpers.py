@@ -402,3 +402,76 @@ def training_batch(model, template, rows):
     finally:
         template.set_mode("transformers")
     return logits, labels
+
+
+# --------------------------------------------------------------------------- several GPUs (issue 16)
+SCRIPT_KNOBS |= {"NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "DEEPSPEED", "EVAL_EVERY",
+                 "CUDA_VISIBLE_DEVICES"}
+DIST_VARS = ("CUDA_VISIBLE_DEVICES", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+             "SCORE_GPUS")
+# nvidia-smi -L listing $FAKE_GPUS GPUs (train.sh's and test.sh's gpu_count).
+FAKE_NVIDIA_SMI = """#!/usr/bin/env bash
+for ((i = 0; i < ${FAKE_GPUS:-0}; i++)); do echo "GPU $i: NVIDIA H200 (UUID: GPU-fake-$i)"; done
+"""
+# swift and the scorer as the fakes above, recording first the torchrun / GPU variables they were started with.
+FAKE_DIST_SWIFT = """#!/usr/bin/env bash
+for v in %s; do [[ -n "${!v+x}" ]] && printf '%%s=%%s ' "$v" "${!v}"; done >> "$SWIFT_CALLS.dist"
+echo >> "$SWIFT_CALLS.dist"
+exec "$FAKE_BIN/swift" "$@"
+""" % " ".join(DIST_VARS)
+# With $FAKE_CUDA set, the preflight and tools.model.distributed see $FAKE_GPUS CUDA GPUs (bf16-capable) and an
+# importable deepspeed; every other python call is FAKE_PYTHON's.
+FAKE_DIST_PYTHON = """#!/usr/bin/env bash
+if [[ "${1-} ${2-}" == "-m tools.model.score" ]]; then
+  for v in %s; do [[ -n "${!v+x}" ]] && printf '%%s=%%s ' "$v" "${!v}"; done >> "$SCORE_CALLS.dist"
+  echo >> "$SCORE_CALLS.dist"
+fi
+if [[ -n "${FAKE_CUDA:-}" && ( "${1-} ${2-}" == "-m tools.model.preflight"
+      || "${1-} ${2-}" == "-m tools.model.distributed" ) ]]; then
+  module=$2; shift 2; exec "$REAL_PYTHON" "$FAKE_CUDA_RUNNER" "$module" "$@"
+fi
+exec "$FAKE_BIN/python" "$@"
+""" % " ".join(DIST_VARS)
+FAKE_CUDA_RUNNER = """import runpy, sys, types, os
+import torch
+n = int(os.environ.get("FAKE_GPUS", "1"))
+torch.cuda.is_available = lambda: n > 0
+torch.cuda.device_count = lambda: n
+torch.cuda.get_device_name = lambda i=0: "fake H200"
+torch.cuda.is_bf16_supported = lambda *a, **k: True
+import importlib.machinery
+deepspeed = types.ModuleType("deepspeed")
+deepspeed.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None)  # importable; no version: not "available"
+sys.modules.setdefault("deepspeed", deepspeed)
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def run_gpu_script(script: str, tmp_path: Path, out: Path | None, *args: str, rc: int = 0, gpus: int = 0,
+                   cuda: bool = False, **env: str) -> str:
+    """run_script with, first on PATH: an nvidia-smi showing `gpus` GPUs, a swift and a scorer that record the
+    torchrun / GPU variables they see (dist_calls) before the fakes run; with cuda=True the preflight and
+    tools.model.distributed see that many CUDA GPUs and an importable deepspeed. Returns the log."""
+    full = script_env(tmp_path, out, **env)  # installs the fakes in tmp_path/bin
+    bindir = tmp_path / "gpubin"
+    bindir.mkdir(exist_ok=True)
+    for name, text in (("nvidia-smi", FAKE_NVIDIA_SMI), ("swift", FAKE_DIST_SWIFT), ("python", FAKE_DIST_PYTHON)):
+        (bindir / name).write_text(text)
+        (bindir / name).chmod(0o755)
+    (tmp_path / "fake_cuda.py").write_text(FAKE_CUDA_RUNNER)
+    full.update(PATH=f"{bindir}:{full['PATH']}", FAKE_BIN=str(tmp_path / "bin"), FAKE_GPUS=str(gpus),
+                FAKE_CUDA_RUNNER=str(tmp_path / "fake_cuda.py"), **({"FAKE_CUDA": "1"} if cuda else {}))
+    proc = subprocess.run(["bash", str(ROOT / script), *args], env=full, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == rc, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def dist_calls(tmp_path: Path, who: str = "swift") -> list[dict[str, str]]:
+    """The torchrun / GPU variables each fake swift (or scorer) call saw, since the last look; forgets them."""
+    path = tmp_path / ("swift_calls.txt.dist" if who == "swift" else "score_calls.jsonl.dist")
+    calls = [dict(item.split("=", 1) for item in line.split()) for line in path.read_text().splitlines()] \
+        if path.exists() else []
+    path.unlink(missing_ok=True)
+    return calls

@@ -117,7 +117,9 @@ KNOBS: dict[str, Knob] = {
     "BATCH_SIZE": Knob("a whole number >= 1", _number(int, 1)),
     "GRAD_ACCUM": Knob("a whole number >= 1", _number(int, 1)),
     "WARMUP_RATIO": Knob("a number from 0 to 1", _number(float, 0, 1)),
-    "EVAL_STEPS": Knob("a whole number >= 1", _number(int, 1)),
+    "EVAL_STEPS": Knob("auto (every EVAL_EVERY epochs) or a whole number >= 1",
+                       lambda t: t == "auto" or _number(int, 1)(t)),
+    "EVAL_EVERY": Knob("a number of epochs > 0 (0.5 = twice an epoch)", _number(float, 0, low_open=True)),
     "DATALOADER_WORKERS": Knob("a whole number >= 0", _number(int, 0)),
     "SCORE_BATCH_SIZE": Knob("a whole number >= 1", _number(int, 1)),
     "GRADIENT_CHECKPOINTING": Knob("true or false", BOOL),
@@ -136,6 +138,17 @@ KNOBS: dict[str, Knob] = {
     "PRIOR_CORRECTION": Knob("0 or 1", _one_of("0", "1")),
     "FIRESAFE_AMP_LR": Knob("empty (1e-2), or a number > 0", lambda t: t == "" or _number(float, 0, low_open=True)(t)),
     "ALLOW_STALE": Knob("0 or 1", _one_of("0", "1")),
+    # several GPUs and nodes (train.sh: swift's CLI hands these to torchrun; test.sh: SCORE_GPUS)
+    "NPROC_PER_NODE": Knob("empty (one process), or a whole number >= 1 (training processes on this node, one per GPU)",
+                           lambda t: t == "" or _number(int, 1)(t)),
+    "NNODES": Knob("empty (one node), or a whole number >= 1", lambda t: t == "" or _number(int, 1)(t)),
+    "NODE_RANK": Knob("empty (0), or a whole number >= 0 below NNODES", lambda t: t == "" or _number(int, 0)(t)),
+    "MASTER_ADDR": Knob("empty, or the host name or IP address of node 0",
+                        lambda t: t == "" or re.fullmatch(r"[\w.:\[\]-]+", t) is not None),
+    "MASTER_PORT": Knob("empty, or a port number from 1 to 65535", lambda t: t == "" or _number(int, 1, 65535)(t)),
+    "DEEPSPEED": Knob("empty (no DeepSpeed), zero2 or zero3", _one_of("", "zero2", "zero3")),
+    "SCORE_GPUS": Knob("all (one scoring process per visible GPU), or a whole number >= 1 (at most that many GPUs)",
+                       lambda t: t == "all" or _number(int, 1)(t)),
 }
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 
 from tests.helpers import fake_model, flag, prepared, run_script, swift_calls, swift_env, tree_state, value
 from tools.fileio import read_json

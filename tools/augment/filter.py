@@ -149,8 +149,22 @@ def choose_filter_model(mode: str, layout: Layout, model_stage1: str | None, rec
     return argv + ["--max_pixels", str(max_pixels)], what
 
 
-def model_vectors_fn(swift_argv: list[str], batch_size: int = 8, progress: bool = True) -> VectorsFn:
-    """Load once with tools.model.score.load (as test.sh does); score image paths with score_rows."""
+def model_vectors_fn(swift_argv: list[str], batch_size: int = 8, progress: bool = True,
+                     devices: list[str | None] | None = None) -> VectorsFn:
+    """Load once with tools.model.score.load (as test.sh does); score image paths with score_rows.
+
+    With several GPUs visible (SCORE_GPUS, as test.sh: tools.model.shards) the images are scored by one process per
+    GPU, each loading the model when the function is called (a failure there raises tools.model.shards.ShardsFailed);
+    `devices` overrides the choice (None entries: CPU processes, for tests)."""
+    import os
+
+    from tools.model import shards
+
+    if devices is None:
+        visible = shards.visible_gpus()
+        devices = shards.scoring_devices(os.environ.get(shards.ENV_GPUS), visible) if len(visible) > 1 else []
+    if devices:
+        return lambda paths: shards.vectors_on_gpus(swift_argv, list(paths), devices, batch_size, progress)
     from tools.model.score import load, score_rows
 
     model, template, label_ids, _ = load(swift_argv)

@@ -19,8 +19,9 @@ Consistency filter (--filter, tools.augment.filter): `auto` scores with the stag
 <output-dir>/stage1 has one trained from --model-stage1 (a train.sh run before), else with the stage-1 base
 model; it skips the filter when the recipe is not `demo` and no GPU is visible (a 7B on CPU would take hours) or
 when the model cannot be loaded. `1` always filters (and fails if it cannot); `0` never does. Scoring is
-tools.model.score's, as in test.sh. Rule: with π the model's mean probability vector over a sample of the training
-originals (its prior), keep a copy when p(y'|copy)/π(y') ≥ ratio · p(y|original)/π(y).
+tools.model.score's, as in test.sh, one process per visible GPU (SCORE_GPUS; tools.model.shards). Rule: with π the
+model's mean probability vector over a sample of the training originals (its prior), keep a copy when
+p(y'|copy)/π(y') ≥ ratio · p(y|original)/π(y).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from tools.augment.render import run_plan
 from tools.augment.transforms import AugmentConfig
 from tools.data.lists import Sample, class_counts, count_table, read_list, write_list
 from tools.fileio import DataError, read_json, write_json
+from tools.model.shards import ShardsFailed
 from tools.task import LABELS, Layout
 
 PRIOR_SAMPLE = 128  # training originals scored to estimate the model's prior π
@@ -97,10 +99,19 @@ def augment(args: argparse.Namespace, vectors_fn: F.VectorsFn | None = None) -> 
                 print(f"warning: consistency filter {filt['model']}", file=sys.stderr)
     elif vectors_fn is not None:
         filt["model"] = "given scorer"
+    filtered = None
     if vectors_fn is not None and records:
         rng = np.random.default_rng([seed, 3])
         prior_images = [fit[i] for i in sorted(rng.permutation(len(fit))[:PRIOR_SAMPLE])]
-        kept, dropped, prior = F.filter_records(records, originals, vectors_fn, args.filter_ratio, prior_images)
+        try:
+            filtered = F.filter_records(records, originals, vectors_fn, args.filter_ratio, prior_images)
+        except ShardsFailed as e:  # several GPUs: the model loads in the scoring processes, so it fails here
+            if args.filter == "1":
+                raise
+            filt["model"] = f"skipped: {filt.get('model')} failed on several GPUs ({e})"
+            print(f"warning: consistency filter {filt['model']}", file=sys.stderr)
+    if filtered is not None:
+        kept, dropped, prior = filtered
         filt.update(applied=True, prior=dict(zip(LABELS, np.round(prior, 4).tolist())),
                     seconds=round(time.time() - t, 1))
     else:

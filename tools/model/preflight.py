@@ -4,12 +4,16 @@ at stage 2's first step hours after stage 1 started.
     python -m tools.model.preflight --output-dir outputs --stages "stage1 stage2" --runs "final"
 
 Reads the recipe's knobs from the environment, as train.sh exports them (TORCH_DTYPE, ATTN_IMPL,
-USE_LIGER_KERNEL_STAGE1/2, STAGE1_TUNER/STAGE2_TUNER, MODEL_STAGE1/2, DEEPSPEED) and checks, for every stage
+USE_LIGER_KERNEL_STAGE1/2, STAGE1_TUNER/STAGE2_TUNER, MODEL_STAGE1/2, DEEPSPEED, NPROC_PER_NODE, NNODES, RESUME,
+STAGE1_LOSS/STAGE2_LOSS) and checks, for every stage
 train.sh is about to train: the packages they turn on import; the dtype is supported by the device (bf16 needs an
 Ampere or newer GPU; on a CPU only float32); the attention implementation suits the tuner (the High-Risk Feature
 Amplifier adds a bias to the attention logits: sdpa or eager, not flash-attn); the base model is a model folder
 (or a hub id); each run's training set is not empty and holds the classes the stage must learn (stage 2 needs
-高风险 rows, and some other label); the validation set is not empty.
+高风险 rows, and some other label); the validation set is not empty. With several processes or DeepSpeed
+(tools.model.distributed): no more processes per node than GPUs, DeepSpeed only on CUDA, no liger fused loss under
+ZeRO-3, a row for every process, and with RESUME=1 a checkpoint saved with the same DeepSpeed setting (and, under
+DeepSpeed, the same number of processes).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from pathlib import Path
 
 from tools import cli
 from tools.fileio import DataError, read_jsonl
+from tools.model import distributed
 from tools.state import check_data, runs_of
 from tools.task import HIGH_RISK, Layout
 
@@ -109,10 +114,12 @@ def problems(layout: Layout, stages: list[str], runs: list[str], env: dict[str, 
         why = _importable(module)
         if why:
             out.append(f"{module} does not import ({why}): run init.sh")
+    out += distributed.setup_problems(env, stages)  # several GPUs, DeepSpeed (issue 16)
     for stage in stages:
         out += stage_problems(stage, env)
         for run in runs_of(manifest, runs):
             out += set_problems(layout, stage, run)
+            out += distributed.run_problems(layout, stage, run, env)
         if not read_jsonl(layout.val_jsonl(stage)):
             out.append(f"{layout.val_jsonl(stage)} is empty: swift needs a validation split (VAL_RATIO > 0)")
     return out

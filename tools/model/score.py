@@ -302,6 +302,21 @@ def read_partial(path: Path, record: dict, n_rows: int, n_labels: int = len(LABE
     return done
 
 
+def n_labels_of(record: dict) -> int:
+    """How many probabilities a row of a CSV with this record holds (five without a model record: the filter)."""
+    return len(record.get("labels", LABELS))
+
+
+def write_scored(output: Path, rows: list[dict], probs: np.ndarray, record: dict) -> None:
+    """The finished CSV, prior-corrected when the record says so (from the raw scores the partial files hold),
+    and its record."""
+    if record["prior_corrected"]:
+        shares = record["class_shares"]
+        probs = prior.correct(probs, shares["trained"], shares["real"])
+    write_probs(output, [Path(r["images"][0]).name for r in rows], probs)
+    write_json(probs_record_of(output), record)
+
+
 def score_jobs(jobs: list[tuple[Path, list[tuple[Path, Path]]]], swift_argv: list[str], batch_size: int,
                workers: int | None = None, bucket: bool = True) -> None:
     """Load each checkpoint once, score its datasets, write their CSVs (rows named by image file name), over the
@@ -318,7 +333,7 @@ def score_jobs(jobs: list[tuple[Path, list[tuple[Path, Path]]]], swift_argv: lis
     choose_compile(max((sum(len(datasets[path]) for path, _ in parts) for _, parts in jobs), default=0))
     for checkpoint, parts in jobs:
         model_info = model_of(checkpoint)
-        labels, shares = tuple(model_info["labels"]), model_info["class_shares"]
+        labels = tuple(model_info["labels"])
         records = {output: job_record(checkpoint, dataset, swift_argv, model_info) for dataset, output in parts}
         kept = [output for _, output in parts if output.exists() and probs_record_of(output).exists()
                 and read_json(probs_record_of(output)) == records[output]]
@@ -346,10 +361,7 @@ def score_jobs(jobs: list[tuple[Path, list[tuple[Path, Path]]]], swift_argv: lis
 
                 probs = score_rows(model, template, label_ids, rows, batch_size, workers=workers, bucket=bucket,
                                    done=done, on_batch=keep, prompt=model_info["prompt"], n_labels=len(labels))
-            if record["prior_corrected"]:
-                probs = prior.correct(probs, shares["trained"], shares["real"])
-            write_probs(output, [Path(r["images"][0]).name for r in rows], probs)
-            write_json(probs_record_of(output), record)
+            write_scored(output, rows, probs, record)
             partial.unlink(missing_ok=True)
             seconds = time.time() - start
             n = len(rows) - len(done)
@@ -398,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             jobs = jobs_for(layout, args.runs, int(read_json(layout.manifest).get("folds", 1)))
         else:
             jobs = [(Path(args.checkpoint), list(zip(map(Path, args.dataset), map(Path, args.output))))]
-        score_jobs(jobs, swift_argv, args.batch_size, args.workers, args.bucket)
+        from tools.model.shards import score_jobs_on_gpus  # several GPUs: one process each (SCORE_GPUS)
+        score_jobs_on_gpus(jobs, swift_argv, args.batch_size, args.workers, args.bucket)
 
     return cli.run(step, errors=(DataError, FileNotFoundError))
 
