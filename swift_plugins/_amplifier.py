@@ -99,10 +99,13 @@ class VisualGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
+        # In float32 whatever the parameters' dtype: DeepSpeed's bf16 mode casts every parameter to bf16.
+        probe, probe_bias, token_scale, channel = (p.to(device=xf.device, dtype=xf.dtype) for p in (
+            self.probe, self.probe_bias, self.token_scale, self.channel))
         unit = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
-        saliency = torch.tanh(unit @ self.probe.to(xf.device) + self.probe_bias.to(xf.device))
-        token_gain = 1 + self.token_scale.to(xf.device) * saliency
-        gain = token_gain.unsqueeze(-1) * (1 + self.channel.to(xf.device))
+        saliency = torch.tanh(unit @ probe + probe_bias)
+        token_gain = 1 + token_scale * saliency
+        gain = token_gain.unsqueeze(-1) * (1 + channel)
         self.last_gain_dev = (gain.detach() - 1).abs().mean()
         return (xf * gain).to(x.dtype)
 

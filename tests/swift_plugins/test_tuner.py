@@ -252,3 +252,23 @@ def test_resume_matches_uninterrupted_run(trained, tiny_model, data, tmp_path):
         assert got.keys() == want.keys()
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=f"{name}: {key}")
+
+
+def test_visual_gate_with_bf16_parameters_computes_in_float32():
+    """DeepSpeed's bf16 mode casts every parameter, the gate's too, to bf16 (found on the H200 under ZeRO-2): the
+    gate still computes in float32 and returns the input's dtype, equal to the float32 gate up to bf16 rounding of
+    its parameters."""
+    from swift_plugins._amplifier import VisualGate
+
+    torch.manual_seed(0)
+    gate = VisualGate(16)
+    with torch.no_grad():
+        gate.channel.uniform_(-0.1, 0.1)
+        gate.token_scale.fill_(0.5)
+    x = torch.randn(2, 5, 16)
+    reference = gate(x)
+    bf16 = copy.deepcopy(gate).to(torch.bfloat16)
+    for inputs in (x, x.to(torch.bfloat16)):
+        out = bf16(inputs)
+        assert out.dtype == inputs.dtype
+        torch.testing.assert_close(out.float(), reference, atol=0.05, rtol=0.02)
