@@ -4,6 +4,7 @@ counted as swift and HF count steps; the demo's single process unchanged), and w
 (processes, DeepSpeed, liger under ZeRO-3, resuming another layout). Issue 16."""
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -255,8 +256,12 @@ def test_the_preflight_refuses_resuming_another_layout(out, tmp_path):
     found = problems(layout, ["stage1", "stage2"], ["final"], env)
     assert len(found) == 1 and "was saved by DeepSpeed" in found[0] and "checkpoint-4" in found[0]
     assert problems(layout, ["stage1", "stage2"], ["final"], {**env, "RESUME": "0"}) == []
-    (work / "trained_on.json").write_text('{"fingerprint": "other data"}', encoding="utf-8")
+    record = json.loads((work / "trained_on.json").read_text(encoding="utf-8"))
+    record["fingerprint"]["digest"] = record["fingerprint"]["parts"]["train_rows"] = "other data"
+    (work / "trained_on.json").write_text(json.dumps(record), encoding="utf-8")
     assert problems(layout, ["stage1", "stage2"], ["final"], env) == []  # train.sh starts it afresh
+    (work / "trained_on.json").write_text('{"fingerprint": "a record of another shape"}', encoding="utf-8")
+    assert problems(layout, ["stage1", "stage2"], ["final"], env) == []
 
 
 def test_the_preflight_wants_a_row_for_every_process(out):

@@ -103,7 +103,8 @@ def _task(work_dir: Path) -> str:
 def _model(work_dir: Path) -> str | None:
     """The base model the run said it trains (start's --model), compared as part of its fingerprint."""
     recorded = _recorded(work_dir)
-    return (recorded or {}).get("parts", {}).get("model")
+    parts = recorded.get("parts") if isinstance(recorded, dict) else None  # a record of another shape: no model
+    return parts.get("model") if isinstance(parts, dict) else None
 
 
 def latest(layout: Layout, stage: str, run: str | int) -> Path | None:
