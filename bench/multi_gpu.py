@@ -169,7 +169,8 @@ def train_config(a, name: str, cfg: dict) -> dict:
     if ranks:
         r0 = next((r for r in ranks if r["rank"] == 0), ranks[0])
         out.update({k: r0[k] for k in ("global_batch", "batch_size", "grad_accum", "world_size", "s_per_step",
-                                       "samples_per_s", "measured_steps", "step_times", "deepspeed") if k in r0})
+                                       "samples_per_s", "measured_steps", "step_times") if k in r0})
+        out["deepspeed_active"] = r0.get("deepspeed")  # what the trainer ran with; cfg's "deepspeed" names the stage
         peaks = [r["peak_reserved_gib"] for r in ranks if "peak_reserved_gib" in r]
         if peaks:
             out.update(peak_reserved_gib=max(peaks), peak_reserved_per_gpu=peaks,
