@@ -489,7 +489,8 @@ def swift_shim(argv: list[str]) -> None:
 def score_wrap(argv: list[str]) -> None:
     """tools.model.score's main, unchanged, with the scoring loop timed and peak memory recorded."""
 
-    import tools.model.score as score
+    import tools.model.infer as score  # the loop is patched where it lives; main is the CLI's
+    from tools.model.score import main as score_main
 
     data: dict = {}
     orig = score.score_rows
@@ -509,7 +510,7 @@ def score_wrap(argv: list[str]) -> None:
     orig_load = score.load
     score.load = lambda *x, **k: loaded.append(orig_load(*x, **k)) or loaded[-1]
     score.score_rows = timed
-    rc = score.main(argv)
+    rc = score_main(argv)
     untimed = data.pop("untimed_score_rows")
     data.update(process_s=round(time.time() - T0, 1), peak_reserved_gib=peak("reserved"),
                 compile=os.environ.get("FIRESAFE_COMPILE"))

@@ -40,7 +40,7 @@ CONFIGS = {"today": {"SCORE_MERGE": "0"}, "merged": {"SCORE_MERGE": "1"}}
 SCORE = """
 import sys, json
 from pathlib import Path
-from tools.model.score import score_jobs
+from tools.model.infer import score_jobs
 jobs = [(Path(c), [(Path(sys.argv[1]), Path(o))]) for c, o in json.loads(sys.argv[2])]
 score_jobs(jobs, ["--max_pixels", sys.argv[3]], int(sys.argv[4]))
 """

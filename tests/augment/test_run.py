@@ -186,7 +186,7 @@ def test_filter_in_the_pipeline_drops_corrupted_copies(demo, tmp_path, monkeypat
 
 
 def test_filter_with_tools_score_on_a_tiny_model(demo, tmp_path, monkeypatch):
-    """The real scorer (tools.model.score.load/score_rows) behind the filter, on a random tiny Qwen2.5-VL."""
+    """The real scorer (tools.model.infer.load/score_rows) behind the filter, on a random tiny Qwen2.5-VL."""
     model_dir = build_tiny_model(tmp_path / "model", SPECS["stage2"], seed=0)
     out = tmp_path / "out"
     prepared(demo, out)

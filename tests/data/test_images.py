@@ -25,7 +25,7 @@ SWIFT_SIZES = r"""
 import json, sys
 from PIL import Image
 from swift.infer_engine import InferRequest
-from tools.model.score import load
+from tools.model.infer import load
 _, template, _, _ = load(["--model", sys.argv[1], "--template", "qwen2_5_vl", "--torch_dtype", "float32",
                           "--max_pixels", "1003520"])
 out = []

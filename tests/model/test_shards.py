@@ -13,7 +13,7 @@ from PIL import Image
 
 from tools.demo.models import TinySpec, build_tiny_model
 from tools.fileio import DataError, read_json, write_jsonl
-from tools.model import score as S
+from tools.model import infer as S
 from tools.model import shards as H
 from tools.task import LABELS, probs_partial_of, probs_record_of, sft_row
 
@@ -119,7 +119,7 @@ def jobs_in(folder: Path, checkpoint: Path, datasets) -> list:
 
 @pytest.fixture(scope="module")
 def one_process(checkpoint, datasets, tmp_path_factory) -> Path:
-    """tools.model.score.score_jobs in this process (what test.sh did before, and still does on one GPU)."""
+    """tools.model.infer.score_jobs in this process (what test.sh did before, and still does on one GPU)."""
     folder = tmp_path_factory.mktemp("one")
     S.score_jobs(jobs_in(folder, checkpoint, datasets), ARGV, batch_size=1, workers=0)
     return folder

@@ -44,7 +44,7 @@ def data(tmp_path_factory) -> dict:
 @pytest.fixture(scope="package")
 def loaded(tiny_model):
     """(model, template) prepared by swift as tools.model.score does, without adapters."""
-    from tools.model.score import load
+    from tools.model.infer import load
 
     model, template, _, _ = load(base_args(tiny_model))
     return model, template
@@ -56,7 +56,7 @@ def capture_callback():
 
     class CaptureLogits(TrainerCallback):
         def on_train_end(self, args, state, control, model=None, **kwargs):
-            from tools.model.score import score_rows
+            from tools.model.infer import score_rows
             from tools.task import label_token_ids
 
             template = self.trainer.template

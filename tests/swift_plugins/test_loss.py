@@ -118,7 +118,7 @@ def test_answer_classes_split_packed_answers(loaded):
 @pytest.fixture(scope="module")
 def cls_batch(tiny_model, data):
     """Class logits [B, 5] of the seq_cls variant (`--task_type seq_cls --num_labels 5`) and the gold indices."""
-    from tools.model.score import load
+    from tools.model.infer import load
 
     model, template, _, _ = load(base_args(tiny_model) + ["--task_type", "seq_cls", "--num_labels", "5"])
     rows = data["train_rows"][:8]

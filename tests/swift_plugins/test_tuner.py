@@ -170,7 +170,7 @@ def test_swift_infer_and_score_reproduce_training(trained, data, tmp_path):
     from swift import infer_main
 
     from swift_plugins._amplifier import find_amplifier
-    from tools.model.score import load, score_rows
+    from tools.model.infer import load, score_rows
 
     ckpt = trained.run / "checkpoint-4"
     args = json.loads((ckpt / "args.json").read_text())
@@ -201,7 +201,7 @@ def test_zeroed_amplifier_changes_outputs(trained, data, tmp_path):
     import safetensors.torch
 
     from swift_plugins._amplifier import find_amplifier
-    from tools.model.score import load
+    from tools.model.infer import load
 
     ckpt = tmp_path / "zeroed"
     shutil.copytree(trained.run / "checkpoint-4", ckpt)
@@ -221,7 +221,7 @@ def test_checkpoint_of_the_earlier_layout_loads(trained, data, tmp_path):
     import safetensors.torch
 
     from swift_plugins._amplifier import AmplifierConfig, HighRiskAmplifier, find_amplifier
-    from tools.model.score import load
+    from tools.model.infer import load
 
     ckpt = tmp_path / "old"
     shutil.copytree(trained.run / "checkpoint-4", ckpt)

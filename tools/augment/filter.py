@@ -123,7 +123,7 @@ def cuda_available() -> bool:
 
 def choose_filter_model(mode: str, layout: Layout, model_stage1: str | None, recipe: str | None,
                         torch_dtype: str | None, max_pixels: int) -> tuple[list[str] | None, str]:
-    """(swift infer arguments for tools.model.score.load, or None for no filter; what was chosen and why).
+    """(swift infer arguments for tools.model.infer.load, or None for no filter; what was chosen and why).
 
     `auto` scores with the stage-1 checkpoint when train.sh trained one from model_stage1, else with the
     stage-1 base model; it skips the filter when the recipe is not `demo` and no GPU is visible (a 7B on CPU
@@ -151,7 +151,7 @@ def choose_filter_model(mode: str, layout: Layout, model_stage1: str | None, rec
 
 def model_vectors_fn(swift_argv: list[str], batch_size: int = 8, progress: bool = True,
                      devices: list[str | None] | None = None) -> VectorsFn:
-    """Load once with tools.model.score.load (as test.sh does); score image paths with score_rows.
+    """Load once with tools.model.infer.load (as test.sh does); score image paths with score_rows.
 
     With several GPUs visible (SCORE_GPUS, as test.sh: tools.model.shards) the images are scored by one process per
     GPU, each loading the model when the function is called (a failure there raises tools.model.shards.ShardsFailed);
@@ -165,7 +165,7 @@ def model_vectors_fn(swift_argv: list[str], batch_size: int = 8, progress: bool 
         devices = shards.scoring_devices(os.environ.get(shards.ENV_GPUS), visible) if len(visible) > 1 else []
     if devices:
         return lambda paths: shards.vectors_on_gpus(swift_argv, list(paths), devices, batch_size, progress)
-    from tools.model.score import load, score_rows
+    from tools.model.infer import load, score_rows
 
     model, template, label_ids, _ = load(swift_argv)
 

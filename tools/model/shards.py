@@ -6,10 +6,10 @@
 
 tools.model.score's --output-dir and --checkpoint forms call score_jobs_on_gpus, and data-pre.sh's consistency
 filter (tools.augment.filter.model_vectors_fn) calls vectors_on_gpus. With one GPU, or none, nothing changes:
-tools.model.score.score_jobs scores in the calling process, as before. With several, each checkpoint's rows still to
+tools.model.infer.score_jobs scores in the calling process, as before. With several, each checkpoint's rows still to
 score are dealt out in turn (row i to process i mod N, so every process gets the same mix of image sizes), one
 process per GPU (its CUDA_VISIBLE_DEVICES set to that GPU) loads the checkpoint once and scores its rows of every
-dataset with tools.model.score's own load and score_rows (the same batching, bucketing and encoding workers;
+dataset with tools.model.infer's own load and score_rows (the same batching, bucketing and encoding workers;
 SCORE_WORKERS defaults to an equal share of the CPUs), and the probabilities are written back in the rows' order into
 the same CSVs, with the same records. One GPU among several (SCORE_GPUS=1) is one such process, so no model is spread
 over several GPUs by swift's device_map.
@@ -35,6 +35,7 @@ import numpy as np
 
 from tools import cli
 from tools.fileio import DataError, atomic_open, read_json, read_jsonl, write_jsonl
+from tools.model import infer
 from tools.task import LABELS, probs_partial_of, probs_record_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,7 +89,7 @@ def shard_partials(partial: Path) -> list[Path]:
 
 
 def _header(record: dict) -> str:
-    return "# " + json.dumps(record, sort_keys=True) + "\n"  # tools.model.score.read_partial's first line
+    return "# " + json.dumps(record, sort_keys=True) + "\n"  # tools.model.infer.read_partial's first line
 
 
 def _lines(indices, probs) -> str:
@@ -97,13 +98,9 @@ def _lines(indices, probs) -> str:
 
 def rows_done(partial: Path, record: dict, n_rows: int) -> dict[int, np.ndarray]:
     """Rows already scored with `record`: the partial file's and every shard file's (read_partial's rules)."""
-    from tools.model.score import read_partial
-
-    from tools.model.score import n_labels_of
-
     done = {}
     for path in [partial, *shard_partials(partial)]:
-        done.update(read_partial(path, record, n_rows, n_labels_of(record)))
+        done.update(infer.read_partial(path, record, n_rows, infer.n_labels_of(record)))
     return done
 
 
@@ -112,9 +109,7 @@ def fold_shards(partial: Path, record: dict, n_rows: int) -> dict[int, np.ndarra
     returns the rows done. Without shard files the partial file is left as it is."""
     shards = shard_partials(partial)
     if not shards:
-        from tools.model.score import n_labels_of, read_partial
-
-        return read_partial(partial, record, n_rows, n_labels_of(record))
+        return infer.read_partial(partial, record, n_rows, infer.n_labels_of(record))
     done = rows_done(partial, record, n_rows)
     with atomic_open(partial) as f:
         f.write(_header(record))
@@ -127,14 +122,12 @@ def fold_shards(partial: Path, record: dict, n_rows: int) -> dict[int, np.ndarra
 def fold_all(jobs: Jobs, swift_argv: list[str]) -> None:
     """Before scoring: every shard file an interrupted multi-GPU run left, folded into its partial file (so the
     one-process scorer, which reads only that one, continues from them too)."""
-    from tools.model.score import job_record
-
     for checkpoint, parts in jobs:
         for dataset, output in parts:
             partial = probs_partial_of(output)
             if not shard_partials(partial):
                 continue
-            record = job_record(checkpoint, dataset, swift_argv)
+            record = infer.job_record(checkpoint, dataset, swift_argv)
             if output.exists() and probs_record_of(output).exists() and read_json(probs_record_of(output)) == record:
                 for path in shard_partials(partial):  # finished meanwhile: nothing to continue
                     path.unlink(missing_ok=True)
@@ -143,11 +136,9 @@ def fold_all(jobs: Jobs, swift_argv: list[str]) -> None:
 
 
 def write_output(output: Path, rows: list[dict], probs: np.ndarray, record: dict) -> None:
-    """The finished CSV and its record (tools.model.score.write_scored, as score_jobs writes them); then no
+    """The finished CSV and its record (tools.model.infer.write_scored, as score_jobs writes them); then no
     partial files."""
-    from tools.model.score import write_scored
-
-    write_scored(output, rows, probs, record)
+    infer.write_scored(output, rows, probs, record)
     partial = probs_partial_of(output)
     for path in [partial, *shard_partials(partial)]:
         path.unlink(missing_ok=True)
@@ -221,16 +212,14 @@ def _deal(specs: list[dict], argv: list[str], parts: list[tuple[Path, Path, dict
 # --------------------------------------------------------------------------- test.sh's scoring
 def score_jobs_on_gpus(jobs: Jobs, swift_argv: list[str], batch_size: int, workers: int | None = None,
                        bucket: bool = True, devices: list[str | None] | None = None) -> None:
-    """tools.model.score.score_jobs, one process per GPU (SCORE_GPUS) when several are visible; in this process
+    """tools.model.infer.score_jobs, one process per GPU (SCORE_GPUS) when several are visible; in this process
     otherwise. `devices` overrides the choice (None entries: CPU processes, for tests)."""
-    from tools.model import score as S
-
     fold_all(jobs, swift_argv)
     if devices is None:
         visible = visible_gpus()
         devices = scoring_devices(os.environ.get(ENV_GPUS), visible)
         if len(visible) <= 1:
-            return S.score_jobs(jobs, swift_argv, batch_size, workers, bucket)
+            return infer.score_jobs(jobs, swift_argv, batch_size, workers, bucket)
     if not devices:
         raise DataError("no device to score on")
     many = len(devices) > 1
@@ -241,7 +230,7 @@ def score_jobs_on_gpus(jobs: Jobs, swift_argv: list[str], batch_size: int, worke
     merges = []
     datasets = {path: read_jsonl(path) for _, parts in jobs for path, _ in parts}
     for checkpoint, parts in jobs:
-        records = {output: S.job_record(checkpoint, dataset, swift_argv) for dataset, output in parts}
+        records = {output: infer.job_record(checkpoint, dataset, swift_argv) for dataset, output in parts}
         todo = []
         for dataset, output in parts:
             record = records[output]
@@ -249,7 +238,7 @@ def score_jobs_on_gpus(jobs: Jobs, swift_argv: list[str], batch_size: int, worke
                 print(f"kept {output} (scored before with the same checkpoint, rows and arguments)")
                 continue
             rows, partial = datasets[dataset], probs_partial_of(output)
-            done = S.read_partial(partial, record, len(rows), S.n_labels_of(record))  # fold_all left every earlier row there
+            done = infer.read_partial(partial, record, len(rows), infer.n_labels_of(record))  # fold_all left every earlier row there
             if done:
                 print(f"continuing {output}: {len(done)} of {len(rows)} images scored before")
             else:
@@ -282,7 +271,6 @@ def vectors_on_gpus(swift_argv: list[str], paths: list[str], devices: list[str |
                     progress: bool = True) -> np.ndarray:
     """[len(paths), 5] probabilities of images (the prompt of tools.task.sft_row) from the model swift_argv names,
     one process per device; nothing is kept on disk."""
-    from tools.model.score import read_partial
     from tools.task import sft_row
 
     tmp = Path(tempfile.mkdtemp(prefix="firesafe-filter-"))
@@ -298,7 +286,7 @@ def vectors_on_gpus(swift_argv: list[str], paths: list[str], devices: list[str |
         run_shards(specs, devices)
         done = {}
         for k in range(len(devices)):
-            done.update(read_partial(shard_partial(partial, k), record, len(paths)))
+            done.update(infer.read_partial(shard_partial(partial, k), record, len(paths)))
         if len(done) != len(paths):
             raise DataError(f"the consistency filter's scoring returned {len(done)} of {len(paths)} images")
         return np.array([done[i] for i in range(len(paths))], dtype=np.float64).reshape(len(paths), len(LABELS))
@@ -311,19 +299,17 @@ def worker(spec: dict) -> None:
     """Load each model once, score this shard's rows of its datasets, append them to the shard files."""
     import torch
 
-    from tools.model import score as S
-
     n, k = spec["shards"], spec["shard"]
     device = os.environ.get("CUDA_VISIBLE_DEVICES") if torch.cuda.is_available() else "cpu"
     tag = f"[shard {k + 1}/{n}, {'GPU ' + device if device != 'cpu' else 'CPU'}]"
-    S.choose_compile(max((sum(len(p["indices"]) for p in job["parts"]) for job in spec["jobs"]), default=0))
+    infer.choose_compile(max((sum(len(p["indices"]) for p in job["parts"]) for job in spec["jobs"]), default=0))
     for job in spec["jobs"]:
         parts = [p for p in job["parts"] if p["indices"]]
         if not parts:
             continue
-        model_info = parts[0]["record"]  # the checkpoint's labels and prompt (S.job_record); none for the filter
+        model_info = parts[0]["record"]  # the checkpoint's labels and prompt (infer.job_record); none for the filter
         labels = tuple(model_info.get("labels", LABELS))
-        model, template, label_ids, _ = S.load(job["argv"], labels=labels)
+        model, template, label_ids, _ = infer.load(job["argv"], labels=labels)
         for part in parts:
             rows = read_jsonl(part["dataset"])
             indices = part["indices"]
@@ -335,7 +321,7 @@ def worker(spec: dict) -> None:
                     f.write(_lines([indices[j] for j in local], probs))
                     f.flush()
 
-                S.score_rows(model, template, label_ids, [rows[i] for i in indices], spec["batch_size"],
+                infer.score_rows(model, template, label_ids, [rows[i] for i in indices], spec["batch_size"],
                              progress=spec["progress"], workers=spec["workers"], bucket=spec["bucket"], on_batch=keep,
                              prompt=model_info.get("prompt"), n_labels=len(labels))
             seconds = time.time() - start

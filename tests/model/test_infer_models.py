@@ -1,4 +1,4 @@
-"""tools.model.score with what a run recorded of its model: labels, prompt, head or text answer, prior correction."""
+"""tools.model.infer with what a run recorded of its model: labels, prompt, head or text answer, prior correction."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tools.fileio import write_json, write_jsonl
-from tools.model import score as S
+from tools.model import infer as S
 from tools.probs import read_probs
 from tools.task import BINARY_LABELS, BINARY_PROMPT, PROMPT, TRAINED_ON, sft_row
 

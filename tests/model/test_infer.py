@@ -1,0 +1,297 @@
+"""tools.model.infer: the label tokens, the batching order, the probabilities of a tiny random Qwen2.5-VL against a
+plain transformers forward pass, and the resumable scoring jobs (score_jobs)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import write_image
+from tools.demo.models import TinySpec, build_tiny_model, write_tokenizer
+from tools.fileio import read_json, read_jsonl, write_jsonl
+from tools.model import infer as S
+from tools.probs import read_probs
+from tools.task import LABELS, PROMPT, label_token_ids, probs_partial_of, probs_record_of, sft_row
+
+TINY = TinySpec(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=32, vision_depth=2,
+                pretrain_samples=0, pretrain_epochs=0)
+# Every image has 3136 pixels (Qwen's minimum and our max_pixels), sides multiples of 28: neither swift nor the
+# transformers processor resizes it, so both see the same pixels.
+SIZES = [(56, 56), (112, 28), (28, 112)]  # (width, height)
+
+
+# --------------------------------------------------------------------------- label tokens
+def test_label_token_ids_with_the_real_qwen_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    write_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    ids = label_token_ids(tok)
+    assert len(ids) == len(set(ids)) == len(LABELS)
+    for label, token_id in zip(LABELS, ids):
+        piece = tok.decode([token_id])
+        assert piece and label.startswith(piece), (label, piece)  # the first token is the start of the label
+
+
+def test_labels_sharing_a_first_token_are_refused():
+    by_second_character = SimpleNamespace(encode=lambda text, add_special_tokens=False: [ord(c) for c in text[1:]])
+    with pytest.raises(ValueError, match="labels share a first token"):
+        label_token_ids(by_second_character)  # 高风险, 中风险, ... all start with 风 here
+    by_character = SimpleNamespace(encode=lambda text, add_special_tokens=False: [ord(c) for c in text])
+    assert label_token_ids(by_character) == [ord(label[0]) for label in LABELS]
+
+
+# --------------------------------------------------------------------------- batching order
+def test_bucket_order_groups_equal_image_sizes(tmp_path):
+    sizes = [(56, 56), (112, 28), (56, 56), (28, 112), (112, 28), (56, 56)]
+    rows = [sft_row(write_image(tmp_path / f"{i}.jpg", size=s), None) for i, s in enumerate(sizes)]
+    assert S.bucket_order(rows) == [3, 0, 2, 5, 1, 4]  # by size, ties in input order
+    rows[2]["messages"][0]["content"] = "<image>短"  # a shorter prompt goes first among its size
+    rows[1]["messages"].append({"role": "assistant", "content": "高风险" * 50})  # answers do not count
+    assert S.bucket_order(rows) == [3, 2, 0, 5, 1, 4]
+    rows.append(sft_row(tmp_path / "missing.jpg", None))  # unreadable: first (the encoder will report it)
+    assert S.bucket_order(rows)[0] == 6
+    assert S.bucket_order([]) == []
+
+
+# --------------------------------------------------------------------------- probabilities of a tiny model
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", TINY, seed=0)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    """(model, template, label ids) as tools.model.infer loads them."""
+    model, template, label_ids, _ = S.load(["--model", str(tiny_model), "--template", "qwen2_5_vl", "--torch_dtype",
+                                            "float32", "--max_pixels", "3136"])
+    return model, template, label_ids
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> list[dict]:
+    """Seven rows of noise images of three sizes, interleaved; one with a shorter prompt, one with an answer."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(7):
+        w, h = SIZES[i % 3]
+        path = folder / f"r{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, quality=95)
+        out.append(sft_row(path, LABELS[i % 5] if i == 4 else None))
+    out[5]["messages"][0]["content"] = "<image>这是楼道吗？"
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, rows, loaded) -> np.ndarray:
+    """Softmax over the five label tokens' logits at the last prompt position of a plain transformers forward pass
+    (its own processor and chat template, the model loaded by transformers), one row at a time."""
+    import torch
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    label_ids = loaded[2]
+    out = []
+    for row in rows:
+        text = row["messages"][0]["content"].removeprefix("<image>")
+        chat = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                              "text": text}]}],
+                                             add_generation_prompt=True, tokenize=False)
+        with Image.open(row["images"][0]) as img:
+            inputs = processor(text=[chat], images=[img.convert("RGB")], return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -1].double()
+        out.append(torch.softmax(logits[label_ids], -1).numpy())
+    return np.array(out)
+
+
+def test_score_rows_is_the_label_softmax_at_the_answer_position(loaded, rows, reference):
+    model, template, label_ids = loaded
+    got = S.score_rows(model, template, label_ids, rows, batch_size=1, progress=False)
+    assert got.shape == (len(rows), len(LABELS))
+    np.testing.assert_allclose(got, reference, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(got.sum(1), 1, atol=1e-9)
+    # not vacuous: the rows differ from each other by far more than the tolerance
+    diffs = [np.abs(reference[i] - reference[j]).max() for i in range(len(rows)) for j in range(i)]
+    assert min(diffs) > 1e-4
+
+
+@pytest.mark.parametrize("bucket", [True, False])
+def test_batching_and_bucketing_keep_row_order_and_values(loaded, rows, reference, bucket):
+    model, template, label_ids = loaded
+    got = S.score_rows(model, template, label_ids, rows, batch_size=3, progress=False, bucket=bucket)
+    np.testing.assert_allclose(got, reference, rtol=0, atol=2e-5)  # left padding in mixed batches included
+    assert (got.argmax(1) == reference.argmax(1)).all()
+    reversed_rows = rows[::-1]
+    np.testing.assert_allclose(S.score_rows(model, template, label_ids, reversed_rows, batch_size=3, progress=False,
+                                            bucket=bucket), reference[::-1], rtol=0, atol=2e-5)
+
+
+def test_an_answer_turn_is_ignored_and_no_rows_is_no_scores(loaded, rows):
+    model, template, label_ids = loaded
+    with_answer = rows[4]
+    assert len(with_answer["messages"]) == 2
+    plain = {**with_answer, "messages": with_answer["messages"][:1]}
+    np.testing.assert_allclose(S.score_rows(model, template, label_ids, [with_answer], progress=False),
+                               S.score_rows(model, template, label_ids, [plain], progress=False), rtol=0, atol=0)
+    assert S.score_rows(model, template, label_ids, [], progress=False).shape == (0, len(LABELS))
+
+
+# --------------------------------------------------------------------------- scoring jobs
+def test_score_jobs_loads_each_checkpoint_once_and_writes_csvs(loaded, rows, tmp_path, monkeypatch):
+    model, template, label_ids = loaded
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_jsonl(a, rows[:4])
+    write_jsonl(b, rows[4:])
+    calls = []
+    monkeypatch.setattr(S, "load",
+                        lambda argv, labels: calls.append((argv, labels)) or (model, template, label_ids, None))
+    monkeypatch.setenv("FIRESAFE_COMPILE", "on")  # choose_compile sets it: restored after the test
+    monkeypatch.setenv("SCORE_COMPILE", "auto")
+    jobs = [(Path("/ck/one"), [(a, tmp_path / "s1" / "a.csv"), (b, tmp_path / "s1" / "b.csv")]),
+            (Path("/ck/two"), [(a, tmp_path / "s2" / "a.csv")])]
+    S.score_jobs(jobs, ["--max_pixels", "3136"], batch_size=2, workers=0)
+    assert calls == [(["--adapters", "/ck/one", "--max_pixels", "3136"], LABELS),  # no record: the five labels
+                     (["--adapters", "/ck/two", "--max_pixels", "3136"], LABELS)]
+    names, probs = read_probs(tmp_path / "s1" / "a.csv")
+    assert names == [Path(r["images"][0]).name for r in rows[:4]]  # rows named by image file name
+    np.testing.assert_allclose(probs, S.score_rows(model, template, label_ids, rows[:4], progress=False), atol=2e-6)
+    assert read_probs(tmp_path / "s1" / "b.csv")[0] == [Path(r["images"][0]).name for r in rows[4:]]
+    assert read_probs(tmp_path / "s2" / "a.csv")[0] == names
+    import os
+
+    assert os.environ["FIRESAFE_COMPILE"] == "off"  # 4 images: compiling would not pay
+
+
+def test_choose_compile(monkeypatch):
+    monkeypatch.setenv("FIRESAFE_COMPILE", "on")
+    monkeypatch.delenv("SCORE_COMPILE", raising=False)
+    monkeypatch.delenv("SCORE_COMPILE_MIN_IMAGES", raising=False)
+    assert S.choose_compile(800) == "on"
+    import os
+
+    assert os.environ["FIRESAFE_COMPILE"] == "on"
+    assert S.choose_compile(799) == "off" and os.environ["FIRESAFE_COMPILE"] == "off"
+    monkeypatch.setenv("SCORE_COMPILE_MIN_IMAGES", "10")
+    assert S.choose_compile(10) == "on"
+    monkeypatch.setenv("SCORE_COMPILE", "off")
+    assert S.choose_compile(10 ** 6) == "off"
+
+
+# --------------------------------------------------------------------------- resumable scoring (issue 13)
+REAL_FORWARD = S.forward_probs
+
+
+def count_forward(monkeypatch, stop_at: int | None = None) -> list[int]:
+    """Patch tools.model.infer.forward_probs to record the rows of each batch it scores; the call numbered stop_at
+    (0-based) raises KeyboardInterrupt instead (Ctrl-C in the middle of a scoring)."""
+    scored: list[int] = []
+
+    def forward(model, template, batch, label_ids):
+        if stop_at is not None and len(scored) == stop_at:
+            raise KeyboardInterrupt
+        probs = REAL_FORWARD(model, template, batch, label_ids)
+        scored.append(len(probs))
+        return probs
+
+    monkeypatch.setattr(S, "forward_probs", forward)
+    return scored
+
+
+@pytest.fixture
+def scoring(loaded, rows, tmp_path, monkeypatch):
+    """One checkpoint folder (a file standing for its weights), two datasets (rows, and rows[:3]), their CSVs, and
+    tools.model.infer.load patched to hand out the tiny model (its calls recorded)."""
+    model, template, label_ids = loaded
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "adapter_model.safetensors").write_bytes(b"weights")
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_jsonl(a, rows)
+    write_jsonl(b, rows[:3])
+    loads = []
+    monkeypatch.setattr(S, "load", lambda argv, labels: loads.append(argv) or (model, template, label_ids, None))
+    monkeypatch.setenv("FIRESAFE_COMPILE", "on")  # choose_compile sets it: restored after the test
+    monkeypatch.setenv("SCORE_COMPILE", "auto")
+    jobs = [(ckpt, [(a, tmp_path / "run" / "val_probs.csv"), (b, tmp_path / "run" / "test_probs.csv")])]
+    return SimpleNamespace(ckpt=ckpt, a=a, b=b, jobs=jobs, loads=loads, val=jobs[0][1][0][1], test=jobs[0][1][1][1],
+                           argv=["--max_pixels", "3136"])
+
+
+def test_an_interrupted_scoring_continues_with_only_the_missing_rows(scoring, loaded, rows, monkeypatch, capsys):
+    model, template, label_ids = loaded
+    scored = count_forward(monkeypatch, stop_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        S.score_jobs(scoring.jobs, scoring.argv, batch_size=2, workers=0, bucket=False)
+    assert scored == [2, 2] and not scoring.val.exists()
+    partial = probs_partial_of(scoring.val)
+    lines = partial.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "# " + json.dumps(S.job_record(scoring.ckpt, scoring.a, scoring.argv), sort_keys=True)
+    assert [int(line.split(",")[0]) for line in lines[1:]] == [0, 1, 2, 3]  # appended batch by batch
+    with open(partial, "a", encoding="utf-8") as f:
+        f.write("4,0.25,0.25")  # a line cut by the interruption: not trusted
+    first = {int(line.split(",")[0]): [float(v) for v in line.split(",")[1:]] for line in lines[1:]}
+    capsys.readouterr()
+
+    scored = count_forward(monkeypatch)
+    S.score_jobs(scoring.jobs, scoring.argv, batch_size=2, workers=0, bucket=False)
+    assert scored == [2, 1] + [2, 1]  # rows 4, 5, 6 of the interrupted part, then all 3 rows of the other part
+    assert f"continuing {scoring.val}: 4 of 7 images scored before" in capsys.readouterr().out
+    names, probs = read_probs(scoring.val)
+    assert names == [Path(r["images"][0]).name for r in rows]
+    np.testing.assert_allclose(probs[:4], [first[i] for i in range(4)], rtol=0, atol=1e-6)  # kept as scored
+    # every row asked with the model's own question (no record: the task's prompt; row 5 has another)
+    assert S.model_of(scoring.ckpt)["prompt"] == PROMPT
+    full = S.score_rows(model, template, label_ids, rows, batch_size=2, progress=False, workers=0, bucket=False,
+                        prompt=PROMPT)
+    np.testing.assert_allclose(probs, full, rtol=0, atol=2e-5)
+    assert not partial.exists() and not probs_partial_of(scoring.test).exists()
+    assert read_json(probs_record_of(scoring.val)) == S.job_record(scoring.ckpt, scoring.a, scoring.argv)
+    assert len(scoring.loads) == 2  # once per process
+
+
+def test_a_finished_csv_is_kept_until_what_made_it_changes(scoring, monkeypatch, capsys):
+    S.score_jobs(scoring.jobs, scoring.argv, batch_size=4, workers=0)
+    csv = scoring.val.read_bytes()
+    capsys.readouterr()
+    scored = count_forward(monkeypatch)
+    S.score_jobs(scoring.jobs, scoring.argv, batch_size=4, workers=0)
+    assert scored == [] and len(scoring.loads) == 1  # nothing to score: the model is not even loaded
+    out = capsys.readouterr().out
+    assert f"kept {scoring.val} (scored before with the same checkpoint, rows and arguments)" in out
+    assert scoring.val.read_bytes() == csv
+
+    scoring.test.unlink()  # one part gone: only it is scored, with one load
+    S.score_jobs(scoring.jobs, scoring.argv, batch_size=4, workers=0)
+    assert sum(scored) == 3 and len(scoring.loads) == 2
+
+    argv = scoring.argv
+    for change in ("checkpoint", "arguments", "rows"):
+        if change == "checkpoint":  # retrained: a checkpoint file with new bytes (size and time)
+            (scoring.ckpt / "adapter_model.safetensors").write_bytes(b"retrained weights")
+        elif change == "arguments":
+            argv = [*scoring.argv, "--max_batch_size", "2"]
+        else:
+            write_jsonl(scoring.a, read_jsonl(scoring.a)[:5])
+        scored.clear()
+        S.score_jobs(scoring.jobs, argv, batch_size=4, workers=0)
+        n_a = 5 if change == "rows" else 7
+        assert sum(scored) == n_a + (0 if change == "rows" else 3), change  # both parts, or only the changed rows
+        assert read_json(probs_record_of(scoring.val)) == S.job_record(scoring.ckpt, scoring.a, argv)
+
+
+def test_a_partial_file_of_another_checkpoint_is_not_used(scoring, monkeypatch):
+    scored = count_forward(monkeypatch, stop_at=1)
+    with pytest.raises(KeyboardInterrupt):
+        S.score_jobs(scoring.jobs, scoring.argv, batch_size=2, workers=0, bucket=False)
+    assert probs_partial_of(scoring.val).exists()
+    (scoring.ckpt / "adapter_model.safetensors").write_bytes(b"retrained weights")
+    scored = count_forward(monkeypatch)
+    S.score_jobs(scoring.jobs, scoring.argv, batch_size=2, workers=0, bucket=False)
+    assert sum(scored) == 7 + 3  # every row again: the rows scored before came from the old weights

@@ -1,0 +1,350 @@
+"""A trained stage's probabilities for swift rows: over its own labels (the five, or 高风险/非高风险), one forward pass
+a batch; and the resumable scoring jobs behind `python -m tools.model.score` (one process) and tools.model.shards
+(one process per GPU).
+
+The model and template are prepared by swift itself (the checkpoint's args.json supplies model, template,
+dtype and external plugins, exactly as `swift infer --adapters` does), so anything swift can load scores
+the same way. Each batch costs one forward pass: the distribution of the first answer token, restricted to
+the labels' first tokens (distinct, checked) and renormalised. Rows are padded on the left, so the last
+position is where the answer starts. Matches `swift infer --max_new_tokens 1 --logprobs` but never drops a
+label outside the top-N.
+
+Speed (bench/README.md): rows are grouped by image size (bucket=False: file order), worker processes encode
+images ahead of the GPU (workers, $SCORE_WORKERS; none on CPU), and a bf16 model on CUDA runs under
+autocast ($SCORE_AUTOCAST=0: off). The probabilities come back in the order of the input rows.
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from tools.fileio import read_json, read_jsonl, write_json
+from tools.model import prior
+from tools.model.shm import use_files_if_shm_is_small
+from tools.probs import write_probs
+from tools.state import file_digest, images_digest, model_record
+from tools.task import (LABELS, PROMPT, TRAINED_ON, label_token_ids, probs_partial_of,
+                        probs_record_of, user_message)
+
+
+def load(swift_argv: list[str], merge: bool | None = None, labels: tuple[str, ...] = LABELS):
+    """(model, template, label ids, swift's InferArguments) prepared by swift from `swift infer`-style arguments.
+    The label ids are the first tokens of `labels`, or None for a model with a classification head
+    (--task_type seq_cls: its logits are the classes). With merge (default: merge_wanted) a LoRA adapter is
+    folded into the base weights in memory."""
+    from swift.arguments import InferArguments
+    from swift.pipelines.utils import prepare_model_template
+    from swift.utils import parse_args
+
+    args, remaining = parse_args(InferArguments, swift_argv)
+    if remaining:
+        raise SystemExit(f"error: swift does not know these arguments: {' '.join(remaining)}")
+    model, template = prepare_model_template(args)
+    model.eval()
+    if merge_wanted(model) if merge is None else merge:
+        model = merge_lora(model)
+        template.model = model
+    template.set_mode("transformers")  # inference encoding: no answer, left padding
+    head = getattr(args, "task_type", "causal_lm") == "seq_cls"
+    return model, template, None if head else label_token_ids(template.tokenizer, labels), args
+
+
+def merge_wanted(model) -> bool:
+    """SCORE_MERGE=1 merges, 0 (the default) does not. Measured on an H200 (bench/README.md, 1,000 phone photos,
+    full-size random 7B/3B): merging in bf16 gives +14 % on stage 1 and +14 % on stage 2 but moves probabilities by
+    up to 0.17 (bf16 rounding of W + BA), which changed the argmax of 1.1 % / 11.5 % of the images of those
+    near-uniform random models: not the same probabilities, so it is a knob, not the default."""
+    import os
+
+    policy = os.environ.get("SCORE_MERGE", "0").strip().lower()
+    if policy not in ("0", "1"):
+        raise ValueError(f"SCORE_MERGE={policy!r}: expected 0 or 1")
+    return policy == "1"
+
+
+def merge_lora(model):
+    """The LoRA adapter folded into the base weights (PEFT's merge_and_unload): one matmul per linear layer instead
+    of three. The High-Risk Feature Amplifier is not LoRA: its hooks live on the base model's modules and stay."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return model
+    merged = model.merge_and_unload()
+    merged.eval()
+    return merged
+
+
+def default_workers(model) -> int:
+    """Encoding processes beside a GPU forward: SCORE_WORKERS, else up to 8 on CUDA, none on CPU (the CPU is
+    busy with the forward there, and forking would only add start-up time)."""
+    import os
+
+    if os.environ.get("SCORE_WORKERS", "").strip():
+        return max(0, int(os.environ["SCORE_WORKERS"]))
+    device = getattr(model, "device", None)
+    if device is None or getattr(device, "type", "cpu") != "cuda":
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) - 2))
+
+
+def bucket_order(rows: list[dict]) -> list[int]:
+    """Row indices grouped by image size (then prompt length), so a batch holds images of one token count and
+    little padding; ties keep the input order."""
+    from PIL import Image
+
+    def key(i: int):
+        sizes = []
+        for path in rows[i].get("images", []):
+            try:
+                with Image.open(path) as img:  # reads the header only
+                    sizes.append(img.size)
+            except OSError:
+                sizes.append((0, 0))  # the encoder will report it
+        text = "".join(str(m.get("content", "")) for m in rows[i]["messages"] if m["role"] != "assistant")
+        return sizes, len(text)
+
+    return sorted(range(len(rows)), key=key)
+
+
+class _Encoded:
+    """Rows as a torch dataset of encoded model inputs (runs in DataLoader workers when there are any).
+    With `pixel_dtype` the pixel values travel in the model's dtype: half the bytes, the same values (the
+    vision tower casts them to its dtype first thing)."""
+
+    def __init__(self, template, rows: list[dict], pixel_dtype=None, prompt: str | None = None):
+        self.template, self.rows, self.pixel_dtype, self.prompt = template, rows, pixel_dtype, prompt
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        from swift.infer_engine import InferRequest
+
+        row = self.rows[i]
+        # the question the model was trained with (a binary specialist has its own), else the row's
+        messages = ([user_message(self.prompt)] if self.prompt is not None
+                    else [m for m in row["messages"] if m["role"] != "assistant"])
+        encoded = self.template.encode(InferRequest(messages=messages, images=row.get("images", [])))
+        if self.pixel_dtype is not None:
+            for key in ("pixel_values", "pixel_values_videos"):
+                if key in encoded and encoded[key].is_floating_point():
+                    encoded[key] = encoded[key].to(self.pixel_dtype)
+        return encoded
+
+
+def use_autocast(model) -> bool:
+    """bf16/fp16 models on CUDA score under autocast (SCORE_AUTOCAST=0 turns it off): the base weights are
+    already half precision, and the fp32 LoRA adapters then run their products in half precision, as in
+    training, instead of copying every adapter input to fp32."""
+    import os
+
+    import torch
+
+    if os.environ.get("SCORE_AUTOCAST", "1").strip() == "0":
+        return False
+    device = getattr(model, "device", None)
+    return getattr(device, "type", "cpu") == "cuda" and getattr(model, "dtype", None) in (torch.bfloat16,
+                                                                                          torch.float16)
+
+
+@contextmanager
+def inference_context(model, autocast: bool | None = None):
+    """inference_mode, plus autocast (and no PEFT input casts, which autocast would undo) when use_autocast."""
+    import torch
+
+    with ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        if use_autocast(model) if autocast is None else autocast:
+            stack.enter_context(torch.autocast(model.device.type, dtype=model.dtype))
+            try:
+                from peft.helpers import disable_input_dtype_casting
+            except ImportError:  # older peft: the casts stay, the result is the same
+                pass
+            else:
+                stack.enter_context(disable_input_dtype_casting(model))
+        yield
+
+
+def forward_probs(model, template, batch: dict, label_ids):
+    """[batch, K] label probabilities of one collated batch (call inside inference_context): the first answer
+    token's distribution over the K labels' first tokens, or with label_ids None a classification head's softmax."""
+    import torch
+    from swift.utils import to_device
+
+    inputs = to_device(batch, model.device)
+    _, inputs = template.pre_forward_hook(model, None, inputs)
+    inputs.pop("labels", None)
+    if label_ids is None:  # seq_cls: one logit per class, pooled at the last token
+        return torch.softmax(model(**inputs).logits.float(), -1)
+    logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()
+    index = torch.as_tensor(label_ids, device=logits.device)
+    return torch.softmax(logits[:, index], -1)
+
+
+def score_rows(model, template, label_ids: list[int], rows: list[dict], batch_size: int = 8,
+               progress: bool = True, workers: int | None = None, bucket: bool = True,
+               done: dict[int, np.ndarray] | None = None, on_batch=None, prompt: str | None = None,
+               n_labels: int = len(LABELS)) -> np.ndarray:
+    """[len(rows), n_labels] probabilities, in the order of `rows`; rows are swift JSONL rows (an assistant turn,
+    if any, is ignored; with `prompt` the question is that prompt instead of the row's). `workers` encode batches
+    ahead of the forward pass (default: default_workers); `bucket` batches rows of equal image size together.
+    `done` holds rows already scored (row index -> probabilities), which are not scored again;
+    on_batch(indices, probabilities) sees each new batch."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    out = np.zeros((len(rows), n_labels), dtype=np.float64)
+    for i, p in (done or {}).items():
+        out[i] = p
+    todo = [i for i in range(len(rows)) if i not in (done or {})]
+    if not todo:
+        return out
+    workers = default_workers(model) if workers is None else workers
+    if workers:
+        use_files_if_shm_is_small()
+    order = [i for i in (bucket_order(rows) if bucket else range(len(rows))) if i not in (done or {})]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    pixel_dtype = model.dtype if use_autocast(model) else None
+    loader = DataLoader(_Encoded(template, rows, pixel_dtype, prompt), batch_sampler=batches, collate_fn=template.data_collator,
+                        num_workers=min(workers, len(batches)), prefetch_factor=4 if workers else None,
+                        pin_memory=workers > 0 and torch.cuda.is_available())
+    with inference_context(model):
+        for chunk, batch in tqdm(zip(batches, loader), total=len(batches), desc="scoring", disable=not progress):
+            out[chunk] = forward_probs(model, template, batch, label_ids).cpu().numpy()
+            if on_batch is not None:
+                on_batch(chunk, out[chunk])
+    return out
+
+
+def choose_compile(n_images: int) -> str:
+    """Whether swift_plugins/patches/vision_attention.py compiles its fused kernels in this process: SCORE_COMPILE=on|off,
+    or auto: only for at least SCORE_COMPILE_MIN_IMAGES images (default 800). Measured on an H200 with the 7B:
+    compiling delays the first batch by ~9 s and then saves ~14 ms per image (18.0 vs 14.4 images/s), so it pays
+    from ~650 images on (bench/README.md). Set before the model, and with it the plugin, is loaded."""
+    import os
+
+    policy = os.environ.get("SCORE_COMPILE", "auto").strip().lower()
+    if policy == "auto":
+        policy = "on" if n_images >= int(os.environ.get("SCORE_COMPILE_MIN_IMAGES", "800")) else "off"
+    if policy == "off":
+        os.environ["FIRESAFE_COMPILE"] = "off"
+    return policy
+
+
+def model_of(checkpoint: Path) -> dict:
+    """What the checkpoint's run recorded of its model (tools.model.checkpoint start): labels, prompt, task and
+    class shares; a checkpoint without the record is a five-label text-answer model with the task prompt."""
+    record = model_record(Path(checkpoint).parent / TRAINED_ON)
+    return {"labels": list(record.get("labels", LABELS)), "prompt": record.get("prompt", PROMPT),
+            "task": record.get("task", "causal_lm"), "class_shares": record.get("class_shares")}
+
+
+def job_record(checkpoint: Path, dataset: Path, swift_argv: list[str], model: dict | None = None) -> dict:
+    """What a probability CSV depends on: the checkpoint's files (names, sizes, times), the rows, the arguments,
+    the model's labels and prompt, and whether its prior is corrected."""
+    files = sorted(p for p in Path(checkpoint).rglob("*") if p.is_file())
+    model = model if model is not None else model_of(checkpoint)
+    return {"checkpoint": str(checkpoint),
+            "checkpoint_files": images_digest(files),  # a stat per file: a retrained checkpoint differs
+            "rows": file_digest(dataset), "swift_argv": list(swift_argv), **model,
+            "prior_corrected": bool(model["class_shares"]) and prior.wanted()}
+
+
+def read_partial(path: Path, record: dict, n_rows: int, n_labels: int = len(LABELS)) -> dict[int, np.ndarray]:
+    """Rows an interrupted run scored with the same record, or nothing."""
+    if not path.exists():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines or lines[0] != "# " + json.dumps(record, sort_keys=True):
+        return {}
+    done = {}
+    for line in lines[1:]:
+        fields = line.split(",")
+        try:
+            index, values = int(fields[0]), np.array([float(v) for v in fields[1:]])
+        except ValueError:  # a line cut by the interruption
+            continue
+        if 0 <= index < n_rows and values.shape == (n_labels,):
+            done[index] = values
+    return done
+
+
+def n_labels_of(record: dict) -> int:
+    """How many probabilities a row of a CSV with this record holds (five without a model record: the filter)."""
+    return len(record.get("labels", LABELS))
+
+
+def write_scored(output: Path, rows: list[dict], probs: np.ndarray, record: dict) -> None:
+    """The finished CSV, prior-corrected when the record says so (from the raw scores the partial files hold),
+    and its record."""
+    if record["prior_corrected"]:
+        shares = record["class_shares"]
+        probs = prior.correct(probs, shares["trained"], shares["real"])
+    write_probs(output, [Path(r["images"][0]).name for r in rows], probs)
+    write_json(probs_record_of(output), record)
+
+
+def score_jobs(jobs: list[tuple[Path, list[tuple[Path, Path]]]], swift_argv: list[str], batch_size: int,
+               workers: int | None = None, bucket: bool = True) -> None:
+    """Load each checkpoint once, score its datasets, write their CSVs (rows named by image file name), over the
+    model's own labels (five, or 高风险/非高风险), asked with its own prompt, prior-corrected to the data's class
+    shares when its run recorded them (tools.model.prior).
+
+    Resumable: a CSV whose record (checkpoint files, rows, arguments, model) matches is kept as it is, and the rows
+    an interrupted run scored (the partial file, appended batch by batch, before correction) are not scored
+    again."""
+    import gc
+
+    datasets = {path: read_jsonl(path) for _, parts in jobs for path, _ in parts}
+    # One choice per process (the plugin reads it at import): by the largest number of images one model scores.
+    choose_compile(max((sum(len(datasets[path]) for path, _ in parts) for _, parts in jobs), default=0))
+    for checkpoint, parts in jobs:
+        model_info = model_of(checkpoint)
+        labels = tuple(model_info["labels"])
+        records = {output: job_record(checkpoint, dataset, swift_argv, model_info) for dataset, output in parts}
+        kept = [output for _, output in parts if output.exists() and probs_record_of(output).exists()
+                and read_json(probs_record_of(output)) == records[output]]
+        for output in kept:
+            print(f"kept {output} (scored before with the same checkpoint, rows and arguments)")
+        todo = [(dataset, output) for dataset, output in parts if output not in kept]
+        if not todo:
+            continue
+        print(f"scoring with {checkpoint}")
+        model, template, label_ids, _ = load(["--adapters", str(checkpoint), *swift_argv], labels=labels)
+        for dataset, output in todo:
+            rows, start, record = datasets[dataset], time.time(), records[output]
+            partial = probs_partial_of(output)
+            done = read_partial(partial, record, len(rows), len(labels))
+            if done:
+                print(f"continuing {output}: {len(done)} of {len(rows)} images scored before")
+            else:
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text("# " + json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
+            with open(partial, "a", encoding="utf-8") as f:
+                def keep(indices, probs, f=f):
+                    f.write("".join(f"{i}," + ",".join(repr(float(v)) for v in p) + "\n"
+                                    for i, p in zip(indices, probs)))
+                    f.flush()
+
+                probs = score_rows(model, template, label_ids, rows, batch_size, workers=workers, bucket=bucket,
+                                   done=done, on_batch=keep, prompt=model_info["prompt"], n_labels=len(labels))
+            write_scored(output, rows, probs, record)
+            partial.unlink(missing_ok=True)
+            seconds = time.time() - start
+            n = len(rows) - len(done)
+            print(f"scored {n} images in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} images/s) -> {output}")
+        del model, template
+        gc.collect()
+        _empty_cache()
+
+
+def _empty_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
