@@ -75,9 +75,18 @@ def read_pointer(run_dir: str | Path) -> Path:
     return ckpt
 
 
-def _recorded(work_dir: Path) -> dict | None:
+def _fingerprints(layout: Layout, stage: str, run: str | int, work_dir: Path) -> tuple[dict | None, dict | None]:
+    """(the fingerprint the run recorded when it began; the one the current data gives for the task and base model
+    it recorded, as start wrote them), one read of its trained_on.json; (None, None) when nothing is recorded."""
     path = work_dir / TRAINED_ON
-    return read_json(path).get("fingerprint") if path.exists() else None
+    record = read_json(path) if path.exists() else {}
+    recorded = record.get("fingerprint")
+    if recorded is None:
+        return None, None
+    parts = recorded.get("parts") if isinstance(recorded, dict) else None  # a record of another shape: no model
+    model = parts.get("model") if isinstance(parts, dict) else None
+    current = run_fingerprint(layout, check_data(layout), stage, run, record.get("task", "causal_lm"), model)
+    return recorded, current
 
 
 def start(layout: Layout, stage: str, run: str | int, task: str = "causal_lm", model: str | None = None) -> Path:
@@ -95,18 +104,6 @@ def start(layout: Layout, stage: str, run: str | int, task: str = "causal_lm", m
     return work_dir
 
 
-def _task(work_dir: Path) -> str:
-    path = work_dir / TRAINED_ON
-    return read_json(path).get("task", "causal_lm") if path.exists() else "causal_lm"
-
-
-def _model(work_dir: Path) -> str | None:
-    """The base model the run said it trains (start's --model), compared as part of its fingerprint."""
-    recorded = _recorded(work_dir)
-    parts = recorded.get("parts") if isinstance(recorded, dict) else None  # a record of another shape: no model
-    return parts.get("model") if isinstance(parts, dict) else None
-
-
 def latest(layout: Layout, stage: str, run: str | int) -> Path | None:
     """The newest checkpoint of the run's unfinished work folder, if that run began on the current data (what
     RESUME=1 continues from); None otherwise."""
@@ -114,8 +111,8 @@ def latest(layout: Layout, stage: str, run: str | int) -> Path | None:
     found = checkpoints(work_dir)
     if not found:
         return None
-    current = run_fingerprint(layout, check_data(layout), stage, run, _task(work_dir), _model(work_dir))
-    if _recorded(work_dir) != current:
+    recorded, current = _fingerprints(layout, stage, run, work_dir)
+    if recorded is None or recorded != current:
         print(f"{work_dir}: began on other data than the current (or unrecorded): not continued", file=sys.stderr)
         return None
     return found[-1].resolve()
@@ -125,11 +122,11 @@ def finish(layout: Layout, stage: str, run: str | int) -> Path:
     """Record the work folder's checkpoint, then make the work folder the run folder. Returns the checkpoint's
     path in the run folder. Refuses a run whose data changed while it trained."""
     work_dir, run_dir = layout.run_work_dir(stage, run), layout.run_dir(stage, run)
-    if _recorded(work_dir) is None:
+    recorded, current = _fingerprints(layout, stage, run, work_dir)
+    if recorded is None:
         raise DataError(f"{work_dir}: no record of what this run trained on ({TRAINED_ON}; `start` writes it before "
                         "swift, as train.sh does): train again")
-    current = run_fingerprint(layout, check_data(layout), stage, run, _task(work_dir), _model(work_dir))
-    if _recorded(work_dir) != current:
+    if recorded != current:
         raise DataError(f"{work_dir}: the data changed while this run trained (data-pre.sh ran meanwhile?): train again")
     ckpt = write_pointer(work_dir)
     old = run_dir.with_name(run_dir.name + ".old")
