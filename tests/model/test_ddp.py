@@ -13,7 +13,6 @@ computes the gradient of its own rows only and trains its own copy; the last tes
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import write_image
-from tools.demo.models import TinySpec, build_tiny_model
+from tests.model.support import free_port, tiny_training_set
 from tools.model import distributed as D
-from tools.task import LABELS, sft_row
 
-TINY = TinySpec(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=32, vision_depth=2,
-                pretrain_samples=0, pretrain_epochs=0)
 PROBE = '''"""Test plugin: every process's gradients before the first optimizer step, saved to $GRAD_PROBE/<rank>.pt."""
 import os
 
@@ -46,23 +41,10 @@ callbacks_map["grad_probe"] = GradProbe
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ddp")
-    model = build_tiny_model(root / "tiny", TINY, seed=0)
-    rng = np.random.default_rng(0)
-    rows = [sft_row(write_image(root / "img" / f"{i}.jpg", tuple(int(c) for c in rng.integers(0, 255, 3)), (56, 56)),
-                    LABELS[i % len(LABELS)]) for i in range(16)]
-    data = root / "train.jsonl"
-    import json
-
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    model, data = tiny_training_set(root)
     (root / "probe.py").write_text(PROBE, encoding="utf-8")
     return {"root": root, "model": model, "data": data, "probe": root / "probe.py"}
 

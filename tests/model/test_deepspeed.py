@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,13 +29,9 @@ import pytest
 
 deepspeed = pytest.importorskip("deepspeed")
 
-from tests.helpers import write_image  # noqa: E402
-from tools.demo.models import TinySpec, build_tiny_model  # noqa: E402
+from tests.model.support import free_port, tiny_training_set  # noqa: E402
 from tools.model import distributed as D  # noqa: E402
-from tools.task import LABELS, sft_row  # noqa: E402
 
-TINY = TinySpec(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=32, vision_depth=2,
-                pretrain_samples=0, pretrain_epochs=0)
 SITECUSTOMIZE = '''import importlib
 try:
     importlib.import_module("deepspeed.comm.torch").TorchBackend.has_all_gather_into_tensor = lambda self: False
@@ -46,24 +41,13 @@ except ImportError:
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     if D._release(deepspeed.__version__) >= (0, 19):
         pytest.skip(f"deepspeed {deepspeed.__version__}: ZeRO-2 cannot start with the amplifier's scalar parameters "
                     "(tests/model/test_distributed.py); the extra pins <0.19")
     root = tmp_path_factory.mktemp("ds")
-    model = build_tiny_model(root / "tiny", TINY, seed=0)
-    rng = np.random.default_rng(0)
-    rows = [sft_row(write_image(root / "img" / f"{i}.jpg", tuple(int(c) for c in rng.integers(0, 255, 3)), (56, 56)),
-                    LABELS[i % len(LABELS)]) for i in range(16)]
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    model, data = tiny_training_set(root)
     (root / "site").mkdir()
     (root / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
     return {"root": root, "model": model, "data": data}

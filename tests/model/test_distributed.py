@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 
-from tests.helpers import ROOT, compose, make_official, prepare
+from tests.helpers import ROOT
+from tests.model.support import OK_ENV
 from tools.fileio import DataError
 from tools.model import distributed as D
 from tools.task import Layout
@@ -231,15 +232,6 @@ def test_checkpoint_layout_and_resume_problems(tmp_path):
     assert "saved with ZeRO-3, this run has DEEPSPEED=zero2" in found
 
 
-@pytest.fixture
-def out(tmp_path):
-    data = make_official(tmp_path / "data")
-    out = tmp_path / "out"
-    prepare(data, out, "--val-ratio", "0.25")
-    compose(out)
-    return out
-
-
 def test_the_preflight_refuses_resuming_another_layout(out, tmp_path):
     """RESUME=1 with an unfinished run whose newest checkpoint DeepSpeed saved: refused without DEEPSPEED, before
     any training; a run that would start afresh (begun on other data) is not looked at."""
@@ -247,10 +239,7 @@ def test_the_preflight_refuses_resuming_another_layout(out, tmp_path):
     from tools.model.preflight import problems
 
     layout = Layout(out)
-    env = {"TORCH_DTYPE": "float32", "ATTN_IMPL": "sdpa", "USE_LIGER_KERNEL_STAGE1": "false",
-           "USE_LIGER_KERNEL_STAGE2": "false", "STAGE1_TUNER": "lora", "STAGE2_TUNER": "hr_amplifier",
-           "MODEL_STAGE1": "Qwen/Qwen2.5-VL-7B-Instruct", "MODEL_STAGE2": "Qwen/Qwen2.5-VL-3B-Instruct",
-           "RESUME": "1", "NPROC_PER_NODE": "2"}
+    env = {**OK_ENV, "RESUME": "1", "NPROC_PER_NODE": "2"}
     work = start(layout, "stage1", "final")
     fake_checkpoint(work / "checkpoint-4", deepspeed=True, ranks=2)
     found = problems(layout, ["stage1", "stage2"], ["final"], env)

@@ -11,17 +11,12 @@ import pytest
 from PIL import Image
 
 from tests.helpers import write_image
-from tools.demo.models import TinySpec, build_tiny_model, write_tokenizer
+from tests.model.support import TINY, noise_rows
+from tools.demo.models import build_tiny_model, write_tokenizer
 from tools.fileio import read_json, read_jsonl, write_jsonl
 from tools.model import infer as S
 from tools.probs import read_probs
 from tools.task import LABELS, PROMPT, label_token_ids, probs_partial_of, probs_record_of, sft_row
-
-TINY = TinySpec(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=32, vision_depth=2,
-                pretrain_samples=0, pretrain_epochs=0)
-# Every image has 3136 pixels (Qwen's minimum and our max_pixels), sides multiples of 28: neither swift nor the
-# transformers processor resizes it, so both see the same pixels.
-SIZES = [(56, 56), (112, 28), (28, 112)]  # (width, height)
 
 
 # --------------------------------------------------------------------------- label tokens
@@ -75,15 +70,8 @@ def loaded(tiny_model):
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory) -> list[dict]:
     """Seven rows of noise images of three sizes, interleaved; one with a shorter prompt, one with an answer."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(7):
-        w, h = SIZES[i % 3]
-        path = folder / f"r{i}.jpg"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, quality=95)
-        out.append(sft_row(path, LABELS[i % 5] if i == 4 else None))
-    out[5]["messages"][0]["content"] = "<image>这是楼道吗？"
+    out = noise_rows(tmp_path_factory.mktemp("images"), 7, seed=0, prefix="r")
+    out[4] = sft_row(Path(out[4]["images"][0]), LABELS[4])  # the one with an answer
     return out
 
 

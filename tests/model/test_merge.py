@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from tests.helpers import write_image
-from tools.demo.models import TinySpec, build_tiny_model
+from tests.model.support import TINY
+from tools.demo.models import build_tiny_model
 from tools.model import infer as S
 from tools.task import sft_row
 
-TINY = TinySpec(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=32, vision_depth=2,
-                pretrain_samples=0, pretrain_epochs=0)
 
 
 @pytest.fixture(scope="module")

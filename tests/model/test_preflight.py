@@ -3,25 +3,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
-from tests.helpers import compose, make_official, prepare
+from tests.model.support import OK_ENV
 from tools.model.preflight import main, problems
 from tools.task import HIGH_RISK, Layout
-
-OK_ENV = {"TORCH_DTYPE": "float32", "ATTN_IMPL": "sdpa", "USE_LIGER_KERNEL_STAGE1": "false",
-          "USE_LIGER_KERNEL_STAGE2": "false", "STAGE1_TUNER": "lora", "STAGE2_TUNER": "hr_amplifier",
-          "MODEL_STAGE1": "Qwen/Qwen2.5-VL-7B-Instruct", "MODEL_STAGE2": "Qwen/Qwen2.5-VL-3B-Instruct"}
-
-
-@pytest.fixture
-def out(tmp_path):
-    data = make_official(tmp_path / "data")
-    out = tmp_path / "out"
-    prepare(data, out, "--val-ratio", "0.25")
-    compose(out)
-    return out
-
 
 def test_settings_that_can_run_pass(out, capsys):
     assert problems(Layout(out), ["stage1", "stage2"], ["final"], OK_ENV) == []

@@ -9,17 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from tools.demo.models import TinySpec, build_tiny_model
+from tests.model.support import TINY, noise_rows
+from tools.demo.models import build_tiny_model
 from tools.fileio import DataError, read_json, write_jsonl
 from tools.model import infer as S
 from tools.model import shards as H
-from tools.task import LABELS, probs_partial_of, probs_record_of, sft_row
+from tools.task import LABELS, probs_partial_of, probs_record_of
 
-TINY = TinySpec(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=32, vision_depth=2,
-                pretrain_samples=0, pretrain_epochs=0)
-SIZES = [(56, 56), (112, 28), (28, 112)]  # 3136 pixels each: neither swift nor the processor resizes them
 ARGV = ["--max_pixels", "3136"]
 
 
@@ -99,14 +96,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def datasets(tmp_path_factory) -> tuple[Path, Path]:
     """Nine rows of noise images of three sizes (one with another prompt), and the first four of them."""
     folder = tmp_path_factory.mktemp("rows")
-    rng = np.random.default_rng(1)
-    rows = []
-    for i in range(9):
-        w, h = SIZES[i % 3]
-        path = folder / f"img{i}.jpg"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, quality=95)
-        rows.append(sft_row(path, None))
-    rows[5]["messages"][0]["content"] = "<image>这是楼道吗？"
+    rows = noise_rows(folder, 9, seed=1, prefix="img")
     write_jsonl(folder / "a.jsonl", rows)
     write_jsonl(folder / "b.jsonl", rows[:4])
     return folder / "a.jsonl", folder / "b.jsonl"
