@@ -163,13 +163,20 @@ def test_finish_swaps_in_the_work_folder_and_records_what_the_run_trained_on(tmp
     assert recorded == run_fingerprint(layout, manifest, "stage1", "final") != manifest["fingerprint"]
 
 
-def test_finish_without_a_checkpoint_keeps_the_previous_model(tmp_path):
+def retraining(tmp_path):
+    """Stage 1 trained before (checkpoint-7, pointed at) and started again on current data: (layout, its run folder,
+    its work folder, the run folder's files before)."""
     layout = current_data(tmp_path)
     run, work = layout.run_dir("stage1"), layout.run_work_dir("stage1")
     make_run(run, [7])
     write_pointer(run)
     before = files_under(run)
     start(layout, "stage1", "final")
+    return layout, run, work, before
+
+
+def test_finish_without_a_checkpoint_keeps_the_previous_model(tmp_path):
+    layout, run, work, before = retraining(tmp_path)
     (work / "logging.jsonl").write_text("{}")  # swift ran, saved nothing (EPOCHS=0, a crash)
     with pytest.raises(FileNotFoundError, match="no checkpoint-N folder"):
         finish(layout, "stage1", "final")
@@ -185,12 +192,7 @@ def test_finish_without_a_checkpoint_keeps_the_previous_model(tmp_path):
 def test_finish_refuses_a_run_whose_data_changed_while_it_trained(tmp_path):
     """data-pre.sh ran again while swift trained (no lock kept it out, or another output folder's copy): the run
     trained on the old rows, so it is not recorded as trained on the new ones; the previous model stays."""
-    layout = current_data(tmp_path)
-    run, work = layout.run_dir("stage1"), layout.run_work_dir("stage1")
-    make_run(run, [7])
-    write_pointer(run)
-    before = files_under(run)
-    start(layout, "stage1", "final")
+    layout, run, work, before = retraining(tmp_path)
     make_run(work, [5])
     relabel_first_line(tmp_path / "data")
     current_data(tmp_path)  # data-pre.sh again, meanwhile
