@@ -137,7 +137,8 @@ for run in "${runs[@]}"; do
         log "$stage$of: trained on the current data, kept (RESUME=1)"
         continue
       fi
-      resume_from=$(python -m tools.model.checkpoint latest --output-dir "$OUTPUT_DIR" --stage "$stage" --run "$run")
+      resume_from=$(python -m tools.model.checkpoint latest --output-dir "$OUTPUT_DIR" --stage "$stage" --run "$run" \
+        --model "$model")
       if [[ -n "$resume_from" ]]; then log "$stage$of: continuing from $resume_from (RESUME=1)"; fi
     fi
     if (( NODE_RANK == 0 )); then                 # several nodes: node 0 writes the output folder (issue 16)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.helpers import ROOT, files_under, make_official, prepare_and_compose, relabel_first_line
-from tools.fileio import DataError
+from tools.fileio import DataError, read_json
 from tools.model.checkpoint import find_checkpoint, finish, latest, main, pointer_of, read_pointer, start, write_pointer
 from tools.state import check_data, run_fingerprint
 from tools.task import POINTER, TRAINED_ON, Layout
@@ -210,8 +210,9 @@ def test_finish_refuses_a_run_whose_data_changed_while_it_trained(tmp_path):
 
 
 def test_latest_continues_only_a_run_begun_on_the_current_data(tmp_path, capsys):
-    """RESUME=1: the newest checkpoint of an unfinished run, if the run began on the current data; a work folder
-    begun on other data, or with no record of what it began on, is not continued (train.sh then starts afresh)."""
+    """RESUME=1: the newest checkpoint of an unfinished run, if the run began on the current data and the base model
+    this training uses; a work folder begun on other data or another model, or with no record of what it began on,
+    is not continued (train.sh then starts afresh)."""
     layout = current_data(tmp_path)
     work = layout.run_work_dir("stage1")
     assert latest(layout, "stage1", "final") is None  # no work folder
@@ -219,7 +220,12 @@ def test_latest_continues_only_a_run_begun_on_the_current_data(tmp_path, capsys)
     assert latest(layout, "stage1", "final") is None  # begun, nothing saved yet
     make_run(work, [2, 10])
     assert latest(layout, "stage1", "final") == (work / "checkpoint-10").resolve()
+    began_on = read_json(work / TRAINED_ON)["fingerprint"]["parts"]["model"]
+    assert latest(layout, "stage1", "final", began_on) == (work / "checkpoint-10").resolve()
+    assert latest(layout, "stage1", "final", "/models/another") is None  # RESUME=1 with another base model: afresh
     capsys.readouterr()
+    assert main(["latest", "--output-dir", str(layout.root), "--stage", "stage1", "--model", "/models/another"]) == 0
+    assert capsys.readouterr().out == ""
     relabel_first_line(tmp_path / "data")
     current_data(tmp_path)
     assert latest(layout, "stage1", "final") is None

@@ -240,11 +240,12 @@ def test_the_preflight_refuses_resuming_another_layout(out, tmp_path):
 
     layout = Layout(out)
     env = {**OK_ENV, "RESUME": "1", "NPROC_PER_NODE": "2"}
-    work = start(layout, "stage1", "final")
+    work = start(layout, "stage1", "final", model=env["MODEL_STAGE1"])  # as train.sh starts it
     fake_checkpoint(work / "checkpoint-4", deepspeed=True, ranks=2)
     found = problems(layout, ["stage1", "stage2"], ["final"], env)
     assert len(found) == 1 and "was saved by DeepSpeed" in found[0] and "checkpoint-4" in found[0]
     assert problems(layout, ["stage1", "stage2"], ["final"], {**env, "RESUME": "0"}) == []
+    assert problems(layout, ["stage1", "stage2"], ["final"], {**env, "MODEL_STAGE1": "/models/other"}) == []  # afresh
     record = json.loads((work / "trained_on.json").read_text(encoding="utf-8"))
     record["fingerprint"]["digest"] = record["fingerprint"]["parts"]["train_rows"] = "other data"
     (work / "trained_on.json").write_text(json.dumps(record), encoding="utf-8")

@@ -75,16 +75,18 @@ def read_pointer(run_dir: str | Path) -> Path:
     return ckpt
 
 
-def _fingerprints(layout: Layout, stage: str, run: str | int, work_dir: Path) -> tuple[dict | None, dict | None]:
-    """(the fingerprint the run recorded when it began; the one the current data gives for the task and base model
-    it recorded, as start wrote them), one read of its trained_on.json; (None, None) when nothing is recorded."""
+def _fingerprints(layout: Layout, stage: str, run: str | int, work_dir: Path,
+                  model: str | None = None) -> tuple[dict | None, dict | None]:
+    """(the fingerprint the run recorded when it began; the one the current data gives for the task it recorded and
+    `model`, default the base model it recorded), one read of its trained_on.json; (None, None) when nothing is
+    recorded."""
     path = work_dir / TRAINED_ON
     record = read_json(path) if path.exists() else {}
     recorded = record.get("fingerprint")
     if recorded is None:
         return None, None
     parts = recorded.get("parts") if isinstance(recorded, dict) else None  # a record of another shape: no model
-    model = parts.get("model") if isinstance(parts, dict) else None
+    model = model or (parts.get("model") if isinstance(parts, dict) else None)
     current = run_fingerprint(layout, check_data(layout), stage, run, record.get("task", "causal_lm"), model)
     return recorded, current
 
@@ -104,14 +106,15 @@ def start(layout: Layout, stage: str, run: str | int, task: str = "causal_lm", m
     return work_dir
 
 
-def latest(layout: Layout, stage: str, run: str | int) -> Path | None:
-    """The newest checkpoint of the run's unfinished work folder, if that run began on the current data (what
-    RESUME=1 continues from); None otherwise."""
+def latest(layout: Layout, stage: str, run: str | int, model: str | None = None) -> Path | None:
+    """The newest checkpoint of the run's unfinished work folder, if that run began on the current data and on
+    `model`, the base model this training will use (default: the one it began on); what RESUME=1 continues from.
+    None otherwise."""
     work_dir = layout.run_work_dir(stage, run)
     found = checkpoints(work_dir)
     if not found:
         return None
-    recorded, current = _fingerprints(layout, stage, run, work_dir)
+    recorded, current = _fingerprints(layout, stage, run, work_dir, model)
     if recorded is None or recorded != current:
         print(f"{work_dir}: began on other data than the current (or unrecorded): not continued", file=sys.stderr)
         return None
@@ -146,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", choices=list(STAGES))
     ap.add_argument("--run", default=FINAL, help="final (default) or a fold number")
     ap.add_argument("--task", choices=list(TASKS), default="causal_lm", help="start: the run's --task_type")
-    ap.add_argument("--model", help="start: the base model the run trains (default: the one data-pre.sh recorded)")
+    ap.add_argument("--model", help="start, latest: the base model the run trains (default: start the one data-pre.sh "
+                                    "recorded, latest the one the run began on)")
     args = ap.parse_args(argv)
     if not args.stage and not (args.action == "read" and args.run_dir):
         ap.error("give --stage (and --run), or --run-dir with read")
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.action == "start":
             print(start(layout, args.stage, args.run, args.task, args.model))
         elif args.action == "latest":
-            found = latest(layout, args.stage, args.run)
+            found = latest(layout, args.stage, args.run, args.model)
             if found:
                 print(found)
         else:

@@ -294,7 +294,7 @@ def run_problems(layout, stage: str, run, env: dict) -> list[str]:
         from tools.model.checkpoint import latest
 
         with contextlib.redirect_stderr(io.StringIO()):  # train.sh says it when it gets there
-            found = latest(layout, stage, run)  # what train.sh will continue from (None: starts afresh)
+            found = latest(layout, stage, run, env.get(f"MODEL_{stage.upper()}"))  # what train.sh continues from
         if found:
             out += resume_problems(found, env)
     return out
