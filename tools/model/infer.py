@@ -10,8 +10,9 @@ position is where the answer starts. Matches `swift infer --max_new_tokens 1 --l
 label outside the top-N.
 
 Speed (bench/README.md): rows are grouped by image size (bucket=False: file order), worker processes encode
-images ahead of the GPU (workers, $SCORE_WORKERS; none on CPU), and a bf16 model on CUDA runs under
-autocast ($SCORE_AUTOCAST=0: off). The probabilities come back in the order of the input rows.
+images ahead of the GPU (workers, $SCORE_WORKERS; none on CPU), a bf16 model on CUDA runs under autocast
+($SCORE_AUTOCAST=0: off), without a KV cache, and the knobs of tools.model.speedups (merge, float8, compiled
+decoder layers) apply at load. The probabilities come back in the order of the input rows.
 """
 from __future__ import annotations
 
@@ -35,48 +36,24 @@ from tools.task import (LABELS, PROMPT, TRAINED_ON, label_token_ids, probs_parti
 def load(swift_argv: list[str], merge: bool | None = None, labels: tuple[str, ...] = LABELS):
     """(model, template, label ids, swift's InferArguments) prepared by swift from `swift infer`-style arguments.
     The label ids are the first tokens of `labels`, or None for a model with a classification head
-    (--task_type seq_cls: its logits are the classes). With merge (default: merge_wanted) a LoRA adapter is
-    folded into the base weights in memory."""
+    (--task_type seq_cls: its logits are the classes). The speed-up knobs (tools.model.speedups: SCORE_MERGE,
+    SCORE_FP8, SCORE_COMPILE_LLM) are applied in memory; merge overrides SCORE_MERGE."""
     from swift.arguments import InferArguments
     from swift.pipelines.utils import prepare_model_template
     from swift.utils import parse_args
+
+    from tools.model import speedups
 
     args, remaining = parse_args(InferArguments, swift_argv)
     if remaining:
         raise SystemExit(f"error: swift does not know these arguments: {' '.join(remaining)}")
     model, template = prepare_model_template(args)
     model.eval()
-    if merge_wanted(model) if merge is None else merge:
-        model = merge_lora(model)
-        template.model = model
+    model = speedups.apply(model, merge)
+    template.model = model
     template.set_mode("transformers")  # inference encoding: no answer, left padding
     head = getattr(args, "task_type", "causal_lm") == "seq_cls"
     return model, template, None if head else label_token_ids(template.tokenizer, labels), args
-
-
-def merge_wanted(model) -> bool:
-    """SCORE_MERGE=1 merges, 0 (the default) does not. Measured on an H200 (bench/README.md, 1,000 phone photos,
-    full-size random 7B/3B): merging in bf16 gives +14 % on stage 1 and +14 % on stage 2 but moves probabilities by
-    up to 0.17 (bf16 rounding of W + BA), which changed the argmax of 1.1 % / 11.5 % of the images of those
-    near-uniform random models: not the same probabilities, so it is a knob, not the default."""
-    import os
-
-    policy = os.environ.get("SCORE_MERGE", "0").strip().lower()
-    if policy not in ("0", "1"):
-        raise ValueError(f"SCORE_MERGE={policy!r}: expected 0 or 1")
-    return policy == "1"
-
-
-def merge_lora(model):
-    """The LoRA adapter folded into the base weights (PEFT's merge_and_unload): one matmul per linear layer instead
-    of three. The High-Risk Feature Amplifier is not LoRA: its hooks live on the base model's modules and stay."""
-    from peft import PeftModel
-
-    if not isinstance(model, PeftModel):
-        return model
-    merged = model.merge_and_unload()
-    merged.eval()
-    return merged
 
 
 def default_workers(model) -> int:
@@ -180,8 +157,8 @@ def forward_probs(model, template, batch: dict, label_ids):
     _, inputs = template.pre_forward_hook(model, None, inputs)
     inputs.pop("labels", None)
     if label_ids is None:  # seq_cls: one logit per class, pooled at the last token
-        return torch.softmax(model(**inputs).logits.float(), -1)
-    logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()
+        return torch.softmax(model(**inputs, use_cache=False).logits.float(), -1)
+    logits = model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1].float()
     index = torch.as_tensor(label_ids, device=logits.device)
     return torch.softmax(logits[:, index], -1)
 

@@ -1,0 +1,133 @@
+"""Scoring speed-ups (tools.model.speedups): the LoRA adapter merged into the base weights, float8 linear layers,
+compiled decoder layers; each leaves the probabilities where the rounding puts them, and the knobs are checked."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import write_image
+from tests.model.support import TINY
+from tools.demo.models import build_tiny_model
+from tools.model import infer as S
+from tools.model import speedups as F
+from tools.task import sft_row
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Qwen2.5-VL loaded as test.sh loads it, and four image rows."""
+    root = tmp_path_factory.mktemp("speedups")
+    model_dir = build_tiny_model(root / "model", TINY, seed=0)
+    _, template, label_ids, _ = S.load(["--model", str(model_dir), "--template", "qwen2_5_vl", "--torch_dtype",
+                                        "float32", "--max_pixels", "3136"], merge=False)
+    rows = [sft_row(write_image(root / f"{i}.jpg", colour=(40 * i, 90, 200 - 30 * i), size=(56, 56)), None)
+            for i in range(4)]
+    return template, label_ids, rows, model_dir
+
+
+def _score(model, template, label_ids, rows):
+    template.model = model
+    return S.score_rows(model, template, label_ids, rows, batch_size=2, progress=False, workers=0)
+
+
+def _lora(base):
+    """A LoRA adapter whose B matrices are not zero (a trained adapter changes outputs)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return peft_model.eval()
+
+
+def test_merged_scores_equal_the_adapter_scores(tiny):
+    template, label_ids, rows, model_dir = tiny
+    _, template, label_ids, _ = S.load(["--model", str(model_dir), "--template", "qwen2_5_vl", "--torch_dtype",
+                                        "float32", "--max_pixels", "3136"], merge=False)
+    peft_model = _lora(template.model)
+    with_adapter = _score(peft_model, template, label_ids, rows)
+    with peft_model.disable_adapter():
+        without = _score(peft_model, template, label_ids, rows)
+    assert np.abs(with_adapter - without).max() > 1e-4  # the adapter matters: the test can see a lost merge
+    base_only = peft_model.get_base_model()
+    merged = F.merge_lora(peft_model)
+    assert merged is base_only and not any("lora_" in n for n, _ in merged.named_parameters())
+    np.testing.assert_allclose(_score(merged, template, label_ids, rows), with_adapter, atol=2e-6)
+
+
+def test_knobs(monkeypatch):
+    cpu = torch.nn.Linear(2, 2)
+    for name in ("SCORE_MERGE", "SCORE_FP8", "SCORE_COMPILE_LLM"):
+        monkeypatch.delenv(name, raising=False)
+    assert F.merge_wanted(cpu) is False  # off by default
+    monkeypatch.setenv("SCORE_MERGE", "1")
+    assert F.merge_wanted(cpu) is True
+    monkeypatch.setenv("SCORE_MERGE", "0")
+    monkeypatch.setenv("SCORE_FP8", "1")
+    assert F.merge_wanted(cpu) is True  # float8 replaces plain linear layers: the adapter is merged first
+    for name in ("SCORE_MERGE", "SCORE_FP8", "SCORE_COMPILE_LLM"):
+        monkeypatch.setenv(name, "yes")
+        with pytest.raises(ValueError, match=f"{name}='yes': expected 0 or 1"):
+            F.knob(name)
+        monkeypatch.setenv(name, "0")
+    assert F.merge_lora(cpu) is cpu  # not a PEFT model: unchanged
+    assert F.apply(cpu) is cpu  # every knob off: nothing touched
+
+
+def test_fp8_linear_is_close_to_the_layer():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(3, 5, 64)
+    q = F.Fp8Linear(lin)
+    assert q.weight.dtype == torch.float8_e4m3fn and q.weight_scale.shape == (1, 48)
+    with torch.no_grad():
+        ref, out = lin(x), q(x)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    rel = (out - ref).norm() / ref.norm()
+    assert 1e-4 < rel < 0.05  # float8 rounding: visible, small
+
+
+def test_fp8_replaces_the_language_model_linears_only(tiny, monkeypatch):
+    template, label_ids, rows, model_dir = tiny
+    _, template, label_ids, _ = S.load(["--model", str(model_dir), "--template", "qwen2_5_vl", "--torch_dtype",
+                                        "float32", "--max_pixels", "3136"], merge=False)
+    model = template.model
+    before = _score(model, template, label_ids, rows)
+    n = F.to_fp8(model, check_device=False)
+    assert n == 7 * TINY.layers
+    kinds = {name: type(m).__name__ for name, m in model.named_modules()}
+    assert all(kind == "Fp8Linear" for name, kind in kinds.items() if F.LLM_LINEAR.search(name))
+    assert not any(kind == "Fp8Linear" for name, kind in kinds.items() if "visual" in name or "lm_head" in name)
+    after = _score(model, template, label_ids, rows)
+    assert np.abs(after - before).max() < 0.05 and np.abs(after - before).max() > 0
+    assert F.to_fp8(model, check_device=False) == 0  # already float8: nothing left to replace
+    with pytest.raises(ValueError, match="no language-model linear layers"):
+        F.to_fp8(model.visual, check_device=False)
+
+
+def test_fp8_refuses_an_unmerged_adapter_and_a_cpu(tiny):
+    template, label_ids, rows, model_dir = tiny
+    _, template, _, _ = S.load(["--model", str(model_dir), "--template", "qwen2_5_vl", "--torch_dtype",
+                                "float32", "--max_pixels", "3136"], merge=False)
+    with pytest.raises(TypeError, match="merge the adapter first"):
+        F.to_fp8(_lora(template.model), check_device=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="SCORE_FP8=1: no CUDA GPU"):
+            F.to_fp8(template.model)
+
+
+def test_compiled_layers_score_the_same(tiny):
+    template, label_ids, rows, model_dir = tiny
+    _, template, label_ids, _ = S.load(["--model", str(model_dir), "--template", "qwen2_5_vl", "--torch_dtype",
+                                        "float32", "--max_pixels", "3136"], merge=False)
+    model = template.model
+    before = _score(model, template, label_ids, rows)
+    assert F.compile_layers(model) == TINY.layers
+    assert all(layer._compiled_call_impl is not None for layer in F.decoder_layers(model))
+    np.testing.assert_allclose(_score(model, template, label_ids, rows), before, atol=1e-5)
+    with pytest.raises(ValueError, match="no language_model.layers"):
+        F.decoder_layers(torch.nn.Linear(2, 2))

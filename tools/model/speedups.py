@@ -1,0 +1,141 @@
+"""Scoring speed-ups applied to a loaded model (tools.model.infer.load), each a knob; what each costs in probability
+and gains in speed is measured in bench/README.md ("Scoring levers", bench/score_levers.py):
+
+  SCORE_MERGE=1        the LoRA adapter folded into the base weights: one matmul per linear layer instead of three
+  SCORE_COMPILE_LLM=1  the language model's decoder layers compiled (torch.compile, one graph that every layer
+                       shares): its RMSNorm, rotary and SwiGLU chains become fused kernels
+  SCORE_FP8=1          the language model's linear layers in float8 e4m3 (a scale per output channel and one per
+                       token; CUDA compute capability >= 8.9: Ada, Hopper), after merging the adapter
+
+None of them changes what is computed, only the rounding: merging rounds W + BA to bf16 once, float8 keeps ~3
+significant bits per weight and activation with per-row scales. All off by default (`default_policy`).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+# The language model's projections (the vision tower and the LM head stay as they are): the names in
+# Qwen2.5-VL's decoder layers, under any wrapper (PEFT's base_model.model..., swift's).
+LLM_LINEAR = re.compile(r"(^|\.)language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$")
+FP8_MAX = 448.0  # the largest float8 e4m3 value
+
+
+def knob(name: str) -> bool:
+    """A 0/1 knob from the environment (unset = 0); anything else is an error that names it."""
+    value = os.environ.get(name, "0").strip().lower()
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: expected 0 or 1")
+    return value == "1"
+
+
+def merge_wanted(model) -> bool:
+    """SCORE_MERGE=1 merges (and SCORE_FP8=1, which needs plain linear layers); 0, the default, does not."""
+    return knob("SCORE_MERGE") or knob("SCORE_FP8")
+
+
+def merge_lora(model):
+    """The LoRA adapter folded into the base weights (PEFT's merge_and_unload): one matmul per linear layer instead
+    of three. The High-Risk Feature Amplifier is not LoRA: its hooks live on the base model's modules and stay."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return model
+    merged = model.merge_and_unload()
+    merged.eval()
+    return merged
+
+
+def decoder_layers(model) -> list:
+    """The language model's decoder layers (Qwen2.5-VL: ...language_model.layers), under any wrapper."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and re.search(r"(^|\.)language_model\.layers$", name):
+            return list(module)
+    raise ValueError("no language_model.layers in this model: SCORE_COMPILE_LLM / SCORE_FP8 know Qwen2.5-VL only")
+
+
+def compile_layers(model) -> int:
+    """Compile each decoder layer in place (nn.Module.compile): the layers share one code object, so one graph per
+    input shape serves all of them (shapes are few: rows are bucketed by image size). Returns how many."""
+    import torch._dynamo
+
+    layers = decoder_layers(model)
+    # one graph per batch shape for all layers: allow a few shapes (a smaller last batch, another image size)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    for layer in layers:
+        layer.compile(dynamic=False)
+    return len(layers)
+
+
+class Fp8Linear(torch.nn.Module):
+    """A float8 copy of an nn.Linear: weight rows scaled to e4m3 (a scale per output channel), each input row scaled
+    to e4m3 on the fly (a scale per token), one torch._scaled_mm with the bias, output in the layer's dtype."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(1).clamp(min=1e-12) / FP8_MAX  # [out]
+        # stored [out, in] row-major and used transposed: _scaled_mm wants its second operand column-major
+        self.register_buffer("weight", (w / scale[:, None]).to(torch.float8_e4m3fn))
+        self.register_buffer("weight_scale", scale[None, :].contiguous())  # [1, out]
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.in_features, self.out_features, self.out_dtype = linear.in_features, linear.out_features, linear.weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        scale = x2.abs().amax(1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [tokens, 1]
+        xq = (x2.float() / scale).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(xq, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
+                               bias=None if self.bias is None else self.bias.to(self.out_dtype), out_dtype=self.out_dtype)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, float8_e4m3"
+
+
+def fp8_supported() -> str | None:
+    """None when this machine can run float8 matmuls on its GPU, else why not."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        return f"compute capability {major}.{minor} < 8.9 (float8 needs Ada or Hopper)"
+    return None
+
+
+def to_fp8(model, check_device: bool = True) -> int:
+    """Replace the language model's linear layers (LLM_LINEAR) by float8 ones in place; the adapter must be merged
+    first. Returns how many were replaced (0: already float8). check_device=False lets tests run torch's CPU float8 matmul."""
+    if check_device and (why := fp8_supported()):
+        raise RuntimeError(f"SCORE_FP8=1: {why}")
+    matched = replaced = 0
+    for name, module in list(model.named_modules()):
+        if not LLM_LINEAR.search(name):
+            continue
+        matched += 1
+        if isinstance(module, Fp8Linear):
+            continue  # already float8
+        if type(module) is not torch.nn.Linear:
+            raise TypeError(f"SCORE_FP8=1: {name} is a {type(module).__name__}, not a plain linear layer "
+                            "(merge the adapter first)")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, Fp8Linear(module))
+        replaced += 1
+    if not matched:
+        raise ValueError("SCORE_FP8=1: no language-model linear layers found")
+    return replaced
+
+
+def apply(model, merge: bool | None = None):
+    """The model with the knobs' speed-ups applied (merge: override SCORE_MERGE); the adapter-free model is
+    returned when merged, the same object otherwise."""
+    if merge_wanted(model) if merge is None else merge:
+        model = merge_lora(model)
+    if knob("SCORE_FP8"):
+        to_fp8(model)
+    if knob("SCORE_COMPILE_LLM"):
+        compile_layers(model)
+    return model
