@@ -128,9 +128,10 @@ def make_data(data: Path, n_train: int, n_test: int, size: tuple[int, int], work
 
 
 # --------------------------------------------------------------------------- the scripts, measured
-def run_script(script: str, env: dict, logs: Path, work: Path) -> dict:
-    """Run one script with GPU memory sampled in the background; wall time, peak GPU MiB, the log."""
-    log_path = logs / f"{script}.log"
+def run_script(script: str, env: dict, logs: Path, work: Path, args: list[str] | None = None, tag: str = "") -> dict:
+    """Run one script (with args) with GPU memory sampled in the background; wall time, peak GPU MiB, the log
+    (SCRIPT.log, or SCRIPT.TAG.log)."""
+    log_path = logs / f"{script}{'.' + tag if tag else ''}.log"
     mem_path = work / f"{script}.mem"
     sampler = None
     if subprocess.run(["which", "nvidia-smi"], capture_output=True).returncode == 0:
@@ -138,7 +139,8 @@ def run_script(script: str, env: dict, logs: Path, work: Path) -> dict:
                                     "-lms", "200"], stdout=open(mem_path, "w"), stderr=subprocess.DEVNULL)
     start = time.time()
     with open(log_path, "w") as f:
-        rc = subprocess.run(["bash", str(ROOT / script)], env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(["bash", str(ROOT / script), *(args or [])], env=env, cwd=ROOT, stdout=f,
+                            stderr=subprocess.STDOUT).returncode
     wall = time.time() - start
     if sampler:
         sampler.terminate()
@@ -147,7 +149,7 @@ def run_script(script: str, env: dict, logs: Path, work: Path) -> dict:
     if mem_path.exists():
         values = [int(v) for v in re.findall(r"^\s*(\d+)", mem_path.read_text(), re.M)]
         peak = max(values) if values else None
-    log(f"{script}: rc {rc}, {wall:.0f} s, peak GPU {peak} MiB")
+    log(f"{script}{' ' + tag if tag else ''}: rc {rc}, {wall:.0f} s, peak GPU {peak} MiB")
     if rc != 0:
         log(f"{script} failed; log tail:\n{log_path.read_text(errors='replace')[-4000:]}")
     return {"rc": rc, "wall_s": round(wall, 1), "peak_gpu_mib": peak}
@@ -213,6 +215,14 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=192)
     ap.add_argument("--n-test", type=int, default=48)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny models, float32, 224x168 images")
+    ap.add_argument("--scripts", default="data-pre.sh,train.sh,test.sh",
+                    help="which scripts to run (a later call can run test.sh alone on the same --work)")
+    ap.add_argument("--train-steps", type=int, default=0,
+                    help="> 0: each stage trains this many optimizer steps only (a scoring benchmark's checkpoints)")
+    ap.add_argument("--augment", choices=["0", "1"], default="1", help="data-pre.sh's AUGMENT")
+    ap.add_argument("--test-configs", default="",
+                    help="test.sh once per NAME:KNOB=V[,KNOB=V] (';' between them), e.g. "
+                         "'before:SCORE_MERGE=0,SCORE_COMPILE_LLM=0;defaults:'; each scores everything again")
     a = ap.parse_args()
     out = a.out or a.work / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -228,12 +238,29 @@ def main() -> None:
     pipeline = a.work / "outputs"
     env = {**os.environ, "DATA_DIR": str(a.work / "data"), "OUTPUT_DIR": str(pipeline),
            "MODEL_STAGE1": str(a.work / "models" / "7b"), "MODEL_STAGE2": str(a.work / "models" / "3b"),
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "AUGMENT": a.augment}
     if a.tiny:  # the real recipe, with what a CPU can run
         env.update(TORCH_DTYPE="float32", USE_LIGER_KERNEL_STAGE1="false", MAX_PIXELS="50176")
     result["scripts"] = {}
-    for script in ("data-pre.sh", "train.sh", "test.sh"):
-        result["scripts"][script] = run_script(script, env, out, a.work)
+    scripts = a.scripts.split(",")
+    configs = [c.partition(":") for c in a.test_configs.split(";") if c]
+    for script in scripts:
+        if script == "test.sh" and configs:
+            layout = Layout(pipeline)
+            result["test_configs"] = {}
+            for name, _, assigns in configs:
+                for csv in layout.root.glob("stage*/*_probs.csv*"):
+                    csv.unlink()  # every configuration scores every image
+                knobs = dict(kv.split("=", 1) for kv in assigns.split(",") if kv)
+                r = run_script(script, {**env, **knobs}, out, a.work, tag=name)
+                r["knobs"] = knobs
+                r["scoring"] = score_numbers((out / f"test.sh.{name}.log").read_text(errors="replace"))
+                result["test_configs"][name] = r
+                (out / "rehearsal.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+            continue
+        extra = (["--max_steps", str(a.train_steps), "--eval_strategy", "no", "--save_strategy", "steps",
+                  "--save_steps", str(a.train_steps)] if script == "train.sh" and a.train_steps else [])
+        result["scripts"][script] = run_script(script, env, out, a.work, extra)
         if result["scripts"][script]["rc"] != 0:
             break
     layout = Layout(pipeline)
@@ -245,11 +272,31 @@ def main() -> None:
     if (out / "test.sh.log").exists():
         result["scoring"] = score_numbers((out / "test.sh.log").read_text(errors="replace"))
     (out / "rehearsal.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
-    if all(v["rc"] == 0 for v in result["scripts"].values()) and len(result["scripts"]) == 3:
+    if "test_configs" in result:
+        text = configs_table(result, a.n_test)
+        (out / "test_configs.md").write_text(text + "\n")
+        print(text)
+    elif all(v["rc"] == 0 for v in result["scripts"].values()) and len(result["scripts"]) == 3:
         (out / "rehearsal.md").write_text(table(result) + "\n")
         print(table(result))
     else:
         print(json.dumps(result["scripts"], indent=1))
+
+
+def configs_table(result: dict, n_test: int) -> str:
+    """test.sh per scoring configuration: wall time, each CSV's scoring rate, end-to-end images/s."""
+    rows = [f"| test.sh configuration ({n_test} test photos) | knobs | wall s | end to end img/s | of floor (~20) | "
+            "scoring rates (images/s) |", "|---|---|---:|---:|---:|---|"]
+    for name, r in result["test_configs"].items():
+        if r["rc"] != 0:
+            rows.append(f"| {name} | {r['knobs']} | failed (rc {r['rc']}) | | | |")
+            continue
+        rate = n_test / r["wall_s"]
+        rates = ", ".join(f"{Path(x['csv']).parent.name}/{Path(x['csv']).stem}: {x['images_per_s']}"
+                          for x in r["scoring"])
+        knobs = " ".join(f"{k}={v}" for k, v in r["knobs"].items()) or "(defaults)"
+        rows.append(f"| {name} | {knobs} | {r['wall_s']:.0f} | {rate:.2f} | {rate / 20:.0%} | {rates} |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -260,11 +260,13 @@ def test_a_finished_csv_is_kept_until_what_made_it_changes(scoring, monkeypatch,
     assert sum(scored) == 3 and len(scoring.loads) == 2
 
     argv = scoring.argv
-    for change in ("checkpoint", "arguments", "rows"):
+    for change in ("checkpoint", "arguments", "SCORE_MERGE", "SCORE_FP8", "rows"):
         if change == "checkpoint":  # retrained: a checkpoint file with new bytes (size and time)
             (scoring.ckpt / "adapter_model.safetensors").write_bytes(b"retrained weights")
         elif change == "arguments":
             argv = [*scoring.argv, "--max_batch_size", "2"]
+        elif change.startswith("SCORE_"):  # merged or float8 weights round differently: scored again
+            monkeypatch.setenv(change, "1")  # (the tiny model the patched load hands out stays as it is)
         else:
             write_jsonl(scoring.a, read_jsonl(scoring.a)[:5])
         scored.clear()

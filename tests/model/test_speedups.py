@@ -63,19 +63,48 @@ def test_knobs(monkeypatch):
     cpu = torch.nn.Linear(2, 2)
     for name in ("SCORE_MERGE", "SCORE_FP8", "SCORE_COMPILE_LLM"):
         monkeypatch.delenv(name, raising=False)
-    assert F.merge_wanted(cpu) is False  # off by default
+    assert F.policy() == {"SCORE_MERGE": "auto", "SCORE_FP8": "0"}
+    assert F.merge_wanted(cpu) is False  # auto: a model on the CPU keeps its adapter
+    assert F.compile_wanted(cpu) is False
     monkeypatch.setenv("SCORE_MERGE", "1")
     assert F.merge_wanted(cpu) is True
     monkeypatch.setenv("SCORE_MERGE", "0")
     monkeypatch.setenv("SCORE_FP8", "1")
     assert F.merge_wanted(cpu) is True  # float8 replaces plain linear layers: the adapter is merged first
-    for name in ("SCORE_MERGE", "SCORE_FP8", "SCORE_COMPILE_LLM"):
+    monkeypatch.setenv("SCORE_COMPILE_LLM", "1")
+    assert F.compile_wanted(cpu) is True
+    for name, expected in (("SCORE_MERGE", "auto, 0 or 1"), ("SCORE_FP8", "0 or 1"),
+                           ("SCORE_COMPILE_LLM", "auto, 0 or 1")):
         monkeypatch.setenv(name, "yes")
-        with pytest.raises(ValueError, match=f"{name}='yes': expected 0 or 1"):
+        with pytest.raises(ValueError, match=f"{name}='yes': expected {expected}"):
             F.knob(name)
         monkeypatch.setenv(name, "0")
+    monkeypatch.setenv("SCORE_FP8", "auto")  # no auto for float8
+    with pytest.raises(ValueError, match="SCORE_FP8='auto': expected 0 or 1"):
+        F.policy()
+    monkeypatch.setenv("SCORE_FP8", "0")
     assert F.merge_lora(cpu) is cpu  # not a PEFT model: unchanged
     assert F.apply(cpu) is cpu  # every knob off: nothing touched
+
+
+class _OnCuda(torch.nn.Module):
+    """Answers where a model lives as a CUDA model would, without a GPU."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.device, self.dtype = torch.device("cuda"), dtype
+
+
+def test_auto_merges_and_compiles_a_half_precision_model_on_cuda(monkeypatch):
+    for name in ("SCORE_MERGE", "SCORE_FP8", "SCORE_COMPILE_LLM", "FIRESAFE_COMPILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert F.merge_wanted(_OnCuda(torch.bfloat16)) and F.merge_wanted(_OnCuda(torch.float16))
+    assert not F.merge_wanted(_OnCuda(torch.float32))  # nothing to gain, and the adapter stays exact
+    assert F.compile_wanted(_OnCuda(torch.bfloat16))
+    monkeypatch.setenv("FIRESAFE_COMPILE", "off")  # what choose_compile sets for a small test set
+    assert not F.compile_wanted(_OnCuda(torch.bfloat16))
+    monkeypatch.setenv("SCORE_MERGE", "0")
+    assert not F.merge_wanted(_OnCuda(torch.bfloat16))
 
 
 def test_fp8_linear_is_close_to_the_layer():
@@ -105,7 +134,7 @@ def test_fp8_replaces_the_language_model_linears_only(tiny, monkeypatch):
     after = _score(model, template, label_ids, rows)
     assert np.abs(after - before).max() < 0.05 and np.abs(after - before).max() > 0
     assert F.to_fp8(model, check_device=False) == 0  # already float8: nothing left to replace
-    with pytest.raises(ValueError, match="no language-model linear layers"):
+    with pytest.raises(F.SpeedupError, match="no language-model linear layers"):
         F.to_fp8(model.visual, check_device=False)
 
 
@@ -113,10 +142,10 @@ def test_fp8_refuses_an_unmerged_adapter_and_a_cpu(tiny):
     template, label_ids, rows, model_dir = tiny
     _, template, _, _ = S.load(["--model", str(model_dir), "--template", "qwen2_5_vl", "--torch_dtype",
                                 "float32", "--max_pixels", "3136"], merge=False)
-    with pytest.raises(TypeError, match="merge the adapter first"):
+    with pytest.raises(F.SpeedupError, match="merge the adapter first"):
         F.to_fp8(_lora(template.model), check_device=False)
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="SCORE_FP8=1: no CUDA GPU"):
+        with pytest.raises(F.SpeedupError, match="SCORE_FP8=1: no CUDA GPU; run test.sh with SCORE_FP8=0"):
             F.to_fp8(template.model)
 
 
@@ -129,5 +158,5 @@ def test_compiled_layers_score_the_same(tiny):
     assert F.compile_layers(model) == TINY.layers
     assert all(layer._compiled_call_impl is not None for layer in F.decoder_layers(model))
     np.testing.assert_allclose(_score(model, template, label_ids, rows), before, atol=1e-5)
-    with pytest.raises(ValueError, match="no language_model.layers"):
+    with pytest.raises(F.SpeedupError, match="no language_model.layers"):
         F.decoder_layers(torch.nn.Linear(2, 2))

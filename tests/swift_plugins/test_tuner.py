@@ -197,6 +197,24 @@ def test_swift_infer_and_score_reproduce_training(trained, data, tmp_path):
     assert np.abs(got - without.topk(5).values.numpy()).max() > 2e-4
 
 
+def test_merged_and_compiled_scoring_keeps_the_amplifier(trained, data, monkeypatch):
+    """test.sh's speed knobs on an amplifier checkpoint: merging folds only the LoRA part into the weights (the
+    amplifier is a submodule of the base model and its hooks stay), and compiled decoder layers run its attention
+    hooks too: the logits training saw."""
+    from swift_plugins._amplifier import find_amplifier
+    from tools.model.infer import load
+
+    monkeypatch.setenv("SCORE_MERGE", "1")
+    monkeypatch.setenv("SCORE_COMPILE_LLM", "1")
+    model, template, _, _ = load(["--adapters", str(trained.run / "checkpoint-4"), "--max_pixels", MAX_PIXELS])
+    assert not any("lora_" in name for name, _ in model.named_parameters())  # merged
+    assert find_amplifier(model) is not None
+    torch.testing.assert_close(last_logits(model, template, data["val_rows"]), trained.captured["logits"], rtol=0,
+                               atol=1e-5)
+    find_amplifier(model).enabled = False  # ... and the amplifier is what makes them so
+    assert (last_logits(model, template, data["val_rows"]) - trained.captured["logits"]).abs().max() > 1e-4
+
+
 def test_zeroed_amplifier_changes_outputs(trained, data, tmp_path):
     import safetensors.torch
 

@@ -202,7 +202,8 @@ def choose_compile(n_images: int) -> str:
     """Whether swift_plugins/patches/vision_attention.py compiles its fused kernels in this process: SCORE_COMPILE=on|off,
     or auto: only for at least SCORE_COMPILE_MIN_IMAGES images (default 800). Measured on an H200 with the 7B:
     compiling delays the first batch by ~9 s and then saves ~14 ms per image (18.0 vs 14.4 images/s), so it pays
-    from ~650 images on (bench/README.md). Set before the model, and with it the plugin, is loaded."""
+    from ~650 images on (bench/README.md). Set before the model, and with it the plugin, is loaded; the language
+    model's layers follow it (tools.model.speedups.compile_wanted)."""
     import os
 
     policy = os.environ.get("SCORE_COMPILE", "auto").strip().lower()
@@ -223,12 +224,15 @@ def model_of(checkpoint: Path) -> dict:
 
 def job_record(checkpoint: Path, dataset: Path, swift_argv: list[str], model: dict | None = None) -> dict:
     """What a probability CSV depends on: the checkpoint's files (names, sizes, times), the rows, the arguments,
-    the model's labels and prompt, and whether its prior is corrected."""
+    the model's labels and prompt, the merge and float8 knobs, and whether its prior is corrected."""
+    from tools.model import speedups
+
     files = sorted(p for p in Path(checkpoint).rglob("*") if p.is_file())
     model = model if model is not None else model_of(checkpoint)
     return {"checkpoint": str(checkpoint),
             "checkpoint_files": images_digest(files),  # a stat per file: a retrained checkpoint differs
             "rows": file_digest(dataset), "swift_argv": list(swift_argv), **model,
+            "speedups": speedups.policy(),  # merged or float8 weights round differently
             "prior_corrected": bool(model["class_shares"]) and prior.wanted()}
 
 

@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             jobs = [(Path(args.checkpoint), list(zip(map(Path, args.dataset), map(Path, args.output))))]
         score_jobs_on_gpus(jobs, swift_argv, args.batch_size, args.workers, args.bucket)
 
-    return cli.run(step, errors=(DataError, FileNotFoundError))
+    from tools.model.speedups import SpeedupError
+
+    return cli.run(step, errors=(DataError, FileNotFoundError, SpeedupError))
 
 
 if __name__ == "__main__":
