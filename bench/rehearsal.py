@@ -249,7 +249,7 @@ def main() -> None:
             layout = Layout(pipeline)
             result["test_configs"] = {}
             for name, _, assigns in configs:
-                for csv in layout.root.glob("stage*/*_probs.csv*"):
+                for csv in layout.root.glob("stage*/*_probs*"):
                     csv.unlink()  # every configuration scores every image
                 knobs = dict(kv.split("=", 1) for kv in assigns.split(",") if kv)
                 r = run_script(script, {**env, **knobs}, out, a.work, tag=name)
