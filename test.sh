@@ -11,6 +11,7 @@ set -euo pipefail
 
 OUTPUT_DIR=$(realpath -m "${OUTPUT_DIR:-$(dirname "${BASH_SOURCE[0]}")/outputs}")  # default: outputs/ beside the scripts
 FUSION_PARAMS=${FUSION_PARAMS:-}              # fusion JSON to use as is; empty = search on held-out predictions
+DECISIONS=${DECISIONS:-f1}                    # f1: start fusion from the offsets that maximise the expected weighted F1 | argmax
 ALLOW_STALE=${ALLOW_STALE:-0}                 # 1: score with models trained on other data than data-pre.sh's last run
 export PRIOR_CORRECTION=${PRIOR_CORRECTION:-1}  # 1: each model's probabilities corrected to the data's class shares
 export SCORE_MERGE=${SCORE_MERGE:-auto}       # LoRA folded into the weights: auto = bf16/fp16 on a GPU | 0 | 1
@@ -31,7 +32,7 @@ FOLDS=${FOLDS:-$recorded_folds}               # 1 = tune fusion on validation on
 # shellcheck disable=SC1090
 source "recipes/$RECIPE.env"                  # SCORE_BATCH_SIZE, MAX_PIXELS
 export MAX_PIXELS                             # swift caps qwen_vl_utils' resize by it (tools/data/images.py)
-python -m tools.knobs ALLOW_STALE="$ALLOW_STALE" PRIOR_CORRECTION="$PRIOR_CORRECTION" FOLDS="$FOLDS" SCORE_BATCH_SIZE="$SCORE_BATCH_SIZE" \
+python -m tools.knobs ALLOW_STALE="$ALLOW_STALE" PRIOR_CORRECTION="$PRIOR_CORRECTION" DECISIONS="$DECISIONS" FOLDS="$FOLDS" SCORE_BATCH_SIZE="$SCORE_BATCH_SIZE" \
   MAX_PIXELS="$MAX_PIXELS" SCORE_MERGE="$SCORE_MERGE" SCORE_COMPILE_LLM="$SCORE_COMPILE_LLM" SCORE_FP8="$SCORE_FP8"
 # --- several GPUs (issue 16): one scoring process per visible GPU (SCORE_GPUS=all, or at most N), each scoring its
 # share of every dataset, merged in list order (tools/model/shards.py); one GPU or none: as before, in one process
@@ -56,7 +57,7 @@ if [[ -z "$FUSION_PARAMS" ]]; then
   if (( FOLDS > 1 )); then
     step "pool out-of-fold and validation predictions" python -m tools.decide.oof --output-dir "$OUTPUT_DIR" --folds "$FOLDS"
   fi
-  step "fusion search" python -m tools.decide.search --output-dir "$OUTPUT_DIR"
+  step "fusion search" python -m tools.decide.search --output-dir "$OUTPUT_DIR" --decisions "$DECISIONS"
 fi
 step "fuse and write submission" \
   python -m tools.decide.fuse --output-dir "$OUTPUT_DIR" ${FUSION_PARAMS:+--fusion-params "$FUSION_PARAMS"}

@@ -138,6 +138,7 @@ KNOBS: dict[str, Knob] = {
     "PRIOR_CORRECTION": Knob("0 or 1", _one_of("0", "1")),
     "FIRESAFE_AMP_LR": Knob("empty (1e-2), or a number > 0", lambda t: t == "" or _number(float, 0, low_open=True)(t)),
     "ALLOW_STALE": Knob("0 or 1", _one_of("0", "1")),
+    "DECISIONS": Knob("f1 (offsets maximising the expected weighted F1) or argmax", _one_of("f1", "argmax")),
     "SCORE_MERGE": Knob("auto (merge a half-precision model on CUDA), 0 or 1", _one_of("auto", "0", "1")),
     "SCORE_COMPILE_LLM": Knob("auto (on CUDA, with SCORE_COMPILE), 0 or 1", _one_of("auto", "0", "1")),
     "SCORE_FP8": Knob("0 or 1 (float8 language-model layers; Ada/Hopper GPUs)", _one_of("0", "1")),

@@ -154,3 +154,27 @@ def test_cli_reads_fuse_outputs(tmp_path, capsys):
                                     encoding="utf-8")
     assert main(["--output-dir", str(out.root)]) == 1
     assert f"probabilities.csv:3: {names[0]} is not in the test list" in capsys.readouterr().err
+
+
+def test_the_decision_offsets_share_of_the_change(tmp_path, capsys):
+    """With fusion.json's decision offsets, the report says what stage 1 scores with them alone, so stage 2's share
+    of the change is visible. An offset of +3 on 高风险 turns stage 1's calls of images 1, 3 (中 at 0.6, 高 at 0.1)
+    and 8 (无 at 0.4, 高 at 0.15) into 高; images 4-7 (0.9) keep theirs. 高: tp 3, predicted 4, gold 3 -> F1 6/7;
+    中, 低, 无 right (F1 1), 非 never called: weighted 2·6/7 + 1.5 + 1 + 1 = 5.214, against the fused 5.083."""
+    offsets = [3.0, 0.0, 0.0, 0.0, 0.0]
+    assert build_report(GOLD, P1, P2, PF, decision_offsets=offsets).decisions.weighted_f1 == pytest.approx(12 / 7 + 3.5)
+    names = [f"t{i}.jpg" for i in range(8)]
+    (tmp_path / "B.txt").write_text("".join(f"{n}\t{LABELS[g]}\n" for n, g in zip(names, GOLD)), encoding="utf-8")
+    out = Layout(tmp_path / "out")
+    out.data_dir.mkdir(parents=True)
+    out.manifest.write_text(json.dumps({"test_list": str(tmp_path / "B.txt")}), encoding="utf-8")
+    write_probabilities(out.probabilities, names, P1, P2, PF, [LABELS[i] for i in PREDF])
+    out.fusion_params.write_text(json.dumps({"beta": 0.0, "offsets": offsets, "decision_offsets": offsets}),
+                                 encoding="utf-8")
+    assert main(["--output-dir", str(out.root)]) == 0
+    assert "decision offsets alone (no stage 2): weighted F1 5.214, 高风险 F1 0.857; stage 2 and the search -0.131" \
+        in capsys.readouterr().out
+    assert "stage 2 and the fusion search add **-0.131**" in out.report.read_text(encoding="utf-8")
+    out.fusion_params.write_text(json.dumps({"beta": 0.0, "offsets": [0.0] * 5}), encoding="utf-8")  # older file
+    assert main(["--output-dir", str(out.root)]) == 0
+    assert "decision offsets alone" not in capsys.readouterr().out

@@ -4,6 +4,11 @@
     python -m tools.decide.search --stage1 outputs/stage1/val_probs.csv --stage2 outputs/stage2/val_probs.csv \
         --gold /data/ele/train.txt --output outputs/fusion.json [--folds 5 --repeats 3 --seed 42]
 
+First the decisions (tools.decide.decisions, --decisions f1, the default): per-class offsets that maximise the
+expected Σ w·F1 under stage 1's own probabilities on the images to be decided (the test set and these held-out
+rows, no labels). Everything below starts from them: "identity" is stage 1 with those decisions, and the offsets
+written are theirs plus the search's. --decisions argmax starts from plain argmax.
+
 The validation set is small, so a free search would mostly fit its noise. The search is therefore coarse and
 its complexity is chosen by cross-validation:
 
@@ -37,6 +42,7 @@ import numpy as np
 from tools import cli
 from tools.data.lists import read_list
 from tools.data.split import stratified_folds
+from tools.decide.decisions import f1_offsets
 from tools.decide.fusion import FusionParams, features, fused_logits
 from tools.fileio import DataError, read_json
 from tools.probs import read_probs
@@ -132,9 +138,12 @@ class SearchResult:
     shrunk: bool = False  # CV chose a richer setting, but its gain did not clear the guard
     cv_gain: float = 0.0  # best setting's CV score minus identity's
     cv_gain_se: float = 0.0  # bootstrap standard error of that gain
+    decision_offsets: list[float] = field(default_factory=lambda: [0.0] * N)  # where the search started
+    argmax_weighted_f1: float = 0.0  # stage 1's plain argmax on the whole validation set
 
     def extra(self) -> dict:
-        return {"cv_weighted_f1": self.cv_weighted_f1, "identity_cv_weighted_f1": self.identity_cv_weighted_f1,
+        return {"decision_offsets": self.decision_offsets, "argmax_val_weighted_f1": self.argmax_weighted_f1,
+                "cv_weighted_f1": self.cv_weighted_f1, "identity_cv_weighted_f1": self.identity_cv_weighted_f1,
                 "n_val": self.n_val, "setting": self.setting, "folds": self.folds, "repeats": self.repeats,
                 "cv_by_setting": self.cv_by_setting, "val_weighted_f1": self.train_weighted_f1,
                 "identity_val_weighted_f1": self.identity_weighted_f1, "shrunk": self.shrunk,
@@ -189,20 +198,27 @@ def gain_standard_error(gold: np.ndarray, oof: np.ndarray, base: np.ndarray, n_b
 
 
 def search(p1: np.ndarray, p2_high: np.ndarray, gold, *, settings=SETTINGS, folds: int = 5, repeats: int = 3,
-           seed: int = 0, min_gain: float = 0.0, se_factor: float = 1.0, cv_score: str = "pooled") -> SearchResult:
-    """Fusion params for validation rows (p1 [N, 5], p2_high [N], gold label indices [N]); see the module doc."""
+           seed: int = 0, min_gain: float = 0.0, se_factor: float = 1.0, cv_score: str = "pooled",
+           decision_offsets=None) -> SearchResult:
+    """Fusion params for validation rows (p1 [N, 5], p2_high [N], gold label indices [N]), starting from stage 1
+    with `decision_offsets` (default zeros: plain argmax); see the module doc."""
     log_p1, logit2 = features(p1, p2_high)
     gold = np.asarray(gold, dtype=int)
     if log_p1.shape != (len(gold), N) or logit2.shape != (len(gold),):
         raise ValueError(f"shapes differ: p1 {log_p1.shape}, p2 {logit2.shape}, gold {gold.shape}")
+    base = np.zeros(N) if decision_offsets is None else np.asarray(decision_offsets, dtype=np.float64)
+    argmax_val = weighted_f1(gold, log_p1.argmax(1))
+    log_p1 = log_p1 + base  # the search's identity is stage 1 with these decisions
+    start = dict(decision_offsets=[float(v) for v in base], argmax_weighted_f1=argmax_val)
     if not any(s.is_identity for s in settings):
         settings = (Setting("identity"), *settings)
     identity_name = next(s.name for s in settings if s.is_identity)
     identity_val = weighted_f1(gold, log_p1.argmax(1))
+    identity = FusionParams(beta=0.0, offsets=[float(v) for v in base])
     k = min(folds, len(gold))
-    if k < 2:  # nothing to cross-validate with: stage 1 alone
-        return SearchResult(FusionParams.identity(), identity_name, identity_val, identity_val, len(gold), k, 0,
-                            {identity_name: identity_val}, identity_val, identity_val)
+    if k < 2:  # nothing to cross-validate with: stage 1 alone (with its decisions)
+        return SearchResult(identity, identity_name, identity_val, identity_val, len(gold), k, 0,
+                            {identity_name: identity_val}, identity_val, identity_val, **start)
     cv = cross_validate(log_p1, logit2, gold, settings, k, repeats, seed, cv_score)
     best = identity_name
     for s in settings:  # simple to rich: a richer setting must do strictly better
@@ -214,12 +230,13 @@ def search(p1: np.ndarray, p2_high: np.ndarray, gold, *, settings=SETTINGS, fold
     # several noisy CV scores is optimistic; a gain within its own noise is not worth the risk).
     shrunk = best != identity_name and not gain > max(min_gain, se_factor * se, 0.0)
     common = dict(identity_cv_weighted_f1=cv.scores[identity_name], n_val=len(gold), folds=k, repeats=repeats,
-                  cv_by_setting=cv.scores, identity_weighted_f1=identity_val, cv_gain=gain, cv_gain_se=se)
+                  cv_by_setting=cv.scores, identity_weighted_f1=identity_val, cv_gain=gain, cv_gain_se=se, **start)
     if best == identity_name or shrunk:
-        return SearchResult(FusionParams.identity(), identity_name, cv.scores[identity_name],
+        return SearchResult(identity, identity_name, cv.scores[identity_name],
                             train_weighted_f1=identity_val, shrunk=shrunk, **common)
     fit = fit_setting(log_p1, logit2, gold, next(s for s in settings if s.name == best))
-    return SearchResult(fit.params, best, cv.scores[best], train_weighted_f1=fit.train_weighted_f1, **common)
+    params = FusionParams(beta=fit.params.beta, offsets=[float(b + o) for b, o in zip(base, fit.params.offsets)])
+    return SearchResult(params, best, cv.scores[best], train_weighted_f1=fit.train_weighted_f1, **common)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -282,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="CV gain must also exceed this many bootstrap standard errors (default: %(default)s)")
     ap.add_argument("--cv-score", choices=["pooled", "mean"], default="pooled",
                     help="score pooled out-of-fold predictions, or average per-fold scores (default: %(default)s)")
+    ap.add_argument("--decisions", choices=["f1", "argmax"], default="f1",
+                    help="start from offsets that maximise the expected weighted F1 under stage 1's probabilities "
+                         "(f1), or from plain argmax (default: %(default)s; test.sh: $DECISIONS)")
+    ap.add_argument("--unlabelled", action="append", default=[],
+                    help="stage-1 probability CSV of images to be decided, for --decisions f1 (repeatable; with "
+                         "--output-dir: the test set's); the tuning rows are always included")
     args = ap.parse_args(argv)
     if args.folds < 2 or args.repeats < 1:
         ap.error("--folds must be at least 2 and --repeats at least 1")
@@ -297,14 +320,23 @@ def main(argv: list[str] | None = None) -> int:
                 raise DataError(f"{gold_list}: no held-out images to tune fusion on (VAL_RATIO=0?): give a "
                                 "fusion file (FUSION_PARAMS=...) or split off a validation set")
             print(f"tuning fusion on {what}")
+            test_probs = layout.probs(STAGES[0], "test")  # scored by test.sh before the search
+            unlabelled = args.unlabelled or ([test_probs] if test_probs.exists() else [])
         else:
             stage1, stage2, gold_list, output = explicit
+            unlabelled = args.unlabelled
         names, p1, p2_high, gold = load_validation(stage1, stage2, gold_list)
-    except DataError as e:
+        decided = [read_probs(path)[1] for path in unlabelled] if args.decisions == "f1" else []
+    except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    decision_offsets = f1_offsets(np.vstack([p1, *decided])) if args.decisions == "f1" else None
+    if decision_offsets is not None:
+        print(f"decisions: offsets {[float(v) for v in decision_offsets]} maximise the expected weighted F1 of "
+              f"stage 1 on {len(p1) + sum(len(d) for d in decided)} images (no labels used)")
     result = search(p1, p2_high, gold, folds=args.folds, repeats=args.repeats, seed=args.seed,
-                    min_gain=args.min_gain, se_factor=args.se_factor, cv_score=args.cv_score)
+                    min_gain=args.min_gain, se_factor=args.se_factor, cv_score=args.cv_score,
+                    decision_offsets=decision_offsets)
     result.params.save(output, **result.extra())
     print(f"{result.n_val} validation images, {result.folds}-fold CV x {result.repeats} ({args.cv_score}):")
     for name, value in result.cv_by_setting.items():
@@ -317,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         verdict = f"chose {result.setting} (CV gain {result.cv_gain:+.4f}, SE {result.cv_gain_se:.4f})"
     print(f"{verdict}; beta {result.params.beta:g}, offsets {result.params.offsets}")
-    print(f"validation weighted F1: stage 1 {result.identity_weighted_f1:.4f}, fused {result.train_weighted_f1:.4f}"
-          f" (in-sample); CV {result.identity_cv_weighted_f1:.4f} -> {result.cv_weighted_f1:.4f}")
+    print(f"validation weighted F1: stage 1 {result.argmax_weighted_f1:.4f}, with the decisions "
+          f"{result.identity_weighted_f1:.4f}, fused {result.train_weighted_f1:.4f} (in-sample); "
+          f"CV {result.identity_cv_weighted_f1:.4f} -> {result.cv_weighted_f1:.4f}")
     print(f"wrote {output}")
     return 0
 

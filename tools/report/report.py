@@ -95,6 +95,7 @@ class Report:
     fused_high: Binary
     reliability: Reliability  # stage 1's top-class confidence
     auc: dict  # 高风险-vs-rest ROC AUC of p(高风险): stage 1, stage 2, fused (None when a class is absent)
+    decisions: Evaluation | None = None  # stage 1 with fusion.json's decision offsets alone (no stage 2, no search)
 
     @property
     def errors_stage1(self) -> int:
@@ -120,9 +121,10 @@ class Report:
         return float(self.fused.f1[HIGH_RISK_INDEX] - self.stage1.f1[HIGH_RISK_INDEX])
 
 
-def build_report(gold, p1: np.ndarray, p2_high: np.ndarray, fused: np.ndarray) -> Report:
+def build_report(gold, p1: np.ndarray, p2_high: np.ndarray, fused: np.ndarray, decision_offsets=None) -> Report:
     """All the numbers, from gold label indices [N], stage 1's and the fused [N, 5] probabilities and stage 2's
-    [N] p(高风险) (a five-label or a binary specialist alike: it calls 高风险 at p >= 0.5)."""
+    [N] p(高风险) (a five-label or a binary specialist alike: it calls 高风险 at p >= 0.5); with the fusion's
+    decision offsets (tools.decide.decisions) also stage 1 with those alone, to show what stage 2 adds."""
     gold = np.asarray(gold, dtype=int)
     p1, p2_high, fused = (np.asarray(a, dtype=np.float64) for a in (p1, p2_high, fused))
     for name, a, shape in (("stage 1", p1, (len(gold), len(LABELS))), ("stage 2", p2_high, (len(gold),)),
@@ -136,7 +138,9 @@ def build_report(gold, p1: np.ndarray, p2_high: np.ndarray, fused: np.ndarray) -
     return Report(n=len(gold), stage1=evaluate(gold, pred1), fused=evaluate(gold, predf),
                   stage2_high=binary(gold_high, p2_high >= 0.5),
                   stage1_high=binary(gold_high, pred1 == HIGH_RISK_INDEX),
-                  fused_high=binary(gold_high, predf == HIGH_RISK_INDEX), reliability=reliability(p1, gold), auc=auc)
+                  fused_high=binary(gold_high, predf == HIGH_RISK_INDEX), reliability=reliability(p1, gold), auc=auc,
+                  decisions=None if decision_offsets is None else evaluate(
+                      gold, (np.log(np.clip(p1, 1e-6, 1.0)) + np.asarray(decision_offsets, dtype=np.float64)).argmax(1)))
 
 
 # ---------------------------------------------------------------------------------------------- Markdown
@@ -173,7 +177,14 @@ def render_markdown(r: Report, source: str = "", unreadable: dict[str, str] | No
              f"{_signed(r.fused.accuracy - r.stage1.accuracy)} |",
              f"| errors (misclassified images) | {r.errors_stage1} | {r.errors_fused} | "
              f"{_signed(r.errors_fused - r.errors_stage1, 0)} |", "",
-             f"Error reduction (fused vs stage 1): **{reduction}** of stage 1's misclassified images.", "",
+             f"Error reduction (fused vs stage 1): **{reduction}** of stage 1's misclassified images.", ""]
+    if r.decisions is not None:
+        d = r.decisions
+        lines += [f"Where the change comes from: stage 1 with the fusion's decision offsets alone (no stage 2) scores "
+                  f"weighted F1 **{d.weighted_f1:.3f}** ({_signed(d.weighted_f1 - r.stage1.weighted_f1)}), {h} F1 "
+                  f"{d.f1[HIGH_RISK_INDEX]:.3f}; stage 2 and the fusion search add "
+                  f"**{_signed(r.fused.weighted_f1 - d.weighted_f1)}**.", ""]
+    lines += [
              "## Stage 1 alone", "", *_scores_md(r.stage1), "",
              f"## {h} vs rest: the specialist beside stage 1 and the fusion", "",
              f"AUC ranks the images by p({h}) (threshold-free); stage 2 calls {h} at p({h}) >= 0.5, stage 1 "
@@ -266,11 +277,11 @@ def plot_reliability(rel: Reliability, path: str | Path) -> None:
 
 
 def write_report(output_dir: str | Path, gold, p1: np.ndarray, p2: np.ndarray, fused: np.ndarray,
-                 source: str = "") -> Report:
+                 source: str = "", decision_offsets=None) -> Report:
     """Compute the numbers and write report.md, confusion.png and reliability.png into output_dir. Unreadable
     test images (the manifest's bad_test_images) get their own section."""
     layout = Layout(output_dir)
-    report = build_report(gold, p1, p2, fused)
+    report = build_report(gold, p1, p2, fused, decision_offsets)
     unreadable = read_json(layout.manifest).get("bad_test_images") if layout.manifest.exists() else None
     plot_confusion(report.stage1.confusion, report.fused.confusion, layout.confusion_png)
     plot_reliability(report.reliability, layout.reliability_png)
@@ -319,13 +330,20 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    report = write_report(args.output_dir, gold, p1, p2, fused, source)
     layout = Layout(args.output_dir)
+    # the decisions the fusion started from (tools.decide.search), to tell their share from stage 2's
+    decisions = (read_json(layout.fusion_params).get("decision_offsets") if layout.fusion_params.exists()
+                 and not args.probabilities else None)
+    report = write_report(args.output_dir, gold, p1, p2, fused, source, decisions)
     reduction = "n/a" if report.error_reduction_pct is None else f"{report.error_reduction_pct:.1f}%"
     print(f"weighted F1: stage 1 {report.stage1.weighted_f1:.3f}, fused {report.fused.weighted_f1:.3f} "
           f"({_signed(report.delta_weighted_f1)}); {HIGH_RISK} F1 {_signed(report.delta_high_f1)}; "
           f"errors {report.errors_stage1} -> {report.errors_fused} (reduction {reduction}); "
           f"stage-1 ECE {report.reliability.ece:.3f}")
+    if report.decisions is not None:
+        print(f"of which the decision offsets alone (no stage 2): weighted F1 {report.decisions.weighted_f1:.3f}, "
+              f"{HIGH_RISK} F1 {report.decisions.f1[HIGH_RISK_INDEX]:.3f}; stage 2 and the search "
+              f"{_signed(report.fused.weighted_f1 - report.decisions.weighted_f1)}")
     aucs = ", ".join(f"{k} {'–' if v is None else f'{v:.3f}'}" for k, v in report.auc.items())
     print(f"{HIGH_RISK}-vs-rest AUC: {aucs}; stage 2's {HIGH_RISK} F1 {report.stage2_high.f1:.3f} "
           f"(stage 1's {report.stage1_high.f1:.3f})")
