@@ -92,23 +92,27 @@ def test_cli_writes_the_decisions_and_can_start_from_argmax(tmp_path, capsys):
     assert "missing.csv" in capsys.readouterr().err
 
 
-def test_decisions_that_do_worse_on_the_held_out_rows_are_dropped(tmp_path, capsys):
-    from tools.decide.decisions import held_out_check
 
+def test_the_start_that_cross_validates_better_is_kept(tmp_path, capsys):
+    """The search runs from the decisions and from plain argmax; the held-out labels pick. Gold = the decisions' own
+    calls: kept; gold = stage 1's argmax (probabilities that lie about calibration): not used; gold drawn from the
+    calibrated rows: whichever start's CV score is higher."""
     p, gold = calibrated(300, seed=5)
     d = f1_offsets(p)
-    gain, se = held_out_check(p, gold, d)
-    assert gain > 0 and se > 0  # calibrated: they help on labelled rows too
-    assert held_out_check(p, gold, np.zeros(5)) == (0.0, 0.0)
-    # a model whose probabilities lie: gold is the argmax, so any offset that moves a call costs
-    liar = p.argmax(1)
-    gain, se = held_out_check(p, liar, d)
-    assert gain < -se
     names = [f"v{i}.jpg" for i in range(len(gold))]
     write_probs(tmp_path / "s1.csv", names, p)
     write_probs(tmp_path / "s2.csv", names, np.tile([0.5, 0.5, 0, 0, 0], (len(gold), 1)))
-    (tmp_path / "gold.txt").write_text("".join(f"{n}\t{LABELS[g]}\n" for n, g in zip(names, liar)), encoding="utf-8")
-    assert main(["--stage1", str(tmp_path / "s1.csv"), "--stage2", str(tmp_path / "s2.csv"), "--gold",
-                 str(tmp_path / "gold.txt"), "--output", str(tmp_path / "f.json"), "--folds", "3", "--repeats", "1"]) == 0
-    assert "decisions: not used: on the 300 held-out images they score -" in capsys.readouterr().out
-    assert json.loads((tmp_path / "f.json").read_text(encoding="utf-8"))["decision_offsets"] == [0.0] * 5
+    common = ["--stage1", str(tmp_path / "s1.csv"), "--stage2", str(tmp_path / "s2.csv"), "--gold",
+              str(tmp_path / "gold.txt"), "--output", str(tmp_path / "f.json"), "--folds", "3", "--repeats", "1"]
+    for labels, expect in (((np.log(p) + d).argmax(1), True), (p.argmax(1), False), (gold, None)):
+        (tmp_path / "gold.txt").write_text("".join(f"{n}\t{LABELS[g]}\n" for n, g in zip(names, labels)),
+                                           encoding="utf-8")
+        assert main(common) == 0
+        out = capsys.readouterr().out
+        from_d = search(p, np.full(len(p), 0.5), labels, folds=3, repeats=1, seed=42, decision_offsets=d)
+        plain = search(p, np.full(len(p), 0.5), labels, folds=3, repeats=1, seed=42)
+        kept = from_d.cv_weighted_f1 >= plain.cv_weighted_f1
+        assert expect is None or kept is expect
+        assert f"from plain argmax: {'kept' if kept else 'not used'}" in out
+        written = json.loads((tmp_path / "f.json").read_text(encoding="utf-8"))
+        assert written["decision_offsets"] == pytest.approx(d.tolist() if kept else [0.0] * 5)

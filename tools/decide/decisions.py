@@ -12,9 +12,8 @@ F1 of each class (ratio of expectations):
 `f1_offsets` finds d by coordinate ascent on a grid (the reference class, the one with the most probability mass,
 stays at 0). It needs only images, no labels: test.sh runs it on the stage-1 probabilities of the test set and the
 held-out set together, before the fusion search, whose identity is then "stage 1 with these decisions"
-(tools.decide.search). They rely on calibration, so `held_out_check` compares them with argmax on the labelled
-held-out rows, and test.sh drops them when they do worse there by more than a bootstrap standard error. Measured on
-the demo (three stage-1 models, 300 test images): +0.38 to +0.60 weighted F1 over
+(tools.decide.search). They rely on calibration, so the search also starts from plain argmax and keeps whichever
+start cross-validates better on the labelled held-out rows. Measured on the demo (three stage-1 models, 300 test images): +0.38 to +0.60 weighted F1 over
 argmax, 高风险 F1 from 0 to 0.18-0.39 (README, "The demo").
 """
 from __future__ import annotations
@@ -22,7 +21,6 @@ from __future__ import annotations
 import numpy as np
 
 from tools.decide.fusion import EPS  # the same clipping as the fusion's features: the same argmax
-from tools.report.metrics import weighted_f1
 from tools.task import CLASS_WEIGHTS, LABELS
 
 WEIGHTS = np.array([CLASS_WEIGHTS[label] for label in LABELS], dtype=np.float64)
@@ -70,17 +68,3 @@ def f1_offsets(p: np.ndarray, weights: np.ndarray = WEIGHTS, grid=GRID, sweeps: 
             break
     return offsets
 
-
-def held_out_check(p: np.ndarray, gold, offsets, n_boot: int = 200, seed: int = 0) -> tuple[float, float]:
-    """(gain, standard error): Σ w·F1 of the decisions minus argmax's on labelled rows p [N, K], gold [N], and the
-    bootstrap standard error of that difference (resampling rows)."""
-    gold = np.asarray(gold, dtype=int)
-    log_p = np.log(np.clip(np.asarray(p, dtype=np.float64), EPS, 1.0))
-    with_offsets, plain = (log_p + np.asarray(offsets, dtype=np.float64)).argmax(1), log_p.argmax(1)
-    gain = weighted_f1(gold, with_offsets) - weighted_f1(gold, plain)
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(gold), len(gold))
-        boots.append(weighted_f1(gold[idx], with_offsets[idx]) - weighted_f1(gold[idx], plain[idx]))
-    return float(gain), float(np.std(boots, ddof=1)) if len(gold) > 1 else 0.0
