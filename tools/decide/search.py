@@ -26,11 +26,12 @@ its complexity is chosen by cross-validation:
   * the setting with the best CV score wins (ties: the simpler one) and is refitted on the whole set;
   * shrinkage: unless that setting's CV gain over identity is positive, above --min-gain (default 0) and
     above --se-factor (default 1) bootstrap standard errors of the gain (the best of several noisy CV scores
-    is optimistic, and Σ w·F1 on a few hundred images is noisy), the result is identity (beta 0, zero
-    offsets) -- fusion is then exactly stage 1 alone. `--se-factor 0` keeps only "gain > 0".
+    is optimistic, and Σ w·F1 on a few hundred images is noisy), the result is identity (beta 0, the starting
+    offsets) -- fusion is then stage 1 alone, with its decisions. `--se-factor 0` keeps only "gain > 0".
 
-The JSON (FusionParams.save) carries cv_weighted_f1, identity_cv_weighted_f1 and n_val besides beta and
-offsets, plus the chosen setting and every setting's CV score, for the record.
+The JSON (FusionParams.save) carries decision_offsets (the start; zeros for plain argmax), cv_weighted_f1,
+identity_cv_weighted_f1 and n_val besides beta and offsets, plus the chosen setting and every setting's CV score,
+for the record.
 """
 from __future__ import annotations
 
