@@ -102,6 +102,8 @@ def compile_layers(model) -> int:
     layers = decoder_layers(model)
     # one graph per batch shape for all layers: allow a few shapes (a smaller last batch, another image size)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    # a graph that fails to compile runs eagerly (with torch's warning) instead of stopping test.sh
+    torch._dynamo.config.suppress_errors = True
     for layer in layers:
         layer.compile(dynamic=False)
     return len(layers)
