@@ -21,16 +21,21 @@ from __future__ import annotations
 import numpy as np
 
 from tools.decide.fusion import EPS  # the same clipping as the fusion's features: the same argmax
-from tools.task import CLASS_WEIGHTS, LABELS
+from tools.report.metrics import WEIGHTS
 
-WEIGHTS = np.array([CLASS_WEIGHTS[label] for label in LABELS], dtype=np.float64)
 GRID: tuple[float, ...] = tuple(np.round(np.arange(-3.0, 3.0001, 0.25), 2))
 
 
-def expected_weighted_f1(p: np.ndarray, offsets, weights: np.ndarray = WEIGHTS) -> float:
-    """Σ_c w_c E[F1_c] of the decisions argmax(log p + offsets), p [N, K] taken as calibrated."""
+def _log(p: np.ndarray) -> np.ndarray:
+    return np.log(np.clip(p, EPS, 1.0))
+
+
+def expected_weighted_f1(p: np.ndarray, offsets, weights: np.ndarray = WEIGHTS, log_p: np.ndarray | None = None
+                         ) -> float:
+    """Σ_c w_c E[F1_c] of the decisions argmax(log p + offsets), p [N, K] taken as calibrated (log_p: its clipped
+    log, when the caller has it already)."""
     p = np.asarray(p, dtype=np.float64)
-    pred = (np.log(np.clip(p, EPS, 1.0)) + np.asarray(offsets, dtype=np.float64)).argmax(1)
+    pred = ((_log(p) if log_p is None else log_p) + np.asarray(offsets, dtype=np.float64)).argmax(1)
     total = 0.0
     for c in range(p.shape[1]):
         chosen = pred == c
@@ -50,7 +55,8 @@ def f1_offsets(p: np.ndarray, weights: np.ndarray = WEIGHTS, grid=GRID, sweeps: 
         return offsets
     reference = int(p.sum(0).argmax())
     values = sorted(grid, key=lambda v: (abs(v), v))
-    current = expected_weighted_f1(p, offsets, weights)
+    log_p = _log(p)  # once, not per trial
+    current = expected_weighted_f1(p, offsets, weights, log_p)
     for _ in range(sweeps):
         moved = False
         for c in range(p.shape[1]):
@@ -61,7 +67,7 @@ def f1_offsets(p: np.ndarray, weights: np.ndarray = WEIGHTS, grid=GRID, sweeps: 
                     continue
                 trial = offsets.copy()
                 trial[c] = value
-                score = expected_weighted_f1(p, trial, weights)
+                score = expected_weighted_f1(p, trial, weights, log_p)
                 if score > current + 1e-12:
                     current, offsets, moved = score, trial, True
         if not moved:
