@@ -61,10 +61,11 @@ def default_workers(model) -> int:
     busy with the forward there, and forking would only add start-up time)."""
     import os
 
+    from tools.model.speedups import on_cuda
+
     if os.environ.get("SCORE_WORKERS", "").strip():
         return max(0, int(os.environ["SCORE_WORKERS"]))
-    device = getattr(model, "device", None)
-    if device is None or getattr(device, "type", "cpu") != "cuda":
+    if not on_cuda(model):
         return 0
     return max(0, min(8, (os.cpu_count() or 1) - 2))
 
@@ -120,13 +121,11 @@ def use_autocast(model) -> bool:
     training, instead of copying every adapter input to fp32."""
     import os
 
-    import torch
+    from tools.model.speedups import half_precision_on_cuda
 
     if os.environ.get("SCORE_AUTOCAST", "1").strip() == "0":
         return False
-    device = getattr(model, "device", None)
-    return getattr(device, "type", "cpu") == "cuda" and getattr(model, "dtype", None) in (torch.bfloat16,
-                                                                                          torch.float16)
+    return half_precision_on_cuda(model)
 
 
 @contextmanager

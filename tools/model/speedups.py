@@ -49,19 +49,25 @@ def policy() -> dict[str, str]:
     return {name: knob(name) for name in ("SCORE_MERGE", "SCORE_FP8")}
 
 
-def _on_cuda(model) -> bool:
+def on_cuda(model) -> bool:
+    """Whether the model's weights are on a CUDA device (a model without a device: no)."""
     device = getattr(model, "device", None)
     return getattr(device, "type", "cpu") == "cuda"
 
 
+def half_precision_on_cuda(model) -> bool:
+    """A bf16/fp16 model on CUDA: where merging pays, and where scoring runs under autocast (tools.model.infer)."""
+    return on_cuda(model) and getattr(model, "dtype", None) in (torch.bfloat16, torch.float16)
+
+
 def merge_wanted(model) -> bool:
-    """SCORE_MERGE=1 merges (and SCORE_FP8=1, which needs plain linear layers); auto merges a bf16/fp16 model on
-    CUDA, where the third matmul costs time; a float32 model on a CPU (the demo) keeps its adapter exact."""
+    """SCORE_FP8=1 merges (float8 needs plain linear layers); else SCORE_MERGE=1 merges, and auto merges a
+    bf16/fp16 model on CUDA, where the third matmul costs time; a float32 model on a CPU (the demo) keeps its
+    adapter exact."""
+    if knob("SCORE_FP8") == "1":
+        return True
     value = knob("SCORE_MERGE")
-    if value == "auto":
-        return (_on_cuda(model) and getattr(model, "dtype", None) in (torch.bfloat16, torch.float16)) \
-            or knob("SCORE_FP8") == "1"
-    return value == "1" or knob("SCORE_FP8") == "1"
+    return half_precision_on_cuda(model) if value == "auto" else value == "1"
 
 
 def compile_wanted(model) -> bool:
@@ -70,7 +76,7 @@ def compile_wanted(model) -> bool:
     worth it there); CPU compiling takes longer than the demo's scoring."""
     value = knob("SCORE_COMPILE_LLM")
     if value == "auto":
-        return _on_cuda(model) and os.environ.get("FIRESAFE_COMPILE", "auto").strip().lower() != "off"
+        return on_cuda(model) and os.environ.get("FIRESAFE_COMPILE", "auto").strip().lower() != "off"
     return value == "1"
 
 
