@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
+import itertools
 import json
 import os
 import re
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a bench script, run by path: the project's own modules
 sys.path.insert(0, str(ROOT / "bench"))
 
-from tools.task import LABELS, Layout  # noqa: E402
+from tools.task import LABELS, STAGES, Layout, probs_partial_of, probs_record_of  # noqa: E402
 
 # The official training set's shares (3,366 images; 高风险 3.1 %).
 SHARES = {"无风险": 0.59, "中风险": 0.19, "低风险": 0.14, "高风险": 0.031, "非楼道": 0.049}
@@ -249,8 +250,10 @@ def main() -> None:
             layout = Layout(pipeline)
             result["test_configs"] = {}
             for name, _, assigns in configs:
-                for csv in layout.root.glob("stage*/*_probs*"):
-                    csv.unlink()  # every configuration scores every image
+                for stage, part in itertools.product(STAGES, ("test", "val")):  # every configuration scores
+                    csv = layout.probs(stage, part)                             # every image again
+                    for path in (csv, probs_record_of(csv), probs_partial_of(csv)):
+                        path.unlink(missing_ok=True)
                 knobs = dict(kv.split("=", 1) for kv in assigns.split(",") if kv)
                 r = run_script(script, {**env, **knobs}, out, a.work, tag=name)
                 r["knobs"] = knobs

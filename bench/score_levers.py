@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import gpu_bench as G  # noqa: E402  (its --tiny switch is read from sys.argv at import)
+from score_speed import compare  # noqa: E402
 
 FLOOR = {"7b": 32.0, "3b": 56.0}  # images/s on one H200 at 1,280 visual tokens (README: ~24 and ~14 TFLOP/image)
 
@@ -120,14 +121,6 @@ def timed(model, template, label_ids, batches: list[dict], warmup: int) -> tuple
         seconds = time.perf_counter() - start
     probs = torch.cat(out).float().cpu().numpy().astype(np.float64)
     return len(probs) / seconds, probs, G.peak("allocated")
-
-
-def compare(ref, probs) -> dict:
-    import numpy as np
-
-    return {"argmax_agreement": round(float((ref.argmax(1) == probs.argmax(1)).mean()), 4),
-            "max_abs_diff": round(float(np.abs(ref - probs).max()), 4),
-            "mean_abs_diff": round(float(np.abs(ref - probs).mean()), 5)}
 
 
 def bench_size(a, size: str, rows: list[dict]) -> dict:

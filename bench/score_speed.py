@@ -6,7 +6,8 @@ configuration in its own process, as `tools.model.score` runs inside test.sh.
 Makes N 4032x3024 phone JPEGs (EXIF orientations as in the rehearsal), prepares them as data-pre.sh does
 (tools.data.images), and scores them with stage 1 then stage 2 in one process per configuration:
   today    SCORE_MERGE=0: the LoRA adapter applied at every linear layer (the path before merging)
-  merged   SCORE_MERGE=1: the adapter folded into the base weights in memory (a knob, off by default)
+  merged   SCORE_MERGE=1: the adapter folded into the base weights in memory (test.sh's default on a GPU since)
+Both with SCORE_COMPILE_LLM=0, so the pair measures merging alone (bench/score_levers.py measures the rest).
 Reports per configuration the process wall time (start-up, loading both models, scoring), each stage's scoring
 rate, the end-to-end images/s (N / wall), the fraction of the physical floor (~20 images/s for both stages on an
 H200 at 1,280 visual tokens), and how far the probabilities move against `today` (argmax agreement, max |diff|).
@@ -36,7 +37,8 @@ from tools.probs import read_probs  # noqa: E402
 from tools.task import LABELS, Layout, sft_row  # noqa: E402
 
 FLOOR_BOTH = 20.0  # images/s for both stages on one H200 (README: ~24 + ~14 TFLOP per image at ~790 TFLOP/s)
-CONFIGS = {"today": {"SCORE_MERGE": "0"}, "merged": {"SCORE_MERGE": "1"}}
+CONFIGS = {"today": {"SCORE_MERGE": "0", "SCORE_COMPILE_LLM": "0"},
+           "merged": {"SCORE_MERGE": "1", "SCORE_COMPILE_LLM": "0"}}
 SCORE = """
 import sys, json
 from pathlib import Path
@@ -95,14 +97,15 @@ def run_config(name: str, env_extra: dict, rows: Path, checkpoints: list[Path], 
             "floor_fraction": round(n / wall / FLOOR_BOTH, 3), "outputs": [str(o) for o in outputs]}
 
 
+def compare(ref: np.ndarray, probs: np.ndarray) -> dict:
+    """How far [N, K] probabilities moved from the reference: argmax agreement, max and mean |diff|."""
+    return {"argmax_agreement": round(float((ref.argmax(1) == probs.argmax(1)).mean()), 4),
+            "max_abs_diff": round(float(np.abs(ref - probs).max()), 4),
+            "mean_abs_diff": round(float(np.abs(ref - probs).mean()), 5)}
+
+
 def agreement(a: list[str], b: list[str]) -> list[dict]:
-    out = []
-    for x, y in zip(a, b):
-        _, p = read_probs(x)
-        _, q = read_probs(y)
-        out.append({"argmax_agreement": round(float((p.argmax(1) == q.argmax(1)).mean()), 4),
-                    "max_abs_diff": round(float(np.abs(p - q).max()), 4)})
-    return out
+    return [compare(read_probs(x)[1], read_probs(y)[1]) for x, y in zip(a, b)]
 
 
 def main() -> None:
