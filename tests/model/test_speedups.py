@@ -16,14 +16,20 @@ from tools.task import sft_row
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny Qwen2.5-VL loaded as test.sh loads it, and four image rows."""
+    """A tiny Qwen2.5-VL's folder and four image rows."""
     root = tmp_path_factory.mktemp("speedups")
     model_dir = build_tiny_model(root / "model", TINY, seed=0)
-    _, template, label_ids, _ = S.load(["--model", str(model_dir), "--template", "qwen2_5_vl", "--torch_dtype",
-                                        "float32", "--max_pixels", "3136"], merge=False)
     rows = [sft_row(write_image(root / f"{i}.jpg", colour=(40 * i, 90, 200 - 30 * i), size=(56, 56)), None)
             for i in range(4)]
-    return template, label_ids, rows, model_dir
+    return model_dir, rows
+
+
+def fresh(model_dir):
+    """(template, label ids) of the tiny model loaded as test.sh loads it, unmerged: a new copy for each test,
+    since the speed-ups change the model in place."""
+    _, template, label_ids, _ = S.load(["--model", str(model_dir), "--template", "qwen2_5_vl", "--torch_dtype",
+                                        "float32", "--max_pixels", "3136"], merge=False)
+    return template, label_ids
 
 
 def _score(model, template, label_ids, rows):
@@ -45,9 +51,8 @@ def _lora(base):
 
 
 def test_merged_scores_equal_the_adapter_scores(tiny):
-    template, label_ids, rows, model_dir = tiny
-    _, template, label_ids, _ = S.load(["--model", str(model_dir), "--template", "qwen2_5_vl", "--torch_dtype",
-                                        "float32", "--max_pixels", "3136"], merge=False)
+    model_dir, rows = tiny
+    template, label_ids = fresh(model_dir)
     peft_model = _lora(template.model)
     with_adapter = _score(peft_model, template, label_ids, rows)
     with peft_model.disable_adapter():
@@ -121,9 +126,8 @@ def test_fp8_linear_is_close_to_the_layer():
 
 
 def test_fp8_replaces_the_language_model_linears_only(tiny, monkeypatch):
-    template, label_ids, rows, model_dir = tiny
-    _, template, label_ids, _ = S.load(["--model", str(model_dir), "--template", "qwen2_5_vl", "--torch_dtype",
-                                        "float32", "--max_pixels", "3136"], merge=False)
+    model_dir, rows = tiny
+    template, label_ids = fresh(model_dir)
     model = template.model
     before = _score(model, template, label_ids, rows)
     n = F.to_fp8(model, check_device=False)
@@ -139,9 +143,8 @@ def test_fp8_replaces_the_language_model_linears_only(tiny, monkeypatch):
 
 
 def test_fp8_refuses_an_unmerged_adapter_and_a_cpu(tiny):
-    template, label_ids, rows, model_dir = tiny
-    _, template, _, _ = S.load(["--model", str(model_dir), "--template", "qwen2_5_vl", "--torch_dtype",
-                                "float32", "--max_pixels", "3136"], merge=False)
+    model_dir, _ = tiny
+    template, _ = fresh(model_dir)
     with pytest.raises(F.SpeedupError, match="merge the adapter first"):
         F.to_fp8(_lora(template.model), check_device=False)
     if not torch.cuda.is_available():
@@ -150,9 +153,8 @@ def test_fp8_refuses_an_unmerged_adapter_and_a_cpu(tiny):
 
 
 def test_compiled_layers_score_the_same(tiny):
-    template, label_ids, rows, model_dir = tiny
-    _, template, label_ids, _ = S.load(["--model", str(model_dir), "--template", "qwen2_5_vl", "--torch_dtype",
-                                        "float32", "--max_pixels", "3136"], merge=False)
+    model_dir, rows = tiny
+    template, label_ids = fresh(model_dir)
     model = template.model
     before = _score(model, template, label_ids, rows)
     assert F.compile_layers(model) == TINY.layers
