@@ -27,6 +27,8 @@ STAGE1_LOSS=${STAGE1_LOSS-}                   # empty = swift's cross-entropy | 
 STAGE2_LOSS=${STAGE2_LOSS-weighted_ce}
 STAGE1_TASK=${STAGE1_TASK:-causal_lm}         # causal_lm: the answer's first token | seq_cls: a classification head
 STAGE2_TASK=${STAGE2_TASK:-causal_lm}
+HARD_NEGATIVES=${HARD_NEGATIVES:-1}           # stage 2 gets one more row for this many x #高风险 of the non-高风险 training
+                                              # images stage 1 rates most 高风险 (its confusions); 0 = off
 EVAL_METRIC=${EVAL_METRIC-weighted_f1}        # the validation metric plugin; empty = eval loss picks the checkpoint
 STAGE1_BEST_METRIC=${STAGE1_BEST_METRIC:-weighted_f1}     # what picks stage 1's checkpoint: the competition score
 STAGE2_BEST_METRIC=${STAGE2_BEST_METRIC:-high_risk_auc}   # stage 2's: what fusion uses, its 高风险-vs-rest ranking
@@ -53,7 +55,7 @@ FOLDS=${FOLDS:-$recorded_folds}               # 1 = no fold runs
 source "recipes/$RECIPE.env"                  # the recipe's knobs below (MAX_PIXELS, LORA_RANK, ...)
 export MAX_PIXELS                             # swift caps qwen_vl_utils' resize by it (tools/data/images.py)
 python -m tools.knobs STAGES="$STAGES" RUNS="$RUNS" SEED="$SEED" RESUME="$RESUME" ALLOW_STALE="$ALLOW_STALE" \
-  FIRESAFE_AMP_LR="$FIRESAFE_AMP_LR" STAGE1_TASK="$STAGE1_TASK" STAGE2_TASK="$STAGE2_TASK" \
+  FIRESAFE_AMP_LR="$FIRESAFE_AMP_LR" STAGE1_TASK="$STAGE1_TASK" STAGE2_TASK="$STAGE2_TASK" HARD_NEGATIVES="$HARD_NEGATIVES" \
   MODEL_STAGE1="$MODEL_STAGE1" MODEL_STAGE2="$MODEL_STAGE2" FOLDS="$FOLDS" MAX_PIXELS="$MAX_PIXELS" \
   TORCH_DTYPE="$TORCH_DTYPE" LORA_RANK="$LORA_RANK" LORA_ALPHA="$LORA_ALPHA" LORA_DROPOUT="$LORA_DROPOUT" \
   LEARNING_RATE="$LEARNING_RATE" EPOCHS_STAGE1="$EPOCHS_STAGE1" EPOCHS_STAGE2="$EPOCHS_STAGE2" \
@@ -76,7 +78,7 @@ python -m tools.model.distributed world >/dev/null   # NODE_RANK below NNODES
 [[ -n "${MASTER_PORT:-}" ]] || unset MASTER_PORT
 # DeepSpeed needs torchrun's distributed environment, one process too (HF sets it up only under a launcher)
 if [[ -n "$DEEPSPEED" && -z "${NPROC_PER_NODE:-}" && -z "${NNODES:-}" ]]; then export NPROC_PER_NODE=1; fi
-export DEEPSPEED RESUME STAGE1_LOSS STAGE2_LOSS   # for the preflight's checks
+export DEEPSPEED RESUME STAGE1_LOSS STAGE2_LOSS HARD_NEGATIVES   # for the preflight's checks
 # --- end several GPUs
 (( NODE_RANK > 0 )) || lock_outputs           # one script per output folder
 if (( FOLDS > 1 )); then python -m tools.decide.oof --output-dir "$OUTPUT_DIR" --folds "$FOLDS" --check; fi
@@ -130,6 +132,11 @@ for run in "${runs[@]}"; do
     train_set=$(path train_jsonl "$stage" "$run" "$task")
     val_set=$(path val_jsonl "$stage" "$task")
     work_dir=$(path run_work_dir "$stage" "$run")   # replaces the run folder only once it holds a checkpoint
+    if [[ "$stage" == stage2 && "$HARD_NEGATIVES" != 0 ]]; then   # scored with this run's stage 1; same model = same rows
+      python -m tools.model.hard_negatives --output-dir "$OUTPUT_DIR" --run "$run" --task "$task" \
+        --ratio "$HARD_NEGATIVES" --batch-size "$SCORE_BATCH_SIZE" -- --max_pixels "$MAX_PIXELS"
+      train_set=$(path hard_negative_train_jsonl "$run" "$task")
+    fi
     resume_from=""
     if [[ "$RESUME" == 1 ]]; then
       if [[ ! -d "$work_dir" ]] && python -m tools.state --output-dir "$OUTPUT_DIR" models --stages "$stage" \
@@ -144,7 +151,7 @@ for run in "${runs[@]}"; do
     if (( NODE_RANK == 0 )); then                 # several nodes: node 0 writes the output folder (issue 16)
       [[ -n "$resume_from" ]] || rm -rf "$work_dir"  # an unfinished run is continued, or started afresh
       python -m tools.model.checkpoint start --output-dir "$OUTPUT_DIR" --stage "$stage" --run "$run" \
-        --task "$task" --model "$model" >/dev/null
+        --task "$task" --model "$model" --train-set "$train_set" >/dev/null
     fi
     plugin_flags=(--external_plugins "${PLUGINS[@]}" --tuner_type "$tuner")
     [[ "$task" == seq_cls ]] && plugin_flags+=(--num_labels "$num_labels")

@@ -152,9 +152,11 @@ if [[ "$out" != *"${FAKE_SWIFT_FOR:-}"* ]]; then mkdir -p "$out/checkpoint-${FAK
 exit "${FAKE_SWIFT_RC:-0}"
 """
 # `python -m tools.model.score` runs FAKE_SCORE instead (no model), `python -m tools.model.preflight` runs the real
-# preflight on the device FAKE_GPU says (FAKE_PREFLIGHT); every other python call is the real one.
+# preflight on the device FAKE_GPU says (FAKE_PREFLIGHT), `python -m tools.model.hard_negatives` the real tool with a
+# scorer of random probabilities (FAKE_HARD); every other python call is the real one.
 FAKE_PYTHON = """#!/usr/bin/env bash
 if [[ "${1-} ${2-}" == "-m tools.model.score" ]]; then shift 2; exec "$REAL_PYTHON" "$FAKE_SCORE" "$@"; fi
+if [[ "${1-} ${2-}" == "-m tools.model.hard_negatives" ]]; then shift 2; exec "$REAL_PYTHON" "$FAKE_HARD" "$@"; fi
 if [[ "${1-} ${2-}" == "-m tools.model.preflight" ]]; then shift 2; exec "$REAL_PYTHON" "$FAKE_PREFLIGHT" "$@"; fi
 exec "$REAL_PYTHON" "$@"
 """
@@ -171,6 +173,24 @@ elif os.environ.get("FAKE_GPU") == "0":
     torch.cuda.is_available = lambda: False
 sys.argv = ["tools.model.preflight", *sys.argv[1:]]
 runpy.run_module("tools.model.preflight", run_name="__main__", alter_sys=True)
+"""
+# tools.model.hard_negatives as train.sh runs it, its scorer writing seeded random probabilities (no model); each call's
+# arguments and checkpoint are recorded in $SCORE_CALLS.hard.
+FAKE_HARD = """import json, os, sys
+sys.path.insert(0, os.getcwd())
+from pathlib import Path
+import numpy as np
+from tools.fileio import read_jsonl
+from tools.model import hard_negatives
+from tools.probs import write_probs
+def scorer(checkpoint, dataset, output):
+    with open(os.environ["SCORE_CALLS"] + ".hard", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"argv": sys.argv[1:], "checkpoint": str(checkpoint), "dataset": str(dataset)}) + "\\n")
+    names = [Path(r["images"][0]).name for r in read_jsonl(dataset)]
+    p = np.random.default_rng(len(names)).random((len(names), 5)) + 0.01
+    write_probs(output, names, p / p.sum(1, keepdims=True))
+hard_negatives.default_scorer = lambda argv, batch_size: scorer
+sys.exit(hard_negatives.main(sys.argv[1:]))
 """
 # The fake scorer takes tools.model.score's --output-dir form, asks tools.model.score.jobs_for what to score (the
 # checkpoints train.sh recorded), writes random probabilities where Layout puts them, and records its call.
@@ -212,7 +232,7 @@ def _recipe_knobs() -> set[str]:
 # Variables the scripts read: a value in the environment that runs the tests must not leak into them.
 SCRIPT_KNOBS = _recipe_knobs() | {"OUTPUT_DIR", "DATA_DIR", "RECIPE", "MODEL_STAGE1", "MODEL_STAGE2", "FOLDS", "RUNS",
                                   "STAGES", "SEED", "VAL_RATIO", "TEST_LIST", "TEST_LABELLED", "FUSION_PARAMS",
-                                  "EVAL_METRIC", "CUTOUTS_DIR", "PYTHONPATH", "RESUME", "ALLOW_STALE"}
+                                  "EVAL_METRIC", "CUTOUTS_DIR", "PYTHONPATH", "RESUME", "ALLOW_STALE", "HARD_NEGATIVES"}
 
 
 def clean_env() -> dict[str, str]:
@@ -228,6 +248,7 @@ def install_fakes(tmp_path: Path) -> Path:
         (fake / name).chmod(0o755)
     (tmp_path / "fake_score.py").write_text(FAKE_SCORE)
     (tmp_path / "fake_preflight.py").write_text(FAKE_PREFLIGHT)
+    (tmp_path / "fake_hard.py").write_text(FAKE_HARD)
     return fake
 
 
@@ -238,7 +259,7 @@ def script_env(tmp_path: Path, out: Path | None, **env: str) -> dict[str, str]:
     full_env = {**clean_env(), "FAKE_GPU": "1"}
     full_env.update(PATH=f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}", VENV=str(tmp_path / "novenv"),
                     REAL_PYTHON=sys.executable, FAKE_SCORE=str(tmp_path / "fake_score.py"),
-                    FAKE_PREFLIGHT=str(tmp_path / "fake_preflight.py"),
+                    FAKE_PREFLIGHT=str(tmp_path / "fake_preflight.py"), FAKE_HARD=str(tmp_path / "fake_hard.py"),
                     SWIFT_CALLS=str(tmp_path / "swift_calls.txt"), SCORE_CALLS=str(tmp_path / "score_calls.jsonl"),
                     **({} if out is None else {"OUTPUT_DIR": str(out)}), **env)
     return full_env

@@ -134,6 +134,8 @@ KNOBS: dict[str, Knob] = {
                         _one_of("causal_lm", "seq_cls")),
     "STAGE2_TASK": Knob("causal_lm (the answer's first token) or seq_cls (a classification head)",
                         _one_of("causal_lm", "seq_cls")),
+    "HARD_NEGATIVES": Knob("0 (off), or a number > 0 (extra stage-2 rows, as a multiple of the 高风险 images)",
+                           lambda t: t == "0" or _number(float, 0, low_open=True)(t)),
     "STAGE2_TARGET": Knob("five (the five labels) or binary (高风险 vs 非高风险)", _one_of("five", "binary")),
     "PRIOR_CORRECTION": Knob("0 or 1", _one_of("0", "1")),
     "FIRESAFE_AMP_LR": Knob("empty (1e-2), or a number > 0", lambda t: t == "" or _number(float, 0, low_open=True)(t)),

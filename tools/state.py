@@ -75,6 +75,7 @@ PART_NAMES = {
     "model_stage2": "MODEL_STAGE2", "model": "its base model (MODEL_STAGE1/2)",
     "train_rows": "its training rows (the split, the stage-set settings or the augmented copies)",
     "val_rows": "the validation rows",
+    "train_set": "its own training rows (stage 2's hard negatives, mined with stage 1: HARD_NEGATIVES)",
 }
 
 
@@ -101,21 +102,35 @@ def check_data(layout: Layout) -> dict:
 
 # ---------------------------------------------------------------------------------------------- models
 def run_fingerprint(layout: Layout, manifest: dict, stage: str, run: str | int, task: str = "causal_lm",
-                    model: str | None = None) -> dict:
+                    model: str | None = None, train_set: str | Path | None = None) -> dict:
     """What one run trains on, and nothing else: its training and validation rows (the split, composition and
     copies they came from), the training images' bytes (sizes and times), its base model (`model`, default the
-    one data-pre.sh recorded) and the recipe. A new test list, or folds added beside the final run, leave it as
-    it is."""
+    one data-pre.sh recorded) and the recipe. A run trained on rows of its own (`train_set`: stage 2 with hard
+    negatives, tools.model.hard_negatives) adds that file's digest to the composed set's. A new test list, or
+    folds added beside the final run, leave it as it is."""
     files = manifest["files"]
 
     def rows(path: Path) -> str:
         return files.get(str(path.relative_to(layout.root)), "missing")
 
     parts = manifest["fingerprint"]["parts"]
-    return fingerprint({"train_rows": rows(layout.train_jsonl(stage, run, task)),
-                        "val_rows": rows(layout.val_jsonl(stage, task)),
-                        "train_images": parts["train_images"], "model": model or parts[f"model_{stage}"],
-                        "recipe": parts["recipe"]})
+    found = {"train_rows": rows(layout.train_jsonl(stage, run, task)),
+             "val_rows": rows(layout.val_jsonl(stage, task)),
+             "train_images": parts["train_images"], "model": model or parts[f"model_{stage}"],
+             "recipe": parts["recipe"]}
+    own = own_train_set(layout, stage, run, task, train_set)
+    if own is not None:
+        found["train_set"] = file_digest(own) if own.exists() else "missing"
+    return fingerprint(found)
+
+
+def own_train_set(layout: Layout, stage: str, run: str | int, task: str, train_set: str | Path | None) -> Path | None:
+    """`train_set` as a path under the output folder when it is not the composed set data-pre.sh wrote (None then).
+    trained_on.json records it relative to the output folder, so a moved output folder keeps its meaning."""
+    if not train_set:
+        return None
+    path = layout.root / train_set if not Path(train_set).is_absolute() else Path(train_set)
+    return None if path.resolve() == layout.train_jsonl(stage, run, task).resolve() else path.resolve()
 
 
 def stage_target(manifest: dict, stage: str) -> str:
@@ -123,12 +138,14 @@ def stage_target(manifest: dict, stage: str) -> str:
     return manifest.get("composition", {}).get("stage2_target", "five") if stage == "stage2" else "five"
 
 
-def class_shares(layout: Layout, manifest: dict, stage: str, run: str | int, task: str = "causal_lm") -> dict:
-    """The stage's class shares in its training rows ("trained") and in the training split's images ("real",
-    the data's own shares), over the stage's labels: what prior correction turns the one into the other."""
+def class_shares(layout: Layout, manifest: dict, stage: str, run: str | int, task: str = "causal_lm",
+                 train_set: str | Path | None = None) -> dict:
+    """The stage's class shares in its training rows ("trained"; `train_set` when the run has rows of its own) and
+    in the training split's images ("real", the data's own shares), over the stage's labels: what prior
+    correction turns the one into the other."""
     labels, _ = TARGETS[stage_target(manifest, stage)]
     counts = dict.fromkeys(labels, 0)
-    for row in read_jsonl(layout.train_jsonl(stage, run, task)):
+    for row in read_jsonl(own_train_set(layout, stage, run, task, train_set) or layout.train_jsonl(stage, run, task)):
         answer = labels[row["label"]] if "label" in row else row["messages"][-1]["content"]
         counts[answer] += 1
     real = dict.fromkeys(labels, 0)
@@ -160,8 +177,9 @@ def stale_models(layout: Layout, manifest: dict, stages: Sequence[str], runs: Se
         for stage in stages:
             run_dir = layout.run_dir(stage, run)
             where = stage if str(run) == FINAL else f"fold {run}'s {stage}"
-            current = run_fingerprint(layout, manifest, stage, run,
-                                      model_record(layout.trained_on(stage, run)).get("task", "causal_lm"))
+            record = model_record(layout.trained_on(stage, run))
+            current = run_fingerprint(layout, manifest, stage, run, record.get("task", "causal_lm"),
+                                      train_set=record.get("train_set"))
             old = trained_on(layout.trained_on(stage, run))
             if old is None:
                 out.append(f"{where} ({run_dir}): no trained model recorded; run train.sh"

@@ -196,6 +196,23 @@ class Layout:
         run_dir = self.run_dir(stage, run)
         return run_dir.with_name(run_dir.name + ".training")
 
+    # ------------------------------------------------------------------ hard negatives (tools.model.hard_negatives)
+    def hard_negatives_dir(self, run: str | int = FINAL) -> Path:  # stage 1's confusions, mined for stage 2's set
+        return (self.root if str(run) == FINAL else self.folds_dir / str(int(run))) / "hard_negatives"
+
+    def hard_negative_candidates(self, run: str | int = FINAL) -> Path:  # the run's non-高风险 training images
+        return self.hard_negatives_dir(run) / "candidates.jsonl"
+
+    def hard_negative_probs(self, run: str | int = FINAL) -> Path:  # stage 1's probabilities for them
+        return self.hard_negatives_dir(run) / "candidates_probs.csv"
+
+    def hard_negative_record(self, run: str | int = FINAL) -> Path:  # settings, the picked images, their p(高风险)
+        return self.hard_negatives_dir(run) / "hard_negatives.json"
+
+    def hard_negative_train_jsonl(self, run: str | int = FINAL, task: str = "causal_lm") -> Path:
+        """Stage 2's training rows with the hard negatives added: what train.sh gives swift when HARD_NEGATIVES > 0."""
+        return self.hard_negatives_dir(run) / f"stage2_train{_task_suffix(task)}.jsonl"
+
     def trained_on(self, stage: str, run: str | int = FINAL) -> Path:  # the data fingerprint the run trained on
         return self.run_dir(stage, run) / TRAINED_ON
 

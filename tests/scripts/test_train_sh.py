@@ -146,7 +146,9 @@ def test_train_sh_with_two_folds(tmp_path):
     for argv, (run, stage) in zip(calls, runs):
         assert argv[:2] == ["sft", "--model"]
         assert value(argv, "--model") == str(tmp_path / ("m1" if stage == "stage1" else "m2"))
-        assert value(argv, "--dataset") == str(layout.train_jsonl(stage, run))
+        # stage 2 trains on its composed set plus the hard negatives its run's stage 1 mined (HARD_NEGATIVES=1)
+        assert value(argv, "--dataset") == str(layout.train_jsonl(stage, run) if stage == "stage1"
+                                               else layout.hard_negative_train_jsonl(run))
         assert value(argv, "--output_dir") == str(layout.run_work_dir(stage, run))  # swapped in when it holds one
         # checkpoints are chosen on the validation split, never on the held-out fold
         assert value(argv, "--val_dataset") == str(layout.val_jsonl(stage))
@@ -179,7 +181,8 @@ def test_train_sh_without_folds(tmp_path):
     out, layout = prepared(tmp_path)
     run_script("train.sh", tmp_path, out)
     calls = swift_calls(tmp_path)
-    assert [value(a, "--dataset") for a in calls] == [str(layout.train_jsonl(s)) for s in STAGES]
+    assert [value(a, "--dataset") for a in calls] == [str(layout.train_jsonl("stage1")),
+                                                      str(layout.hard_negative_train_jsonl())]
     assert [value(a, "--output_dir") for a in calls] == [str(out / f"{s}.training") for s in STAGES]
     assert [(out / s / "final_checkpoint.txt").read_text() for s in STAGES] == ["checkpoint-1\n"] * 2
     assert not layout.folds_dir.exists()
@@ -194,3 +197,52 @@ def test_the_run_records_the_base_model_it_trained_on(tmp_path):
     _, stage2 = swift_calls(tmp_path)
     assert value(stage2, "--model") == str(other)
     assert read_json(layout.trained_on("stage2"))["fingerprint"]["parts"]["model"] == str(other)
+
+
+def test_train_sh_mines_hard_negatives_with_stage_1_before_stage_2(tmp_path):
+    import json
+
+    from tools.fileio import read_jsonl
+    from tools.state import run_fingerprint
+
+    out, layout = prepared(tmp_path)
+    calls_file = tmp_path / "score_calls.jsonl.hard"
+    run_script("train.sh", tmp_path, out, HARD_NEGATIVES="0.5")
+    _, stage2 = swift_calls(tmp_path)
+    mined = layout.hard_negative_train_jsonl()
+    assert value(stage2, "--dataset") == str(mined)
+    (call,) = [json.loads(line) for line in calls_file.read_text().splitlines()]
+    assert call["checkpoint"] == str((out / "stage1" / "checkpoint-1").resolve())  # the stage 1 trained just now
+    assert call["argv"][call["argv"].index("--ratio") + 1] == "0.5"
+    assert call["argv"][-2:] == ["--max_pixels", "28224"]
+    # prepared(): 4 高风险 training images -> 2 extra rows on top of the composed set
+    assert len(read_jsonl(mined)) == len(read_jsonl(layout.train_jsonl("stage2"))) + 2
+    record = read_json(layout.trained_on("stage2"))
+    assert record["train_set"] == str(mined.relative_to(out))
+    assert "train_set" in record["fingerprint"]["parts"]
+    # the recorded fingerprint is the one the current files give: test.sh's check passes
+    assert record["fingerprint"] == run_fingerprint(layout, read_json(layout.manifest), "stage2", "final",
+                                                    train_set=record["train_set"])
+    run_script("test.sh", tmp_path, out)
+
+    # retraining stage 2 alone mines again with the kept stage 1: the same rows, the same fingerprint
+    calls_file.unlink()
+    before = mined.read_bytes()
+    run_script("train.sh", tmp_path, out, STAGES="stage2", HARD_NEGATIVES="0.5")
+    assert mined.read_bytes() == before and len(calls_file.read_text().splitlines()) == 1
+    # another ratio: other rows; stage 2 trained on them, so the check still passes; HARD_NEGATIVES=0: the composed set
+    run_script("train.sh", tmp_path, out, STAGES="stage2", HARD_NEGATIVES="1")
+    assert len(read_jsonl(mined)) == len(read_jsonl(layout.train_jsonl("stage2"))) + 4
+    swift_calls(tmp_path)
+    run_script("train.sh", tmp_path, out, STAGES="stage2", HARD_NEGATIVES="0")
+    (stage2,) = swift_calls(tmp_path)
+    assert value(stage2, "--dataset") == str(layout.train_jsonl("stage2"))
+    assert "train_set" not in read_json(layout.trained_on("stage2"))
+
+
+def test_train_sh_refuses_hard_negatives_without_a_stage_1(tmp_path):
+    out, layout = prepared(tmp_path)
+    log = run_script("train.sh", tmp_path, out, rc=1, STAGES="stage2")
+    assert "stage 2's hard negatives are mined with stage 1, which has no model" in log and swift_calls(tmp_path) == []
+    log = run_script("train.sh", tmp_path, out, rc=1, HARD_NEGATIVES="0.0")
+    assert "HARD_NEGATIVES" in log and swift_calls(tmp_path) == []

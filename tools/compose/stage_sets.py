@@ -38,14 +38,18 @@ from tools.state import digest, file_digest, fingerprint, images_digest
 from tools.task import FINAL, STAGES, TARGETS, TASKS, Layout, answer_for, cls_row, sft_row
 
 
-def write_sft_rows(path: Path, samples: Sequence[Sample], target: str = "five", task: str = "causal_lm") -> None:
-    """swift JSONL, one labelled row per sample (written atomically): the answer for the stage's target (five
-    labels, or 高风险 vs 非高风险) as text (causal_lm) or as the class index for a head (seq_cls)."""
+def sft_rows(samples: Sequence[Sample], target: str = "five", task: str = "causal_lm") -> list[dict]:
+    """swift rows, one labelled row per sample: the answer for the stage's target (five labels, or 高风险 vs
+    非高风险) as text (causal_lm) or as the class index for a head (seq_cls)."""
     labels, prompt = TARGETS[target]
     if task == "seq_cls":
-        write_jsonl(path, (cls_row(s.path, labels.index(answer_for(s.label, target)), prompt) for s in samples))
-    else:
-        write_jsonl(path, (sft_row(s.path, answer_for(s.label, target), prompt) for s in samples))
+        return [cls_row(s.path, labels.index(answer_for(s.label, target)), prompt) for s in samples]
+    return [sft_row(s.path, answer_for(s.label, target), prompt) for s in samples]
+
+
+def write_sft_rows(path: Path, samples: Sequence[Sample], target: str = "five", task: str = "causal_lm") -> None:
+    """sft_rows as swift JSONL, written atomically."""
+    write_jsonl(path, sft_rows(samples, target, task))
 
 
 def read_split(layout: Layout) -> tuple[dict, list[Sample], list[Sample], list[Sample], list[list[Sample]]]:

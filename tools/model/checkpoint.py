@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tools import cli
 from tools.fileio import DataError, read_json, write_text
-from tools.state import check_data, class_shares, record_trained_on, run_fingerprint, stage_target
+from tools.state import check_data, class_shares, own_train_set, record_trained_on, run_fingerprint, stage_target
 from tools.task import FINAL, POINTER, STAGES, TARGETS, TASKS, TRAINED_ON, Layout
 
 
@@ -87,22 +87,29 @@ def _fingerprints(layout: Layout, stage: str, run: str | int, work_dir: Path,
         return None, None
     parts = recorded.get("parts") if isinstance(recorded, dict) else None  # a record of another shape: no model
     model = model or (parts.get("model") if isinstance(parts, dict) else None)
-    current = run_fingerprint(layout, check_data(layout), stage, run, record.get("task", "causal_lm"), model)
+    current = run_fingerprint(layout, check_data(layout), stage, run, record.get("task", "causal_lm"), model,
+                              record.get("train_set"))
     return recorded, current
 
 
-def start(layout: Layout, stage: str, run: str | int, task: str = "causal_lm", model: str | None = None) -> Path:
+def start(layout: Layout, stage: str, run: str | int, task: str = "causal_lm", model: str | None = None,
+          train_set: str | Path | None = None) -> Path:
     """Record, in the run's work folder, what the run is about to train on (so RESUME=1 continues it only on the
     same data, and finish() can tell) and what its model will be: the task (a text answer or a head), the
     labels and prompt of its target, the class shares of its rows and of the data (prior correction,
-    tools.model.score). Returns the work folder."""
+    tools.model.score). `train_set`: the rows swift gets, when not the composed set (stage 2 with hard
+    negatives); recorded relative to the output folder. Returns the work folder."""
     work_dir = layout.run_work_dir(stage, run)
     work_dir.mkdir(parents=True, exist_ok=True)
     manifest = check_data(layout)
     labels, prompt = TARGETS[stage_target(manifest, stage)]
-    record_trained_on(work_dir / TRAINED_ON, run_fingerprint(layout, manifest, stage, run, task, model), task=task,
-                      labels=list(labels), prompt=prompt,
-                      class_shares=class_shares(layout, manifest, stage, run, task))
+    own = own_train_set(layout, stage, run, task, train_set)
+    if own is not None and not own.is_relative_to(layout.root):
+        raise DataError(f"{own}: a run's own training rows must lie in the output folder {layout.root}")
+    extra = {"train_set": str(own.relative_to(layout.root))} if own is not None else {}
+    record_trained_on(work_dir / TRAINED_ON, run_fingerprint(layout, manifest, stage, run, task, model, own),
+                      task=task, labels=list(labels), prompt=prompt,
+                      class_shares=class_shares(layout, manifest, stage, run, task, own), **extra)
     return work_dir
 
 
@@ -149,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", choices=list(STAGES))
     ap.add_argument("--run", default=FINAL, help="final (default) or a fold number")
     ap.add_argument("--task", choices=list(TASKS), default="causal_lm", help="start: the run's --task_type")
+    ap.add_argument("--train-set", help="start: the training rows swift gets, when not data-pre.sh's set for the "
+                                        "stage (stage 2 with hard negatives)")
     ap.add_argument("--model", help="start, latest: the base model the run trains (default: start the one data-pre.sh "
                                     "recorded, latest the one the run began on)")
     args = ap.parse_args(argv)
@@ -160,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "read":
             print(read_pointer(args.run_dir or layout.run_dir(args.stage, args.run)))
         elif args.action == "start":
-            print(start(layout, args.stage, args.run, args.task, args.model))
+            print(start(layout, args.stage, args.run, args.task, args.model, args.train_set))
         elif args.action == "latest":
             found = latest(layout, args.stage, args.run, args.model)
             if found:

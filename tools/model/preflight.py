@@ -5,7 +5,7 @@ at stage 2's first step hours after stage 1 started.
 
 Reads the recipe's knobs from the environment, as train.sh exports them (TORCH_DTYPE, ATTN_IMPL,
 USE_LIGER_KERNEL_STAGE1/2, STAGE1_TUNER/STAGE2_TUNER, MODEL_STAGE1/2, DEEPSPEED, NPROC_PER_NODE, NNODES, RESUME,
-STAGE1_LOSS/STAGE2_LOSS) and checks, for every stage
+STAGE1_LOSS/STAGE2_LOSS, HARD_NEGATIVES) and checks, for every stage
 train.sh is about to train: the packages they turn on import; the dtype is supported by the device (bf16 needs an
 Ampere or newer GPU; on a CPU only float32); the attention implementation suits the tuner (the High-Risk Feature
 Amplifier adds a bias to the attention logits: sdpa or eager, not flash-attn); the base model is a model folder
@@ -13,7 +13,8 @@ Amplifier adds a bias to the attention logits: sdpa or eager, not flash-attn); t
 高风险 rows, and some other label); the validation set is not empty. With several processes or DeepSpeed
 (tools.model.distributed): no more processes per node than GPUs, DeepSpeed only on CUDA, no liger fused loss under
 ZeRO-3, a row for every process, and with RESUME=1 a checkpoint saved with the same DeepSpeed setting (and, under
-DeepSpeed, the same number of processes).
+DeepSpeed, the same number of processes). With HARD_NEGATIVES > 0, stage 2's runs need their stage 1 (trained now,
+or before) on one node.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from tools import cli
 from tools.fileio import DataError, read_jsonl
 from tools.model import distributed
+from tools.model.checkpoint import read_pointer
 from tools.state import check_data, runs_of
 from tools.task import HIGH_RISK, Layout
 
@@ -122,6 +124,30 @@ def problems(layout: Layout, stages: list[str], runs: list[str], env: dict[str, 
             out += distributed.run_problems(layout, stage, run, env)
         if not read_jsonl(layout.val_jsonl(stage)):
             out.append(f"{layout.val_jsonl(stage)} is empty: swift needs a validation split (VAL_RATIO > 0)")
+    out += hard_negative_problems(layout, manifest, stages, runs, env)
+    return out
+
+
+def hard_negative_problems(layout: Layout, manifest: dict, stages: list[str], runs: list[str],
+                           env: dict[str, str]) -> list[str]:
+    """HARD_NEGATIVES > 0 mines stage 2's extra rows with the same run's stage 1 (tools.model.hard_negatives): that
+    model must exist or be trained first, on this node."""
+    if "stage2" not in stages or env.get("HARD_NEGATIVES", "0") == "0":
+        return []
+    if int(env.get("NNODES") or 1) > 1:
+        return ["HARD_NEGATIVES needs one node (stage 1's checkpoint, which mines them, stays on node 0): set "
+                "HARD_NEGATIVES=0 for a multi-node run"]
+    if "stage1" in stages:
+        return []
+    out = []
+    for run in runs_of(manifest, runs):
+        try:
+            read_pointer(layout.run_dir("stage1", run))
+        except FileNotFoundError:
+            where = "stage 1" if str(run) == "final" else f"fold {run}'s stage 1"
+            out.append(f"HARD_NEGATIVES={env['HARD_NEGATIVES']}: stage 2's hard negatives are mined with {where}, which "
+                       f"has no model ({layout.run_dir('stage1', run)}): train it too (STAGES=\"stage1 stage2\"), "
+                       "or set HARD_NEGATIVES=0")
     return out
 
 
