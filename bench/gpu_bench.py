@@ -767,7 +767,10 @@ def train_micro(argv: list[str]) -> None:
     ap.add_argument("--work", type=Path)
     ap.add_argument("--size", default="7b")
     ap.add_argument("--iters", type=int, default=4)
+    ap.add_argument("--levers-only", action="store_true",
+                    help="skip the ladder from stock transformers: ours, then the LoRA addmm and checkpointing levers")
     a = ap.parse_args(argv)
+    import swift_plugins.patches.lora_addmm as la
     import swift_plugins.patches.vision_attention as va
 
     model_dir = a.work / "models" / a.size
@@ -840,7 +843,16 @@ def train_micro(argv: list[str]) -> None:
         ("ours, no ckpt", dict(ours, ckpt=False)),
         ("ours, batch 8", dict(ours, bs=8)),
         ("ours, batch 2", dict(ours, bs=2)),
+        # issue 15's training levers (swift_plugins/patches/lora_addmm.py, checkpoint_layers.py)
+        ("ours + LoRA addmm", dict(ours, addmm="on")),
+        ("ours + addmm, last 2 layers not recomputed", dict(ours, addmm="on", n_off=2)),
+        ("ours + addmm, last 4 layers not recomputed", dict(ours, addmm="on", n_off=4)),
+        ("ours + addmm, last 8 layers not recomputed", dict(ours, addmm="on", n_off=8)),
+        ("ours + addmm, dropout 0", dict(ours, addmm="on", drop=0.0)),
     ]
+    if a.levers_only:
+        settings = [s for s in settings if s[0].startswith("ours") or s[0].startswith("+ liger")]
+        settings = [s for s in settings if s[0] not in ("ours, batch 8", "ours, batch 2", "ours, no ckpt")]
     model.train()
     liger_done = False
     for label, o in settings:
@@ -851,6 +863,7 @@ def train_micro(argv: list[str]) -> None:
                                                  fused_linear_cross_entropy=False, model=model.base_model.model)
                 liger_done = True
             va.apply(o["vision"], "conv" if o["vision"] == "off" else "linear", o["mlp"], o["cast"], o["comp"])
+            la.apply(o.get("addmm", "off"))
             set_dropout(o["drop"])
             set_ckpt(o.get("n_off", 0), o.get("ckpt", True), o.get("reentrant", True))
             b = batches[o.get("bs", 4)]
@@ -875,6 +888,7 @@ def train_micro(argv: list[str]) -> None:
         Path(os.environ["BENCH_RESULT"]).write_text(json.dumps(data, indent=1))
     set_ckpt()
     va.apply("auto", "linear", "auto", "auto", "auto")
+    la.apply("auto")
     set_dropout(0.05)
     if DEVICE == "cuda":
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
@@ -986,6 +1000,8 @@ def main() -> None:
     ap.add_argument("--n-slow", type=int, default=48, help="images for the batch-1 baselines")
     ap.add_argument("--vision-micro", action="store_true", help="time the 7B vision tower variants (GPU)")
     ap.add_argument("--train-micro", action="store_true", help="time one 7B micro-step under each knob (GPU)")
+    ap.add_argument("--micro-sizes", default="7b", help="models for --train-micro (7b, 3b; comma-separated)")
+    ap.add_argument("--micro-levers-only", action="store_true", help="--train-micro: ours and the levers only")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny models, demo recipe, small images")
     a = ap.parse_args()
     a.work = a.work.resolve()
@@ -998,7 +1014,9 @@ def main() -> None:
     if a.vision_micro:
         run_config(a, "vision-7b", [sys.executable, __file__, "vision-micro", "--work", str(a.work)], kind="micro")
     if a.train_micro:
-        run_config(a, "micro-7b", [sys.executable, __file__, "train-micro", "--work", str(a.work)], kind="micro")
+        for size in a.micro_sizes.split(","):
+            run_config(a, f"micro-{size}", [sys.executable, __file__, "train-micro", "--work", str(a.work), "--size", size,
+                                            *(["--levers-only"] if a.micro_levers_only else [])], kind="micro")
     if "train" in parts:
         part_train(a)
     if "infer" in parts:
