@@ -27,8 +27,8 @@ STAGE1_LOSS=${STAGE1_LOSS-}                   # empty = swift's cross-entropy | 
 STAGE2_LOSS=${STAGE2_LOSS-weighted_ce}
 STAGE1_TASK=${STAGE1_TASK:-causal_lm}         # causal_lm: the answer's first token | seq_cls: a classification head
 STAGE2_TASK=${STAGE2_TASK:-causal_lm}
-HARD_NEGATIVES=${HARD_NEGATIVES:-1}           # stage 2 gets one more row for this many x #高风险 of the non-高风险 training
-                                              # images stage 1 rates most 高风险 (its confusions); 0 = off
+HARD_NEGATIVES=${HARD_NEGATIVES:-0}           # > 0: stage 2 gets one more row for this many x #高风险 of the non-高风险
+                                              # training images stage 1 rates most 高风险 (its confusions); 0 = off
 EVAL_METRIC=${EVAL_METRIC-weighted_f1}        # the validation metric plugin; empty = eval loss picks the checkpoint
 STAGE1_BEST_METRIC=${STAGE1_BEST_METRIC:-weighted_f1}     # what picks stage 1's checkpoint: the competition score
 STAGE2_BEST_METRIC=${STAGE2_BEST_METRIC:-high_risk_auc}   # stage 2's: what fusion uses, its 高风险-vs-rest ranking
@@ -62,7 +62,8 @@ python -m tools.knobs STAGES="$STAGES" RUNS="$RUNS" SEED="$SEED" RESUME="$RESUME
   BATCH_SIZE="$BATCH_SIZE" GRAD_ACCUM="$GRAD_ACCUM" WARMUP_RATIO="$WARMUP_RATIO" EVAL_STEPS="$EVAL_STEPS" \
   DATALOADER_WORKERS="$DATALOADER_WORKERS" GRADIENT_CHECKPOINTING="$GRADIENT_CHECKPOINTING" \
   VIT_GRADIENT_CHECKPOINTING="$VIT_GRADIENT_CHECKPOINTING" USE_LIGER_KERNEL_STAGE1="$USE_LIGER_KERNEL_STAGE1" \
-  USE_LIGER_KERNEL_STAGE2="$USE_LIGER_KERNEL_STAGE2"
+  USE_LIGER_KERNEL_STAGE2="$USE_LIGER_KERNEL_STAGE2" CKPT_SKIP_LAYERS_STAGE1="$CKPT_SKIP_LAYERS_STAGE1" \
+  CKPT_SKIP_LAYERS_STAGE2="$CKPT_SKIP_LAYERS_STAGE2"
 # --- several GPUs (issue 16): torchrun through swift's CLI (NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR,
 # MASTER_PORT), DeepSpeed (DEEPSPEED=zero2|zero3), evaluation every EVAL_EVERY epochs (EVAL_STEPS=auto). Node 0 keeps
 # the output folder (lock, checkpoints); the other nodes of a multi-node run only train (README "Several GPUs").
@@ -123,9 +124,9 @@ for run in "${runs[@]}"; do
   for stage in $STAGES; do
     case $stage in
       stage1) model=$MODEL_STAGE1 epochs=$EPOCHS_STAGE1 tuner=$STAGE1_TUNER loss=$STAGE1_LOSS liger=$USE_LIGER_KERNEL_STAGE1
-              best=$STAGE1_BEST_METRIC task=$STAGE1_TASK num_labels=5 ;;
+              best=$STAGE1_BEST_METRIC task=$STAGE1_TASK num_labels=5 skip=$CKPT_SKIP_LAYERS_STAGE1 ;;
       stage2) model=$MODEL_STAGE2 epochs=$EPOCHS_STAGE2 tuner=$STAGE2_TUNER loss=$STAGE2_LOSS liger=$USE_LIGER_KERNEL_STAGE2
-              best=$STAGE2_BEST_METRIC task=$STAGE2_TASK num_labels=5
+              best=$STAGE2_BEST_METRIC task=$STAGE2_TASK num_labels=5 skip=$CKPT_SKIP_LAYERS_STAGE2
               [[ "$recorded_stage2_target" == binary ]] && num_labels=2 ;;   # 高风险 or 非高风险 (STAGE2_TARGET)
     esac
     of=""; [[ "$run" == final ]] || of=", fold $run of $FOLDS"
@@ -167,6 +168,7 @@ for run in "${runs[@]}"; do
       --what "$stage")
     read -r grad_accum eval_steps <<< "$plan"
     # --- end several GPUs
+    export FIRESAFE_CKPT_SKIP_LAYERS=$skip        # swift_plugins/patches/checkpoint_layers.py
     swift sft \
       --model "$model" \
       --template qwen2_5_vl \

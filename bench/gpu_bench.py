@@ -891,7 +891,7 @@ def train_micro(argv: list[str]) -> None:
         Path(os.environ["BENCH_RESULT"]).write_text(json.dumps(data, indent=1))
     set_ckpt()
     va.apply("auto", "linear", "auto", "auto", "auto")
-    la.apply("auto")
+    la.apply("off")
     set_dropout(0.05)
     if DEVICE == "cuda":
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,

@@ -123,6 +123,8 @@ KNOBS: dict[str, Knob] = {
     "DATALOADER_WORKERS": Knob("a whole number >= 0", _number(int, 0)),
     "SCORE_BATCH_SIZE": Knob("a whole number >= 1", _number(int, 1)),
     "GRADIENT_CHECKPOINTING": Knob("true or false", BOOL),
+    "CKPT_SKIP_LAYERS_STAGE1": Knob("a whole number >= 0 (LLM layers kept without recompute)", _number(int, 0)),
+    "CKPT_SKIP_LAYERS_STAGE2": Knob("a whole number >= 0 (LLM layers kept without recompute)", _number(int, 0)),
     "VIT_GRADIENT_CHECKPOINTING": Knob("true or false", BOOL),
     "USE_LIGER_KERNEL_STAGE1": Knob("true or false", BOOL),
     "USE_LIGER_KERNEL_STAGE2": Knob("true or false", BOOL),

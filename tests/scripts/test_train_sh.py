@@ -58,6 +58,14 @@ def test_train_sh_turns_plugins_on_for_stage1_and_passes_knobs(tmp_path):
     assert flag(stage2, "--attn_impl") == ["eager"] and flag(stage2, "--gradient_checkpointing") == ["false"]
     env = swift_env(tmp_path)
     assert f"FIRESAFE_CLASS_WEIGHTS={HIGH_RISK}=3" in env and "FIRESAFE_AMP_LAYERS=auto" in env
+    assert [line for line in env.splitlines() if "CKPT_SKIP" in line] == ["FIRESAFE_CKPT_SKIP_LAYERS=0"] * 2
+
+
+def test_train_sh_keeps_some_layers_without_recompute_per_stage(tmp_path):
+    run_train_sh(tmp_path, CKPT_SKIP_LAYERS_STAGE1="4", CKPT_SKIP_LAYERS_STAGE2="6")
+    env = swift_env(tmp_path)  # each call's FIRESAFE_* variables, in call order
+    assert [line for line in env.splitlines() if "CKPT_SKIP" in line] == ["FIRESAFE_CKPT_SKIP_LAYERS=4",
+                                                                          "FIRESAFE_CKPT_SKIP_LAYERS=6"]
     stage1, stage2 = run_train_sh(tmp_path, STAGE1_TUNER="hr_amplifier", STAGE2_LOSS="", EVAL_METRIC="")
     assert flag(stage1, "--tuner_type") == ["hr_amplifier"] and flag(stage1, "--callbacks") == ["amplifier_stats"]
     assert flag(stage1, "--optimizer") == ["hr_amplifier"]
@@ -146,9 +154,7 @@ def test_train_sh_with_two_folds(tmp_path):
     for argv, (run, stage) in zip(calls, runs):
         assert argv[:2] == ["sft", "--model"]
         assert value(argv, "--model") == str(tmp_path / ("m1" if stage == "stage1" else "m2"))
-        # stage 2 trains on its composed set plus the hard negatives its run's stage 1 mined (HARD_NEGATIVES=1)
-        assert value(argv, "--dataset") == str(layout.train_jsonl(stage, run) if stage == "stage1"
-                                               else layout.hard_negative_train_jsonl(run))
+        assert value(argv, "--dataset") == str(layout.train_jsonl(stage, run))
         assert value(argv, "--output_dir") == str(layout.run_work_dir(stage, run))  # swapped in when it holds one
         # checkpoints are chosen on the validation split, never on the held-out fold
         assert value(argv, "--val_dataset") == str(layout.val_jsonl(stage))
@@ -181,8 +187,7 @@ def test_train_sh_without_folds(tmp_path):
     out, layout = prepared(tmp_path)
     run_script("train.sh", tmp_path, out)
     calls = swift_calls(tmp_path)
-    assert [value(a, "--dataset") for a in calls] == [str(layout.train_jsonl("stage1")),
-                                                      str(layout.hard_negative_train_jsonl())]
+    assert [value(a, "--dataset") for a in calls] == [str(layout.train_jsonl(s)) for s in STAGES]
     assert [value(a, "--output_dir") for a in calls] == [str(out / f"{s}.training") for s in STAGES]
     assert [(out / s / "final_checkpoint.txt").read_text() for s in STAGES] == ["checkpoint-1\n"] * 2
     assert not layout.folds_dir.exists()
@@ -242,7 +247,7 @@ def test_train_sh_mines_hard_negatives_with_stage_1_before_stage_2(tmp_path):
 
 def test_train_sh_refuses_hard_negatives_without_a_stage_1(tmp_path):
     out, layout = prepared(tmp_path)
-    log = run_script("train.sh", tmp_path, out, rc=1, STAGES="stage2")
+    log = run_script("train.sh", tmp_path, out, rc=1, STAGES="stage2", HARD_NEGATIVES="1")
     assert "stage 2's hard negatives are mined with stage 1, which has no model" in log and swift_calls(tmp_path) == []
     log = run_script("train.sh", tmp_path, out, rc=1, HARD_NEGATIVES="0.0")
     assert "HARD_NEGATIVES" in log and swift_calls(tmp_path) == []
