@@ -131,6 +131,40 @@ def test_an_answer_turn_is_ignored_and_no_rows_is_no_scores(loaded, rows):
     assert S.score_rows(model, template, label_ids, [], progress=False).shape == (0, len(LABELS))
 
 
+def test_flip_tta_averages_each_image_with_its_mirror_image(loaded, rows, reference, tmp_path, workers=0):
+    """SCORE_TTA=flip: each row's probabilities are the mean of its own and of its mirror image's, the mirror image
+    scored exactly as a file holding it would be; in the rows' order, in batches of mixed sizes."""
+    from PIL import ImageOps
+
+    model, template, label_ids = loaded
+    mirrored_rows = []
+    for i, row in enumerate(rows):
+        with Image.open(row["images"][0]) as img:
+            path = tmp_path / f"m{i}.png"  # lossless: the same pixels the scorer mirrors in memory
+            ImageOps.mirror(img.convert("RGB")).save(path)
+        mirrored_rows.append({**row, "images": [str(path)]})
+    mirrored = S.score_rows(model, template, label_ids, mirrored_rows, batch_size=1, progress=False, tta="0")
+    assert np.abs(mirrored - reference).max() > 1e-4  # the mirror image scores differently
+    got = S.score_rows(model, template, label_ids, rows, batch_size=3, progress=False, tta="flip", workers=workers)
+    np.testing.assert_allclose(got, (reference + mirrored) / 2, rtol=0, atol=2e-5)
+
+
+def test_flip_tta_in_encoding_workers(loaded, rows, reference, tmp_path):
+    test_flip_tta_averages_each_image_with_its_mirror_image(loaded, rows, reference, tmp_path, workers=2)
+
+
+def test_tta_knob(monkeypatch):
+    from tools.fileio import DataError
+
+    monkeypatch.delenv("SCORE_TTA", raising=False)
+    assert S.tta_mode() == "0"
+    monkeypatch.setenv("SCORE_TTA", "flip")
+    assert S.tta_mode() == "flip" and S.job_record.__doc__ and "test-time" in S.job_record.__doc__
+    monkeypatch.setenv("SCORE_TTA", "rotate")
+    with pytest.raises(DataError, match="SCORE_TTA='rotate'"):
+        S.tta_mode()
+
+
 # --------------------------------------------------------------------------- scoring jobs
 def test_score_jobs_loads_each_checkpoint_once_and_writes_csvs(loaded, rows, tmp_path, monkeypatch):
     model, template, label_ids = loaded
@@ -260,19 +294,20 @@ def test_a_finished_csv_is_kept_until_what_made_it_changes(scoring, monkeypatch,
     assert sum(scored) == 3 and len(scoring.loads) == 2
 
     argv = scoring.argv
-    for change in ("checkpoint", "arguments", "SCORE_MERGE", "SCORE_FP8", "rows"):
+    for change in ("checkpoint", "arguments", "SCORE_MERGE", "SCORE_FP8", "SCORE_TTA", "rows"):
         if change == "checkpoint":  # retrained: a checkpoint file with new bytes (size and time)
             (scoring.ckpt / "adapter_model.safetensors").write_bytes(b"retrained weights")
         elif change == "arguments":
             argv = [*scoring.argv, "--max_batch_size", "2"]
         elif change.startswith("SCORE_"):  # merged or float8 weights round differently: scored again
-            monkeypatch.setenv(change, "1")  # (the tiny model the patched load hands out stays as it is)
+            monkeypatch.setenv(change, "flip" if change == "SCORE_TTA" else "1")  # (the tiny model stays as it is)
         else:
             write_jsonl(scoring.a, read_jsonl(scoring.a)[:5])
         scored.clear()
         S.score_jobs(scoring.jobs, argv, batch_size=4, workers=0)
         n_a = 5 if change == "rows" else 7
-        assert sum(scored) == n_a + (0 if change == "rows" else 3), change  # both parts, or only the changed rows
+        views = 2 if change in ("SCORE_TTA", "rows") else 1  # with SCORE_TTA=flip (set from then on) each image twice
+        assert sum(scored) == views * (n_a + (0 if change == "rows" else 3)), change  # both parts, or the changed rows
         assert read_json(probs_record_of(scoring.val)) == S.job_record(scoring.ckpt, scoring.a, argv)
 
 

@@ -171,6 +171,6 @@ def model_vectors_fn(swift_argv: list[str], batch_size: int = 8, progress: bool 
 
     def vectors(paths: list[str]) -> np.ndarray:
         rows = [sft_row(p, None) for p in paths]
-        return score_rows(model, template, label_ids, rows, batch_size, progress=progress)
+        return score_rows(model, template, label_ids, rows, batch_size, progress=progress, tta="0")
 
     return vectors

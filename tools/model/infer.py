@@ -89,25 +89,54 @@ def bucket_order(rows: list[dict]) -> list[int]:
     return sorted(range(len(rows)), key=key)
 
 
+TTA_MODES = ("0", "flip")
+
+
+def tta_mode() -> str:
+    """SCORE_TTA: 0 (default) scores each image as it is; flip also scores its mirror image (left-right) and
+    averages the two probability vectors (twice the scoring time)."""
+    import os
+
+    value = os.environ.get("SCORE_TTA", "0").strip() or "0"
+    if value not in TTA_MODES:
+        from tools.fileio import DataError
+
+        raise DataError(f"SCORE_TTA={value!r}: expected one of {', '.join(TTA_MODES)}")
+    return value
+
+
+def _mirrored(path: str):
+    """The image as swift loads it (RGB, no EXIF rotation: the rows name prepared, upright copies), mirrored."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        return ImageOps.mirror(img.convert("RGB"))
+
+
 class _Encoded:
     """Rows as a torch dataset of encoded model inputs (runs in DataLoader workers when there are any).
     With `pixel_dtype` the pixel values travel in the model's dtype: half the bytes, the same values (the
-    vision tower casts them to its dtype first thing)."""
+    vision tower casts them to its dtype first thing). With `mirror`, index len(rows) + i is row i with its
+    images mirrored left-right (test-time augmentation)."""
 
-    def __init__(self, template, rows: list[dict], pixel_dtype=None, prompt: str | None = None):
+    def __init__(self, template, rows: list[dict], pixel_dtype=None, prompt: str | None = None, mirror: bool = False):
         self.template, self.rows, self.pixel_dtype, self.prompt = template, rows, pixel_dtype, prompt
+        self.mirror = mirror
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) * (2 if self.mirror else 1)
 
     def __getitem__(self, i: int):
         from swift.infer_engine import InferRequest
 
-        row = self.rows[i]
+        row = self.rows[i % len(self.rows)]
+        images = row.get("images", [])
+        if i >= len(self.rows):
+            images = [_mirrored(path) for path in images]
         # the question the model was trained with (a binary specialist has its own), else the row's
         messages = ([user_message(self.prompt)] if self.prompt is not None
                     else [m for m in row["messages"] if m["role"] != "assistant"])
-        encoded = self.template.encode(InferRequest(messages=messages, images=row.get("images", [])))
+        encoded = self.template.encode(InferRequest(messages=messages, images=images))
         if self.pixel_dtype is not None:
             for key in ("pixel_values", "pixel_values_videos"):
                 if key in encoded and encoded[key].is_floating_point():
@@ -165,12 +194,13 @@ def forward_probs(model, template, batch: dict, label_ids):
 def score_rows(model, template, label_ids: list[int], rows: list[dict], batch_size: int = 8,
                progress: bool = True, workers: int | None = None, bucket: bool = True,
                done: dict[int, np.ndarray] | None = None, on_batch=None, prompt: str | None = None,
-               n_labels: int = len(LABELS)) -> np.ndarray:
+               n_labels: int = len(LABELS), tta: str | None = None) -> np.ndarray:
     """[len(rows), n_labels] probabilities, in the order of `rows`; rows are swift JSONL rows (an assistant turn,
     if any, is ignored; with `prompt` the question is that prompt instead of the row's). `workers` encode batches
     ahead of the forward pass (default: default_workers); `bucket` batches rows of equal image size together.
     `done` holds rows already scored (row index -> probabilities), which are not scored again;
-    on_batch(indices, probabilities) sees each new batch."""
+    on_batch(indices, probabilities) sees each new batch. `tta` (default: SCORE_TTA): "flip" averages each row's
+    probabilities with its mirror image's (each batch is followed by its mirrored twin)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -185,13 +215,18 @@ def score_rows(model, template, label_ids: list[int], rows: list[dict], batch_si
         use_files_if_shm_is_small()
     order = [i for i in (bucket_order(rows) if bucket else range(len(rows))) if i not in (done or {})]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    mirror = (tta or tta_mode()) == "flip"
+    views = 2 if mirror else 1
+    sampler = [view for chunk in batches for view in ([chunk, [len(rows) + i for i in chunk]] if mirror else [chunk])]
     pixel_dtype = model.dtype if use_autocast(model) else None
-    loader = DataLoader(_Encoded(template, rows, pixel_dtype, prompt), batch_sampler=batches, collate_fn=template.data_collator,
-                        num_workers=min(workers, len(batches)), prefetch_factor=4 if workers else None,
-                        pin_memory=workers > 0 and torch.cuda.is_available())
+    loader = DataLoader(_Encoded(template, rows, pixel_dtype, prompt, mirror), batch_sampler=sampler,
+                        collate_fn=template.data_collator, num_workers=min(workers, len(sampler)),
+                        prefetch_factor=4 if workers else None, pin_memory=workers > 0 and torch.cuda.is_available())
+    encoded = iter(loader)
     with inference_context(model):
-        for chunk, batch in tqdm(zip(batches, loader), total=len(batches), desc="scoring", disable=not progress):
-            out[chunk] = forward_probs(model, template, batch, label_ids).cpu().numpy()
+        for chunk in tqdm(batches, desc="scoring", disable=not progress):
+            probs = sum(forward_probs(model, template, next(encoded), label_ids).cpu().numpy() for _ in range(views))
+            out[chunk] = probs / views
             if on_batch is not None:
                 on_batch(chunk, out[chunk])
     return out
@@ -223,7 +258,8 @@ def model_of(checkpoint: Path) -> dict:
 
 def job_record(checkpoint: Path, dataset: Path, swift_argv: list[str], model: dict | None = None) -> dict:
     """What a probability CSV depends on: the checkpoint's files (names, sizes, times), the rows, the arguments,
-    the model's labels and prompt, the merge and float8 knobs, and whether its prior is corrected."""
+    the model's labels and prompt, the merge and float8 knobs, test-time augmentation, and whether its prior is
+    corrected."""
     from tools.model import speedups
 
     files = sorted(p for p in Path(checkpoint).rglob("*") if p.is_file())
@@ -232,6 +268,7 @@ def job_record(checkpoint: Path, dataset: Path, swift_argv: list[str], model: di
             "checkpoint_files": images_digest(files),  # a stat per file: a retrained checkpoint differs
             "rows": file_digest(dataset), "swift_argv": list(swift_argv), **model,
             "speedups": speedups.policy(),  # merged or float8 weights round differently
+            "tta": tta_mode(),
             "prior_corrected": bool(model["class_shares"]) and prior.wanted()}
 
 
