@@ -54,3 +54,19 @@ def test_evaluation_from_a_confusion_matrix():
     assert e.confusion.dtype.kind == "i" and e.accuracy == pytest.approx(6 / 9)
     table = e.table()
     assert table.startswith("weighted F1 ") and "高风险" in table and len(table.splitlines()) == 2 + 5 + 1 + 5
+
+
+def test_offset_labels_are_the_fusions_labels_without_stage_2():
+    """One clipped log for the report, the decisions and the fusion: with β 0 the fusion's argmax is
+    offset_labels', zeros included (clipped, not -inf)."""
+    from tools.decide.fusion import features, fused_logits
+    from tools.report.metrics import log_probs, offset_labels
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(5), 200)
+    p[:5, 0] = 0.0
+    offsets = [1, 0.25, 0.75, 0, 0.25]
+    log_p1, logit2 = features(p, rng.random(200))
+    np.testing.assert_array_equal(offset_labels(p, offsets), fused_logits(log_p1, logit2, 0.0, offsets).argmax(1))
+    assert np.isfinite(log_probs(p)).all() and log_probs(p)[0, 0] == np.log(1e-6)
+    assert (offset_labels(p, [0] * 5) == p.argmax(1)).all()

@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from tools.decide.fusion import EPS  # the same clipping as the fusion's features: the same argmax
-from tools.report.metrics import WEIGHTS
+from tools.report.metrics import WEIGHTS, log_probs  # the fusion's clipping too: the same argmax
 
 GRID: tuple[float, ...] = tuple(np.round(np.arange(-3.0, 3.0001, 0.25), 2))
 
 
-def _log(p: np.ndarray) -> np.ndarray:
-    return np.log(np.clip(p, EPS, 1.0))
 
 
 def expected_weighted_f1(p: np.ndarray, offsets, weights: np.ndarray = WEIGHTS, log_p: np.ndarray | None = None
@@ -35,7 +32,7 @@ def expected_weighted_f1(p: np.ndarray, offsets, weights: np.ndarray = WEIGHTS, 
     """Σ_c w_c E[F1_c] of the decisions argmax(log p + offsets), p [N, K] taken as calibrated (log_p: its clipped
     log, when the caller has it already)."""
     p = np.asarray(p, dtype=np.float64)
-    pred = ((_log(p) if log_p is None else log_p) + np.asarray(offsets, dtype=np.float64)).argmax(1)
+    pred = ((log_probs(p) if log_p is None else log_p) + np.asarray(offsets, dtype=np.float64)).argmax(1)
     total = 0.0
     for c in range(p.shape[1]):
         chosen = pred == c
@@ -55,7 +52,7 @@ def f1_offsets(p: np.ndarray, weights: np.ndarray = WEIGHTS, grid=GRID, sweeps: 
         return offsets
     reference = int(p.sum(0).argmax())
     values = sorted(grid, key=lambda v: (abs(v), v))
-    log_p = _log(p)  # once, not per trial
+    log_p = log_probs(p)  # once, not per trial
     current = expected_weighted_f1(p, offsets, weights, log_p)
     for _ in range(sweeps):
         moved = False

@@ -16,10 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from tools.fileio import read_json, write_json
+from tools.report.metrics import EPS, log_probs
 from tools.task import HIGH_RISK_INDEX, LABELS
-
-EPS = 1e-6
-
 
 @dataclass
 class FusionParams:
@@ -44,9 +42,8 @@ class FusionParams:
 
 def features(p1: np.ndarray, p2_high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(log p1 [N, 5], logit p2 [N]), clipped away from 0 and 1; computed once, fused with many params."""
-    p1 = np.clip(np.asarray(p1, dtype=np.float64), EPS, 1.0)
     p2 = np.clip(np.asarray(p2_high, dtype=np.float64), EPS, 1 - EPS)
-    return np.log(p1), np.log(p2) - np.log1p(-p2)
+    return log_probs(p1), np.log(p2) - np.log1p(-p2)
 
 
 def fused_logits(log_p1: np.ndarray, logit2: np.ndarray, beta: float, offsets) -> np.ndarray:

@@ -12,6 +12,17 @@ import numpy as np
 from tools.task import CLASS_WEIGHTS, LABELS, MAX_SCORE
 
 WEIGHTS = np.array([CLASS_WEIGHTS[label] for label in LABELS])
+EPS = 1e-6  # probabilities are clipped to [EPS, 1] before their log: fusion, decisions and the report agree
+
+
+def log_probs(p) -> np.ndarray:
+    """log p, clipped away from 0 (float64): the scale fusion and the decision offsets work on."""
+    return np.log(np.clip(np.asarray(p, dtype=np.float64), EPS, 1.0))
+
+
+def offset_labels(p, offsets) -> np.ndarray:
+    """Label indices chosen by per-class log offsets: argmax(log p + offsets) (tools.decide.decisions)."""
+    return (log_probs(p) + np.asarray(offsets, dtype=np.float64)).argmax(1)
 
 
 def confusion_matrix(gold, pred, n: int = len(LABELS)) -> np.ndarray:

@@ -24,7 +24,7 @@ from tools import cli
 from tools.data.lists import read_list
 from tools.fileio import DataError, atomic_open, read_json, write_text
 from tools.probs import read_probabilities
-from tools.report.metrics import WEIGHTS, Evaluation, evaluate, roc_auc
+from tools.report.metrics import WEIGHTS, Evaluation, evaluate, offset_labels, roc_auc
 from tools.task import HIGH_RISK, HIGH_RISK_INDEX, LABEL_TO_INDEX, LABELS, MAX_SCORE, Layout
 
 SHORT_NAMES: tuple[str, ...] = ("High", "Medium", "Low", "None", "NotCorridor")  # LABELS order, for pictures
@@ -140,7 +140,7 @@ def build_report(gold, p1: np.ndarray, p2_high: np.ndarray, fused: np.ndarray, d
                   stage1_high=binary(gold_high, pred1 == HIGH_RISK_INDEX),
                   fused_high=binary(gold_high, predf == HIGH_RISK_INDEX), reliability=reliability(p1, gold), auc=auc,
                   decisions=None if decision_offsets is None else evaluate(
-                      gold, (np.log(np.clip(p1, 1e-6, 1.0)) + np.asarray(decision_offsets, dtype=np.float64)).argmax(1)))
+                      gold, offset_labels(p1, decision_offsets)))
 
 
 # ---------------------------------------------------------------------------------------------- Markdown
