@@ -1,0 +1,69 @@
+"""Patch (on import): liger-kernel's Qwen2.5-VL forward keeps only the positions `logits_to_keep` asks for.
+
+swift trims each batch to its supervised tail (`logits_to_keep`, a few positions of the 1,365: the answer) when the
+model's forward takes that argument (swift.trainers.mixin.get_use_logits_to_keep). liger's replacement forward
+(liger_kernel.transformers.model.qwen2_5_vl.lce_forward, installed by `--use_liger_kernel true`) does not name it, so
+swift turns trimming off and every position goes through the LM head: with swift's own loss the fused linear
+cross-entropy runs over all 5,460 positions of a batch of 4, and with a custom loss (stage 2's weighted_ce) liger
+returns full [4, 1365, 151936] logits (20.8 GiB peak instead of 11.3 on the 3B, bench/README.md). The wrapper below
+names `logits_to_keep` and cuts the language model's last hidden states to those positions before liger's head
+(logits, or its fused loss on swift's equally trimmed labels), as transformers' own forward does.
+
+Installed by replacing the module attribute liger's `apply_liger_kernel_to_qwen2_5_vl` imports when swift applies
+it; nothing changes without liger or with logits_to_keep 0. Knob: FIRESAFE_LIGER_KEEP=0 leaves liger as it is.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+ENABLED = os.environ.get("FIRESAFE_LIGER_KEEP", "1").strip() != "0"
+
+
+def _liger_module():
+    try:
+        from liger_kernel.transformers.model import qwen2_5_vl
+    except ImportError:  # liger is optional (the CPU demo runs without it)
+        return None
+    return qwen2_5_vl
+
+
+def keep_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """hidden[:, positions] as transformers slices before its LM head: the last n for an int, else an index/mask."""
+    index = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    return hidden[:, index]
+
+
+def wrap(lce_forward):
+    """liger's forward with an explicit `logits_to_keep` (so swift trims), applied to the decoder's output."""
+    def forward(self, *args, logits_to_keep: int | torch.Tensor = 0, **kwargs):
+        if isinstance(logits_to_keep, int) and logits_to_keep == 0:
+            return lce_forward(self, *args, **kwargs)
+
+        def cut(module, module_args, module_kwargs, output):
+            if isinstance(output, tuple):
+                return (keep_positions(output[0], logits_to_keep), *output[1:])
+            output.last_hidden_state = keep_positions(output.last_hidden_state, logits_to_keep)
+            return output
+
+        handle = self.model.register_forward_hook(cut, with_kwargs=True)
+        try:
+            return lce_forward(self, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    forward.__wrapped_original__ = lce_forward
+    forward.__doc__ = lce_forward.__doc__
+    return forward
+
+
+def apply(enabled: bool | None = None) -> None:
+    module = _liger_module()
+    if module is None:
+        return
+    original = getattr(module.lce_forward, "__wrapped_original__", module.lce_forward)
+    module.lce_forward = wrap(original) if (ENABLED if enabled is None else enabled) else original
+
+
+apply()

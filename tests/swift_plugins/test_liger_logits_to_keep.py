@@ -1,0 +1,70 @@
+"""swift_plugins/patches/liger_logits_to_keep.py: liger's Qwen2.5-VL forward, wrapped, returns the logits of the kept
+positions (what transformers' own forward returns) and hands its fused loss the kept hidden states only."""
+from __future__ import annotations
+
+import inspect
+from types import MethodType
+
+import pytest
+import torch
+
+pytest.importorskip("liger_kernel")
+patch = pytest.importorskip("swift_plugins.patches.liger_logits_to_keep")
+from liger_kernel.transformers.model import qwen2_5_vl as liger_qwen  # noqa: E402
+
+from tests.swift_plugins.test_checkpoint_layers import tiny  # noqa: E402
+
+
+def liger_model():
+    """The tiny model, and a second object sharing its weights whose forward is liger's, wrapped."""
+    model = tiny(layers=2).eval()
+    assert liger_qwen.lce_forward.__wrapped_original__  # installed on import
+    wrapped = MethodType(liger_qwen.lce_forward, model)
+    return model, wrapped
+
+
+def test_swift_sees_logits_to_keep_and_turns_trimming_on():
+    # swift.trainers.mixin.get_use_logits_to_keep: on only when the forward names the argument
+    assert "logits_to_keep" in inspect.signature(liger_qwen.lce_forward).parameters
+    assert "logits_to_keep" not in inspect.signature(liger_qwen.lce_forward.__wrapped_original__).parameters
+
+
+@pytest.mark.parametrize("keep", [3, "mask"])
+def test_logits_of_the_kept_positions_as_transformers(keep):
+    model, liger_forward = liger_model()
+    ids = torch.randint(0, 240, (2, 11), generator=torch.Generator().manual_seed(0))
+    if keep == "mask":  # swift's form for one packed row: a boolean mask over the positions
+        keep = torch.zeros(11, dtype=torch.bool)
+        keep[[4, 9, 10]] = True
+    with torch.no_grad():
+        expected = model(input_ids=ids, logits_to_keep=keep).logits
+        got = liger_forward(input_ids=ids, logits_to_keep=keep).logits
+        full = liger_forward(input_ids=ids).logits
+    assert got.shape == expected.shape == (2, 3, 256) and full.shape == (2, 11, 256)
+    torch.testing.assert_close(got, expected)
+    assert not model.model._forward_hooks  # the cut is removed after each call
+
+
+def test_the_fused_loss_gets_the_kept_hidden_states(monkeypatch):
+    model, liger_forward = liger_model()
+    seen = {}
+
+    def loss(hidden_states, lm_head_weight, labels, shift_labels, hidden_size, **kw):
+        seen.update(hidden=hidden_states.shape, labels=labels.shape)
+        return hidden_states.sum() * 0
+
+    monkeypatch.setattr(liger_qwen, "LigerForCausalLMLoss", loss)
+    monkeypatch.setattr(liger_qwen, "unpack_cross_entropy_result", lambda r: (r, None, None, None))
+    model.train()
+    ids = torch.randint(0, 240, (2, 11), generator=torch.Generator().manual_seed(0))
+    liger_forward(input_ids=ids, labels=ids[:, -4:], logits_to_keep=4)  # labels trimmed by swift to the same 4
+    assert seen == {"hidden": (2, 4, 64), "labels": (2, 4)}
+
+
+def test_off(monkeypatch):
+    patch.apply(enabled=False)
+    try:
+        assert liger_qwen.lce_forward is getattr(liger_qwen.lce_forward, "__wrapped_original__", liger_qwen.lce_forward)
+        assert "logits_to_keep" not in inspect.signature(liger_qwen.lce_forward).parameters
+    finally:
+        patch.apply()
