@@ -15,10 +15,17 @@ from liger_kernel.transformers.model import qwen2_5_vl as liger_qwen  # noqa: E4
 from tests.swift_plugins.test_checkpoint_layers import tiny  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def turned_on():
+    patch.apply(enabled=True)  # FIRESAFE_LIGER_KEEP=1
+    yield
+    patch.apply()
+
+
 def liger_model():
-    """The tiny model, and a second object sharing its weights whose forward is liger's, wrapped."""
+    """The tiny model, and liger's forward, wrapped, bound to it."""
     model = tiny(layers=2).eval()
-    assert liger_qwen.lce_forward.__wrapped_original__  # installed on import
+    assert liger_qwen.lce_forward.__wrapped_original__
     wrapped = MethodType(liger_qwen.lce_forward, model)
     return model, wrapped
 
@@ -51,7 +58,7 @@ def test_the_fused_loss_gets_the_kept_hidden_states(monkeypatch):
 
     def loss(hidden_states, lm_head_weight, labels, shift_labels, hidden_size, **kw):
         seen.update(hidden=hidden_states.shape, labels=labels.shape)
-        return hidden_states.sum() * 0
+        return hidden_states.view(-1, hidden_size).sum() * 0  # as liger flattens them: needs a contiguous cut
 
     monkeypatch.setattr(liger_qwen, "LigerForCausalLMLoss", loss)
     monkeypatch.setattr(liger_qwen, "unpack_cross_entropy_result", lambda r: (r, None, None, None))
@@ -61,10 +68,11 @@ def test_the_fused_loss_gets_the_kept_hidden_states(monkeypatch):
     assert seen == {"hidden": (2, 4, 64), "labels": (2, 4)}
 
 
-def test_off(monkeypatch):
-    patch.apply(enabled=False)
-    try:
-        assert liger_qwen.lce_forward is getattr(liger_qwen.lce_forward, "__wrapped_original__", liger_qwen.lce_forward)
-        assert "logits_to_keep" not in inspect.signature(liger_qwen.lce_forward).parameters
-    finally:
-        patch.apply()
+def test_off_by_default(monkeypatch):
+    monkeypatch.delenv("FIRESAFE_LIGER_KEEP", raising=False)
+    import importlib
+
+    importlib.reload(patch)
+    assert not patch.ENABLED
+    assert not hasattr(liger_qwen.lce_forward, "__wrapped_original__")
+    assert "logits_to_keep" not in inspect.signature(liger_qwen.lce_forward).parameters
