@@ -21,6 +21,7 @@ be run again there.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -65,11 +66,16 @@ def wrap(lce_forward):
 
 
 def apply(enabled: bool | None = None) -> None:
+    """Install the wrapper (idempotent), or with it off put liger's own forward back; off, liger is not imported
+    (the plugins load in every swift process, the CPU demo's included)."""
+    enabled = ENABLED if enabled is None else enabled
+    if not enabled and "liger_kernel.transformers.model.qwen2_5_vl" not in sys.modules:
+        return
     module = _liger_module()
     if module is None:
         return
     original = getattr(module.lce_forward, "__wrapped_original__", module.lce_forward)
-    module.lce_forward = wrap(original) if (ENABLED if enabled is None else enabled) else original
+    module.lce_forward = wrap(original) if enabled else original
 
 
 apply()
