@@ -297,6 +297,15 @@ def cls_row(image_path: str | Path, label_index: int, prompt: str = PROMPT) -> d
     return {"messages": [user_message(prompt)], "images": [os.path.abspath(image_path)], "label": int(label_index)}
 
 
+def labelled_rows(samples, target: str = "five", task: str = "causal_lm") -> list[dict]:
+    """swift rows, one per sample (anything with .path and .label): the answer for the stage's target (five labels,
+    or 高风险 vs 非高风险) as text (causal_lm) or as the class index for a head (seq_cls), with its prompt."""
+    labels, prompt = TARGETS[target]
+    if task == "seq_cls":
+        return [cls_row(s.path, labels.index(answer_for(s.label, target)), prompt) for s in samples]
+    return [sft_row(s.path, answer_for(s.label, target), prompt) for s in samples]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.task", description="Print one path of the output layout.",
                                  epilog="NAME is a Layout attribute (run_dir, train_jsonl, probs, ...); ARGS are "

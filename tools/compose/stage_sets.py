@@ -32,43 +32,16 @@ from typing import Sequence
 from tools import cli
 from tools.augment.record import kept_copies
 from tools.compose.rules import DEFAULT_COMPOSITION, stage_sets
-from tools.data.lists import Sample, class_counts, count_table, read_list
-from tools.fileio import DataError, read_json, write_json, write_jsonl
+from tools.data.lists import Sample, class_counts, count_table
+from tools.data.prepare import read_split
+from tools.fileio import write_json, write_jsonl
 from tools.state import digest, file_digest, fingerprint, images_digest
-from tools.task import FINAL, STAGES, TARGETS, TASKS, Layout, answer_for, cls_row, sft_row
-
-
-def sft_rows(samples: Sequence[Sample], target: str = "five", task: str = "causal_lm") -> list[dict]:
-    """swift rows, one labelled row per sample: the answer for the stage's target (five labels, or 高风险 vs
-    非高风险) as text (causal_lm) or as the class index for a head (seq_cls)."""
-    labels, prompt = TARGETS[target]
-    if task == "seq_cls":
-        return [cls_row(s.path, labels.index(answer_for(s.label, target)), prompt) for s in samples]
-    return [sft_row(s.path, answer_for(s.label, target), prompt) for s in samples]
+from tools.task import FINAL, STAGES, TARGETS, TASKS, Layout, labelled_rows, sft_row
 
 
 def write_sft_rows(path: Path, samples: Sequence[Sample], target: str = "five", task: str = "causal_lm") -> None:
-    """sft_rows as swift JSONL, written atomically."""
-    write_jsonl(path, sft_rows(samples, target, task))
-
-
-def read_split(layout: Layout) -> tuple[dict, list[Sample], list[Sample], list[Sample], list[list[Sample]]]:
-    """(split record, training part, validation part, test list, folds) as tools.data.prepare wrote them."""
-    if not layout.split_record.exists():
-        raise DataError(f"{layout.split_record}: not found: run tools.data.prepare (data-pre.sh) first")
-    record = read_json(layout.split_record)
-    images = record["train_images"]
-
-    def labelled(path: Path) -> list[Sample]:
-        if not path.read_text(encoding="utf-8").strip():
-            return []
-        return read_list(path, images, labelled=True, check_images=False, progress=False)
-
-    fit, val = labelled(layout.train_split), labelled(layout.val_list)
-    test = read_list(layout.test_list, record["test_images"], labelled=record["test_labelled"], check_images=False,
-                     progress=False)
-    folds = [labelled(layout.fold_list(i)) for i in range(record["folds"] if record["folds"] > 1 else 0)]
-    return record, fit, val, test, folds
+    """tools.task.labelled_rows as swift JSONL, written atomically."""
+    write_jsonl(path, labelled_rows(samples, target, task))
 
 
 def compose(args: argparse.Namespace) -> dict:

@@ -153,6 +153,25 @@ def prepare(args: argparse.Namespace) -> dict:
     return record
 
 
+def read_split(layout: Layout) -> tuple[dict, list[Sample], list[Sample], list[Sample], list[list[Sample]]]:
+    """(split record, training part, validation part, test list, folds) as prepare() wrote them."""
+    if not layout.split_record.exists():
+        raise DataError(f"{layout.split_record}: not found: run tools.data.prepare (data-pre.sh) first")
+    record = read_json(layout.split_record)
+    images = record["train_images"]
+
+    def labelled(path: Path) -> list[Sample]:
+        if not path.read_text(encoding="utf-8").strip():
+            return []
+        return read_list(path, images, labelled=True, check_images=False, progress=False)
+
+    fit, val = labelled(layout.train_split), labelled(layout.val_list)
+    test = read_list(layout.test_list, record["test_images"], labelled=record["test_labelled"], check_images=False,
+                     progress=False)
+    folds = [labelled(layout.fold_list(i)) for i in range(record["folds"] if record["folds"] > 1 else 0)]
+    return record, fit, val, test, folds
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = cli.parser("tools.data.prepare", __doc__)
     ap.add_argument("--data-dir", required=True, help="competition data folder (official layout)")

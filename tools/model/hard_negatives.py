@@ -26,13 +26,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from tools import cli
-from tools.compose.stage_sets import read_split, sft_rows
 from tools.data.lists import Sample
+from tools.data.prepare import read_split
 from tools.fileio import DataError, read_jsonl, write_json, write_jsonl
 from tools.model.checkpoint import read_pointer
 from tools.probs import aligned_probs
 from tools.state import check_data, stage_target
-from tools.task import FINAL, HIGH_RISK, HIGH_RISK_INDEX, TASKS, Layout, sft_row
+from tools.task import FINAL, HIGH_RISK, HIGH_RISK_INDEX, TASKS, Layout, labelled_rows, sft_row
 
 Scorer = Callable[[Path, Path, Path], None]  # (checkpoint, rows to score, probability CSV to write)
 
@@ -94,7 +94,7 @@ def mine(layout: Layout, run: str | int, ratio: float, task: str = "causal_lm", 
     picked = [candidates[i] for i in chosen]
     base = layout.train_jsonl("stage2", run, task)
     out = layout.hard_negative_train_jsonl(run, task)
-    write_jsonl(out, read_jsonl(base) + sft_rows(picked, stage_target(manifest, "stage2"), task))
+    write_jsonl(out, read_jsonl(base) + labelled_rows(picked, stage_target(manifest, "stage2"), task))
     write_json(layout.hard_negative_record(run), {
         "ratio": ratio, "count": len(picked), "stage1_checkpoint": str(checkpoint.relative_to(layout.root)),
         "candidates": len(candidates), "base_rows": str(base.relative_to(layout.root)), "task": task,
