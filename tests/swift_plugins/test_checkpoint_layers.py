@@ -8,22 +8,7 @@ import pytest
 import torch
 
 cl = pytest.importorskip("swift_plugins.patches.checkpoint_layers")
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
-
-
-def tiny(layers: int = 4):
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[1]),
-        image_token_id=250, video_token_id=251, vision_start_token_id=252, vision_end_token_id=253,
-    )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return Qwen2_5_VLForConditionalGeneration(config)
+from tests.swift_plugins.support import micro_model  # noqa: E402
 
 
 def flags(model):
@@ -42,7 +27,7 @@ def grads(model, n_skip, monkeypatch):
 
 
 def test_the_last_layers_keep_their_activations(monkeypatch):
-    model = tiny()
+    model = micro_model()
     monkeypatch.setenv(cl.ENV, "1")
     model.gradient_checkpointing_enable()
     assert flags(model) == ([True, True, True, False], [True, True])
@@ -56,7 +41,7 @@ def test_the_last_layers_keep_their_activations(monkeypatch):
 
 
 def test_same_gradients_as_full_checkpointing(monkeypatch):
-    model = tiny()
+    model = micro_model()
     full = grads(model, 0, monkeypatch)
     calls = []
     for layer in model.model.language_model.layers:  # count the layers run under checkpoint

@@ -12,7 +12,7 @@ pytest.importorskip("liger_kernel")
 patch = pytest.importorskip("swift_plugins.patches.liger_logits_to_keep")
 from liger_kernel.transformers.model import qwen2_5_vl as liger_qwen  # noqa: E402
 
-from tests.swift_plugins.test_checkpoint_layers import tiny  # noqa: E402
+from tests.swift_plugins.support import micro_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +24,7 @@ def turned_on():
 
 def liger_model():
     """The tiny model, and liger's forward, wrapped, bound to it."""
-    model = tiny(layers=2).eval()
+    model = micro_model(layers=2).eval()
     assert liger_qwen.lce_forward.__wrapped_original__
     wrapped = MethodType(liger_qwen.lce_forward, model)
     return model, wrapped
