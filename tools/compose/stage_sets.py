@@ -33,7 +33,7 @@ from tools import cli
 from tools.augment.record import kept_copies
 from tools.compose.rules import DEFAULT_COMPOSITION, stage_sets
 from tools.data.lists import Sample, class_counts, count_table
-from tools.data.prepare import read_split
+from tools.data.prepare import read_split, without_fold
 from tools.fileio import write_json, write_jsonl
 from tools.state import digest, file_digest, fingerprint, images_digest
 from tools.task import FINAL, STAGES, TARGETS, TASKS, Layout, labelled_rows, sft_row
@@ -72,7 +72,7 @@ def compose(args: argparse.Namespace) -> dict:
     shutil.rmtree(layout.train_jsonl("stage1", 0).parent.parent, ignore_errors=True)  # own fold sets of an earlier run
     for i, held in enumerate(folds):
         held_names = {s.name for s in held}
-        rest = [s for s in fit if s.name not in held_names]
+        rest = without_fold(fit, held)
         fold_copies = [c for c in copies if sources[c.name] not in held_names]  # no held-out image, not even a copy
         fold1, fold2 = stage_sets(rest, composition, seed, fold_copies)
         write_rows("stage1", i, fold1)

@@ -172,6 +172,12 @@ def read_split(layout: Layout) -> tuple[dict, list[Sample], list[Sample], list[S
     return record, fit, val, test, folds
 
 
+def without_fold(fit: list[Sample], held: list[Sample]) -> list[Sample]:
+    """The training part without one fold's images: what that fold's runs train on (input order kept)."""
+    held_names = {s.name for s in held}
+    return [s for s in fit if s.name not in held_names]
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = cli.parser("tools.data.prepare", __doc__)
     ap.add_argument("--data-dir", required=True, help="competition data folder (official layout)")

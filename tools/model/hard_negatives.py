@@ -27,7 +27,7 @@ import numpy as np
 
 from tools import cli
 from tools.data.lists import Sample
-from tools.data.prepare import read_split
+from tools.data.prepare import read_split, without_fold
 from tools.fileio import DataError, read_jsonl, write_json, write_jsonl
 from tools.model.checkpoint import read_pointer
 from tools.probs import aligned_probs
@@ -44,8 +44,7 @@ def run_pool(layout: Layout, run: str | int) -> list[Sample]:
         return fit
     if not 0 <= int(run) < len(folds):
         raise DataError(f"run {run}: no such fold (data-pre.sh made {len(folds)} folds)")
-    held = {s.name for s in folds[int(run)]}
-    return [s for s in fit if s.name not in held]
+    return without_fold(fit, folds[int(run)])
 
 
 def hard_count(pool: Sequence[Sample], ratio: float) -> int:
@@ -79,7 +78,6 @@ def mine(layout: Layout, run: str | int, ratio: float, task: str = "causal_lm", 
     except FileNotFoundError as e:
         raise DataError(f"hard negatives for stage 2 are mined with the same run's stage 1, which has no model yet "
                         f"({e}); train stage 1 first, or set HARD_NEGATIVES=0") from None
-    pool = run_pool(layout, run)
     candidates = [s for s in pool if s.label != HIGH_RISK]
     n = hard_count(pool, ratio)
     rows_path, probs_path = layout.hard_negative_candidates(run), layout.hard_negative_probs(run)
