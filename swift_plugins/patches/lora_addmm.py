@@ -56,9 +56,9 @@ def addmm_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     self._check_forward_args(x)
     result = self.base_layer(x)
     h = lora_A(self.lora_dropout[name](self._cast_input_dtype(x, lora_A.weight.dtype)))
-    weight = lora_B.weight * self.scaling[name]  # [out, r]: the scaling on r x out numbers, not on the output
-    if not torch.is_autocast_enabled(x.device.type) and not (result.dtype == h.dtype == weight.dtype):
+    if not torch.is_autocast_enabled(x.device.type) and not (result.dtype == h.dtype == lora_B.weight.dtype):
         return (result + lora_B(h) * self.scaling[name]).to(result.dtype)  # mixed dtypes: PEFT's arithmetic
+    weight = lora_B.weight * self.scaling[name]  # [out, r]: the scaling on r x out numbers, not on the output
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), weight.t())
     return out.view(result.shape).to(result.dtype)
 
