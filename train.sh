@@ -36,6 +36,7 @@ export FIRESAFE_CLASS_WEIGHTS=${FIRESAFE_CLASS_WEIGHTS:-}  # weighted_ce: "3,1.5
 export FIRESAFE_FOCAL_GAMMA=${FIRESAFE_FOCAL_GAMMA:-0}     # weighted_ce: focal term γ (0 = plain weighted CE)
 export FIRESAFE_AMP_LAYERS=${FIRESAFE_AMP_LAYERS:-auto}   # hr_amplifier: LLM layers with the attention bias
 export FIRESAFE_AMP_LR=${FIRESAFE_AMP_LR:-}               # hr_amplifier: its own learning rate (empty = 1e-2)
+export FIRESAFE_AMP_ATTN=${FIRESAFE_AMP_ATTN:-fused}      # hr_amplifier: β as one more head dim (fused SDPA) | mask
 
 [[ -n "${MODEL_STAGE1:-}" && -e "$MODEL_STAGE1" ]] && MODEL_STAGE1=$(realpath "$MODEL_STAGE1")  # a folder, from here
 [[ -n "${MODEL_STAGE2:-}" && -e "$MODEL_STAGE2" ]] && MODEL_STAGE2=$(realpath "$MODEL_STAGE2")
@@ -55,7 +56,7 @@ FOLDS=${FOLDS:-$recorded_folds}               # 1 = no fold runs
 source "recipes/$RECIPE.env"                  # the recipe's knobs below (MAX_PIXELS, LORA_RANK, ...)
 export MAX_PIXELS                             # swift caps qwen_vl_utils' resize by it (tools/data/images.py)
 python -m tools.knobs STAGES="$STAGES" RUNS="$RUNS" SEED="$SEED" RESUME="$RESUME" ALLOW_STALE="$ALLOW_STALE" \
-  FIRESAFE_AMP_LR="$FIRESAFE_AMP_LR" STAGE1_TASK="$STAGE1_TASK" STAGE2_TASK="$STAGE2_TASK" HARD_NEGATIVES="$HARD_NEGATIVES" \
+  FIRESAFE_AMP_LR="$FIRESAFE_AMP_LR" FIRESAFE_AMP_ATTN="$FIRESAFE_AMP_ATTN" STAGE1_TASK="$STAGE1_TASK" STAGE2_TASK="$STAGE2_TASK" HARD_NEGATIVES="$HARD_NEGATIVES" \
   MODEL_STAGE1="$MODEL_STAGE1" MODEL_STAGE2="$MODEL_STAGE2" FOLDS="$FOLDS" MAX_PIXELS="$MAX_PIXELS" \
   TORCH_DTYPE="$TORCH_DTYPE" LORA_RANK="$LORA_RANK" LORA_ALPHA="$LORA_ALPHA" LORA_DROPOUT="$LORA_DROPOUT" \
   LEARNING_RATE="$LEARNING_RATE" EPOCHS_STAGE1="$EPOCHS_STAGE1" EPOCHS_STAGE2="$EPOCHS_STAGE2" \

@@ -275,7 +275,7 @@ def run_config(a, name: str, cmd: list[str], env: dict | None = None, kind: str 
         log(f"{name}: FAILED (rc {rc}) after {wall:.0f} s; log tail:\n{data['error'][-1500:]}")
     else:
         log(f"{name}: done in {wall:.0f} s: " + json.dumps({k: v for k, v in data.items()
-                                                            if k not in ("cmd", "step_times", "profile")}))
+                                                            if k not in ("cmd", "step_times", "profile", "profile_self")}))
     result.write_text(json.dumps(data, indent=1))
     return data
 
@@ -435,9 +435,12 @@ def swift_shim(argv: list[str]) -> None:
                 self.times.append(time.perf_counter())
                 if self.prof is not None:
                     self.prof.stop()
-                    table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
-                    data["profile"] = table
-                    print(table, flush=True)
+                    averages = self.prof.key_averages()
+                    data["profile"] = averages.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+                    # by the kernels' own time: where the GPU actually spends the step
+                    data["profile_self"] = averages.table(sort_by="self_cuda_time_total", row_limit=45,
+                                                         max_name_column_width=70)
+                    print(data["profile"], data["profile_self"], sep="\n", flush=True)
                     self.prof = None
                 elif os.environ.get("BENCH_PROFILE") and state.global_step == state.max_steps - 1:
                     self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,

@@ -12,9 +12,17 @@ Everything is applied with PyTorch hooks on the model's own modules (no copied t
 hook on the vision tower `visual` (outside swift's no-grad wrapper for a frozen tower, so the gate trains; a hook
 on `visual.merger` itself would run inside it), a pre-hook on the input embedding (it sees the token ids, so it
 records where the image tokens are) and pre-hooks on the chosen layers' `self_attn` (they add β to the attention
-mask they receive). The bias needs an additive mask, so the LLM must run with `--attn_impl sdpa` (transformers'
-default) or `eager`; flash-attention is refused. Weights live in one module, `HighRiskAmplifier`, attached to the
-HF model as `hr_amplifier`; it is saved beside the adapter as amplifier.safetensors + amplifier_config.json.
+mask they receive). Weights live in one module, `HighRiskAmplifier`, attached to the HF model as `hr_amplifier`;
+it is saved beside the adapter as amplifier.safetensors + amplifier_config.json.
+
+Two ways to add β, the same logits (FIRESAFE_AMP_ATTN): "fused" (the default with `--attn_impl sdpa`) appends one
+more dimension to each head, q' = [q, β[h]], k' = [k, [key is an image token] / scale] (zero-padded to a multiple of
+8), so q'·k'·scale = q·k·scale + β[h]·[image key] and SDPA keeps its fused flash/cuDNN kernel with `is_causal`; "mask"
+(and every `eager` run) builds the biased [B, H, Q, K] additive mask, which sends SDPA to its slower masked kernel
+and computes a gradient for the whole mask. The fused path is a patch: attach() wraps transformers' "sdpa" attention
+function through its registry (AttentionInterface.register), and the wrapper acts only on the calls whose layer hook
+hands it this amplifier's bias (the `amp_key_bias` keyword, which the attention module passes through to its
+attention function); every other call runs transformers' sdpa unchanged. flash-attention is refused (no bias at all).
 
 DeepSpeed layout. Every parameter is read only inside the forward of the module that owns it, and once per
 forward pass: the gate's in `VisualGate.forward` (called from the vision tower's hook), and each biased layer's β
@@ -26,6 +34,7 @@ per backward, which ZeRO-2 requires ("gradient computed twice"). Checkpoints of 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -44,6 +53,15 @@ ATTR = "hr_amplifier"  # attribute of the HF model that holds the amplifier
 WEIGHTS_FILE = "amplifier.safetensors"
 CONFIG_FILE = "amplifier_config.json"
 ENV_LAYERS = "FIRESAFE_AMP_LAYERS"
+ENV_ATTN = "FIRESAFE_AMP_ATTN"  # fused (default) | mask: how β reaches the attention logits (module docstring)
+KEY_PAD = 8  # extra head dimensions of the fused path: one carries the bias, the rest keep the size a multiple of 8
+
+
+def attn_path_from_env() -> str:
+    value = (os.environ.get(ENV_ATTN) or "fused").strip().lower()
+    if value not in ("fused", "mask"):
+        raise ValueError(f"{ENV_ATTN}={value!r}: expected fused or mask")
+    return value
 
 
 def resolve_layers(spec: str | None, n_layers: int) -> list[int]:
@@ -111,7 +129,7 @@ class VisualGate(nn.Module):
 
 
 class AttentionBias(nn.Module):
-    """β[h] of one decoder layer: forward(mask, keys) = mask + β[h] · [key is an image token]; β = 0 at start.
+    """β[h] of one decoder layer, added to the attention logits of image-token keys; β = 0 at start.
 
     The parameter is named `bias` so that HF's decay rule (no weight decay for `*bias*`) leaves it undecayed, and
     it is read only here, so ZeRO-3's hooks on this module gather it (see the module docstring)."""
@@ -120,10 +138,66 @@ class AttentionBias(nn.Module):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(num_heads))
 
-    def forward(self, mask: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """mask [B, 1 or H, Q, K] additive, keys [B, K] bool -> [B, H, Q, K]."""
-        beta = self.bias.to(device=mask.device, dtype=mask.dtype)
-        return mask + beta[None, :, None, None] * keys[:, None, None, :].to(mask.dtype)
+    def forward(self, keys: torch.Tensor, mask: torch.Tensor | None = None,
+                qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, scaling: float | None = None):
+        """keys [B, K] bool (True at image tokens), and one of:
+        mask [B, 1 or H, Q, K] additive -> mask + β[h]·keys, [B, H, Q, K] (the "mask" path);
+        qkv (query [B, H, Q, D], key and value [B, Hkv, K, D]) and the attention's scaling -> the same three with
+        KEY_PAD more dimensions, so that SDPA at that scaling adds β[h]·keys to the logits (the "fused" path)."""
+        if qkv is None:
+            beta = self.bias.to(device=mask.device, dtype=mask.dtype)
+            return mask + beta[None, :, None, None] * keys[:, None, None, :].to(mask.dtype)
+        query, key, value = qkv
+        (batch, heads, n_queries, _), n_kv = query.shape, key.shape[1]
+        beta = self.bias.to(device=query.device, dtype=query.dtype)[None, :, None, None]
+        q_extra = torch.cat([beta.expand(batch, heads, n_queries, 1),
+                             query.new_zeros(batch, heads, n_queries, KEY_PAD - 1)], -1)
+        k_col = (keys.to(key.dtype) / scaling)[:, None, :, None].expand(batch, n_kv, keys.shape[1], 1)
+        k_extra = torch.cat([k_col, key.new_zeros(batch, n_kv, keys.shape[1], KEY_PAD - 1)], -1)
+        return (torch.cat([query, q_extra], -1), torch.cat([key, k_extra], -1), F.pad(value, (0, KEY_PAD)))
+
+
+def _sdpa_with_key_bias(sdpa, module, query, key, value, attention_mask, *args, amp_key_bias=None, **kwargs):
+    """transformers' sdpa attention function (`sdpa`), with the amplifier's β when a layer hook passes
+    amp_key_bias = (AttentionBias, keys [B, K]): q/k/v get the extra dimensions, the output loses them again."""
+    if amp_key_bias is None:
+        return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
+    bias, keys = amp_key_bias
+    if keys.shape[1] != key.shape[2]:
+        raise RuntimeError(f"hr_amplifier: {keys.shape[1]} key flags for {key.shape[2]} attention keys")
+    head_dim = query.shape[-1]
+    # SDPA's default scale would follow the padded head size: pass the layer's own
+    kwargs["scaling"] = kwargs.get("scaling") or head_dim ** -0.5
+    query, key, value = bias(keys, qkv=(query, key, value), scaling=kwargs["scaling"])
+    out, weights = sdpa(module, query, key, value, attention_mask, *args, **kwargs)
+    return out[..., :head_dim], weights
+
+
+def install_fused_attention() -> bool:
+    """Patch: wrap transformers' registered "sdpa" attention function with _sdpa_with_key_bias (once per process).
+    False where transformers has no AttentionInterface (the mask path is used then)."""
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+    except ImportError:
+        return False
+    current = ALL_ATTENTION_FUNCTIONS.get("sdpa")
+    if current is None:
+        return False
+    if not getattr(current, "firesafe_key_bias", False):
+        wrapper = functools.partial(_sdpa_with_key_bias, current)
+        wrapper.firesafe_key_bias = True
+        AttentionInterface.register("sdpa", wrapper)
+        if "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping:  # an instance override would hide the registry's
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = wrapper
+    return True
+
+
+def fused_attention_installed() -> bool:
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    except ImportError:
+        return False
+    return bool(getattr(ALL_ATTENTION_FUNCTIONS.get("sdpa"), "firesafe_key_bias", False))
 
 
 def _map_legacy_attn_bias(module, state_dict, prefix, *args) -> None:
@@ -147,6 +221,7 @@ class HighRiskAmplifier(nn.Module):
         self.attn_bias = nn.ModuleDict({str(layer): AttentionBias(config.num_heads) for layer in config.layers})
         self.register_load_state_dict_pre_hook(_map_legacy_attn_bias)
         self.enabled = True  # False: every hook passes through (plain LoRA), for comparisons
+        self.attn_path = attn_path_from_env()  # "fused" or "mask": how β reaches the logits (module docstring)
         self._visual_keys: torch.Tensor | None = None  # [B, S] True where the key is an image/video token
         self._handles: list = []
 
@@ -156,6 +231,8 @@ class HighRiskAmplifier(nn.Module):
         if self._handles:
             raise RuntimeError("amplifier already attached")
         self.to(next(visual.merger.parameters()).device)
+        if self.attn_path == "fused" and self.config.layers:
+            install_fused_attention()
         self._handles.append(visual.register_forward_hook(self._gate_hook))
         self._handles.append(embed.register_forward_pre_hook(self._ids_hook))
         for index in self.config.layers:
@@ -269,8 +346,9 @@ class HighRiskAmplifier(nn.Module):
 
 
 class _AttentionHook:
-    """Pre-hook of one decoder layer's self_attn: adds β[h] to the attention mask at image-token keys (through
-    that layer's AttentionBias module, so DeepSpeed sees the parameter used inside its owner's forward)."""
+    """Pre-hook of one decoder layer's self_attn: hands that layer's AttentionBias and the image-key flags to the
+    wrapped sdpa (fused path), or adds β[h] to the attention mask at image-token keys (mask path); either way β is
+    read inside its owner's forward, so DeepSpeed sees it used there."""
 
     def __init__(self, amplifier: HighRiskAmplifier, layer: int):
         self.amplifier, self.layer = amplifier, layer
@@ -299,6 +377,9 @@ class _AttentionHook:
         keys = amp.visual_keys(batch, n_keys, hidden.device)
         if keys is None:
             return None
+        if impl == "sdpa" and amp.attn_path == "fused" and fused_attention_installed():
+            kwargs["amp_key_bias"] = (amp.attn_bias[str(self.layer)], keys)  # to the attention function, mask as is
+            return args, kwargs
         dtype = hidden.dtype
         lowest = torch.finfo(dtype).min
         if mask is None:
@@ -310,7 +391,7 @@ class _AttentionHook:
             base = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, lowest)
         else:
             base = mask.to(dtype)
-        kwargs["attention_mask"] = amp.attn_bias[str(self.layer)](base, keys)
+        kwargs["attention_mask"] = amp.attn_bias[str(self.layer)](keys, mask=base)
         return args, kwargs
 
 

@@ -50,6 +50,7 @@ from tools import knobs as K
     ("FOLDS", "1_0", "a whole number >= 1"),  # int() takes it, bash's (( )) does not
     ("SEED", "4_2", "a whole number >= 0"),
     ("DEMO_TRAIN", "19", "a whole number >= 20"),
+    ("FIRESAFE_AMP_ATTN", "flash", "fused (β as one more head dimension, fused SDPA kernels) or mask"),
 ])
 def test_a_bad_value_names_the_knob_and_the_accepted_range(name, value, accepted):
     (message,) = K.problems({name: value})
@@ -65,7 +66,7 @@ def test_a_bad_value_names_the_knob_and_the_accepted_range(name, value, accepted
     ("RUNS", "final"), ("RESUME", "1"), ("ALLOW_STALE", "0"), ("LEARNING_RATE", "3e-3"), ("LORA_DROPOUT", "0"),
     ("WARMUP_RATIO", "0"), ("STAGE1_MIN_SHARE", ""), ("STAGE1_MIN_SHARE", "0.1"), ("STAGE1_MIN_SHARE", "0.5"),
     ("STAGE1_MIN_SHARE", "0"), ("STAGE2_HIGH_REPEAT", ""), ("STAGE2_OTHER_RATIO", "0"), ("DATA_DIR", ""),
-    ("TORCH_DTYPE", "bfloat16"), ("USE_LIGER_KERNEL_STAGE1", "true"),
+    ("TORCH_DTYPE", "bfloat16"), ("USE_LIGER_KERNEL_STAGE1", "true"), ("FIRESAFE_AMP_ATTN", "mask"),
 ])
 def test_good_values_pass(name, value):
     assert K.problems({name: value}) == []

@@ -141,6 +141,8 @@ KNOBS: dict[str, Knob] = {
     "STAGE2_TARGET": Knob("five (the five labels) or binary (高风险 vs 非高风险)", _one_of("five", "binary")),
     "PRIOR_CORRECTION": Knob("0 or 1", _one_of("0", "1")),
     "FIRESAFE_AMP_LR": Knob("empty (1e-2), or a number > 0", lambda t: t == "" or _number(float, 0, low_open=True)(t)),
+    "FIRESAFE_AMP_ATTN": Knob("fused (β as one more head dimension, fused SDPA kernels) or mask",
+                              _one_of("fused", "mask")),
     "ALLOW_STALE": Knob("0 or 1", _one_of("0", "1")),
     "DECISIONS": Knob("f1 (offsets maximising the expected weighted F1) or argmax", _one_of("f1", "argmax")),
     "SCORE_MERGE": Knob("auto (merge a half-precision model on CUDA), 0 or 1", _one_of("auto", "0", "1")),

@@ -58,6 +58,7 @@ def test_train_sh_turns_plugins_on_for_stage1_and_passes_knobs(tmp_path):
     assert flag(stage2, "--attn_impl") == ["eager"] and flag(stage2, "--gradient_checkpointing") == ["false"]
     env = swift_env(tmp_path)
     assert f"FIRESAFE_CLASS_WEIGHTS={HIGH_RISK}=3" in env and "FIRESAFE_AMP_LAYERS=auto" in env
+    assert "FIRESAFE_AMP_ATTN=fused" in env  # the amplifier's β through SDPA's fused kernels
     assert [line for line in env.splitlines() if "CKPT_SKIP" in line] == ["FIRESAFE_CKPT_SKIP_LAYERS=0"] * 2
 
 

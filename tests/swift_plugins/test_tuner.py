@@ -75,6 +75,7 @@ def test_attention_bias_is_a_logit_bias_on_image_keys(tiny_model, loaded):
     from swift_plugins._amplifier import AmplifierConfig, HighRiskAmplifier, _AttentionHook
 
     amp = HighRiskAmplifier(AmplifierConfig(hidden_size=8, num_heads=2, layers=[0], visual_token_ids=[9]))
+    amp.attn_path = "mask"
     with torch.no_grad():
         amp.attn_bias["0"].bias.copy_(torch.tensor([0.5, -1.0]))
     ids = torch.tensor([[0, 1, 9, 9, 2], [3, 9, 4, 5, 6]])
@@ -106,6 +107,64 @@ def test_attention_bias_is_a_logit_bias_on_image_keys(tiny_model, loaded):
     flash = SimpleNamespace(layer_idx=0, config=SimpleNamespace(_attn_implementation="flash_attention_2"))
     with pytest.raises(NotImplementedError, match="sdpa"):
         hook(flash, (), {"hidden_states": hidden, "attention_mask": None})
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_attention_bias_equals_the_mask_path(padded, monkeypatch):
+    """FIRESAFE_AMP_ATTN=fused (β as one more head dimension, SDPA unmasked and causal) gives the mask path's logits
+    and gradients (LoRA, gate and β), with and without padding; only the biased layers' SDPA calls change."""
+    from swift_plugins._amplifier import KEY_PAD
+    from tests.swift_plugins.support import micro_amplified, micro_batch
+
+    model, amp = micro_amplified(layers=3)
+    with torch.no_grad():
+        for module in amp.attn_bias.values():
+            module.bias.copy_(torch.randn_like(module.bias) * 2)
+    inputs, target = micro_batch(4)
+    if padded:
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        inputs["attention_mask"][1, -2:] = 0
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        if q.shape[1] == 4:  # the language model's 4 heads (the vision tower has 2)
+            calls.append((q.shape[-1], attn_mask is None, kw.get("is_causal")))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    results = {}
+    for path in ("mask", "fused"):
+        amp.attn_path = path
+        model.zero_grad()
+        calls.clear()
+        logits = model(**inputs, logits_to_keep=1).logits[:, -1]
+        torch.nn.functional.cross_entropy(logits[:, :5].float(), target).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[path] = (logits.detach(), grads, list(calls))
+    (mask_logits, mask_grads, mask_calls), (fused_logits, fused_grads, fused_calls) = results["mask"], results["fused"]
+    torch.testing.assert_close(fused_logits, mask_logits, rtol=0, atol=1e-5)
+    assert fused_grads.keys() == mask_grads.keys() and any("attn_bias" in n for n in fused_grads)
+    for name, grad in mask_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    head_dim = 64 // 4
+    assert mask_calls == [(head_dim, False, False)] * 3  # mask path: a full additive mask in every layer
+    if padded:
+        assert fused_calls == [(head_dim + KEY_PAD, False, False)] * 3  # the padding mask, as transformers made it
+    else:  # no mask at all: SDPA's causal kernels
+        assert fused_calls == [(head_dim + KEY_PAD, True, True)] * 3
+
+
+def test_fused_attention_path_knob(monkeypatch):
+    from swift_plugins._amplifier import attn_path_from_env
+
+    monkeypatch.delenv("FIRESAFE_AMP_ATTN", raising=False)
+    assert attn_path_from_env() == "fused"
+    monkeypatch.setenv("FIRESAFE_AMP_ATTN", "Mask")
+    assert attn_path_from_env() == "mask"
+    monkeypatch.setenv("FIRESAFE_AMP_ATTN", "flash")
+    with pytest.raises(ValueError, match="FIRESAFE_AMP_ATTN"):
+        attn_path_from_env()
 
 
 def test_amplifier_in_generation_matches_full_forward(loaded, data):
