@@ -263,7 +263,12 @@ class HighRiskAmplifier(nn.Module):
         keys = self._visual_keys
         if ids.shape[1] == 1 and keys is not None and keys.shape[0] == ids.shape[0]:
             return None  # a decoding step: one more text key per row; the attention hook pads the prompt's mask
-        self._visual_keys = torch.isin(ids, torch.tensor(self.config.visual_token_ids, device=ids.device))
+        # Compared with each id as a Python number: a CUDA tensor built from the id list would be a blocking
+        # host-to-device copy, i.e. a full synchronisation at the start of every forward pass.
+        keys = torch.zeros_like(ids, dtype=torch.bool)
+        for token in self.config.visual_token_ids:
+            keys |= ids == token
+        self._visual_keys = keys
         return None
 
     def visual_keys(self, batch: int, n_keys: int, device) -> torch.Tensor | None:
