@@ -11,8 +11,8 @@
 Everything is applied with PyTorch hooks on the model's own modules (no copied transformers code): a forward
 hook on the vision tower `visual` (outside swift's no-grad wrapper for a frozen tower, so the gate trains; a hook
 on `visual.merger` itself would run inside it), a pre-hook on the input embedding (it sees the token ids, so it
-records where the image tokens are) and pre-hooks on the chosen layers' `self_attn` (they add β to the attention
-mask they receive). Weights live in one module, `HighRiskAmplifier`, attached to the HF model as `hr_amplifier`;
+records where the image tokens are) and pre-hooks on the chosen layers' `self_attn` (they apply β, one of the two
+ways below). Weights live in one module, `HighRiskAmplifier`, attached to the HF model as `hr_amplifier`;
 it is saved beside the adapter as amplifier.safetensors + amplifier_config.json.
 
 Two ways to add β, the same logits (FIRESAFE_AMP_ATTN): "fused" (the default with `--attn_impl sdpa`) appends one
