@@ -36,9 +36,12 @@ def compile_decoder_layers(model) -> int:
     import torch._dynamo
     import torch._inductor.config
 
-    from tools.model.speedups import decoder_layers
+    from tools.model.speedups import SpeedupError, decoder_layers
 
-    layers = decoder_layers(model)
+    try:
+        layers = decoder_layers(model)
+    except SpeedupError:
+        raise ValueError(f"{ENV}=1: no language_model.layers in {type(model).__name__} (Qwen2.5-VL only)") from None
     torch._inductor.config.fallback_random = True  # eager's dropout masks: recompute must draw the same ones
     # training, evaluation and checkpoint recompute are separate graphs of the one shared layer code
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)

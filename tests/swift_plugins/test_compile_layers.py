@@ -83,3 +83,8 @@ def test_swift_prepares_the_model_then_compiles_only_when_asked(monkeypatch):
     monkeypatch.setenv(cl.ENV, "yes")
     with pytest.raises(ValueError, match=cl.ENV):
         cl.wanted()
+
+
+def test_a_model_without_decoder_layers_names_the_knob():
+    with pytest.raises(ValueError, match=cl.ENV):
+        cl.compile_decoder_layers(torch.nn.Linear(2, 2))
