@@ -17,6 +17,8 @@ import os
 from torch import nn
 from transformers import PreTrainedModel
 
+from swift_plugins._patching import install
+
 ENV = "FIRESAFE_CKPT_SKIP_LAYERS"
 
 
@@ -58,10 +60,7 @@ def gradient_checkpointing_enable(self, *args, **kwargs):
 
 
 def apply() -> None:
-    original = getattr(PreTrainedModel.gradient_checkpointing_enable, "__wrapped_original__",
-                       PreTrainedModel.gradient_checkpointing_enable)
-    gradient_checkpointing_enable.__wrapped_original__ = original
-    PreTrainedModel.gradient_checkpointing_enable = gradient_checkpointing_enable
+    install(PreTrainedModel, "gradient_checkpointing_enable", gradient_checkpointing_enable)
 
 
 skip_layers()  # a bad value fails at import, before the model loads

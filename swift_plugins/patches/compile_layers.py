@@ -11,7 +11,7 @@ SCORE_COMPILE_LLM does), so transformers' checkpointing wraps the compiled call.
 own random ops (torch._inductor.config.fallback_random), so a recomputed layer draws the masks its forward drew and
 the gradients equal eager ones (tests/swift_plugins/test_compile_layers.py, reentrant and not). Shapes turn dynamic
 at the first new sequence length, so batches of other lengths share a graph; a graph that fails to compile runs
-eagerly with torch's warning. The first steps carry the compile time (~30 s on a CPU for a 4-layer toy model).
+eagerly with torch's warning. The first steps carry the compile time (tens of seconds on a CPU even for a toy model).
 
 Not yet measured on a GPU (bench/README.md has the command), so off by default. Not tried with DeepSpeed ZeRO-3,
 whose parameter hooks run inside every layer.
@@ -20,6 +20,8 @@ Knob (environment, read when swift prepares the model): FIRESAFE_COMPILE_LAYERS 
 from __future__ import annotations
 
 import os
+
+from swift_plugins._patching import install
 
 ENV = "FIRESAFE_COMPILE_LAYERS"
 
@@ -64,10 +66,7 @@ def apply() -> None:
         from swift.trainers.mixin import SwiftMixin
     except ImportError:  # swift itself is what loads this file; nothing to patch without it
         return
-    original = getattr(SwiftMixin._prepare_gradient_checkpointing, "__wrapped_original__",
-                       SwiftMixin._prepare_gradient_checkpointing)
-    _prepare_gradient_checkpointing.__wrapped_original__ = original
-    SwiftMixin._prepare_gradient_checkpointing = _prepare_gradient_checkpointing
+    install(SwiftMixin, "_prepare_gradient_checkpointing", _prepare_gradient_checkpointing)
 
 
 wanted()  # a bad value fails at import, before the model loads

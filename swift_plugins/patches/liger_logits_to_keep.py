@@ -25,6 +25,8 @@ import sys
 
 import torch
 
+from swift_plugins._patching import original_of
+
 ENABLED = os.environ.get("FIRESAFE_LIGER_KEEP", "0").strip() == "1"
 
 
@@ -74,7 +76,7 @@ def apply(enabled: bool | None = None) -> None:
     module = _liger_module()
     if module is None:
         return
-    original = getattr(module.lce_forward, "__wrapped_original__", module.lce_forward)
+    original = original_of(module.lce_forward)
     module.lce_forward = wrap(original) if enabled else original
 
 

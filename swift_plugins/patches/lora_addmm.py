@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from swift_plugins._patching import original_of
 from swift_plugins._zero import is_zero3
 
 MODE = os.environ.get("FIRESAFE_LORA_ADDMM", "off").strip().lower()
@@ -70,7 +71,7 @@ def apply(mode: str | None = None) -> None:
     linear = _lora_linear()
     if linear is None:
         return
-    original = getattr(linear.forward, "__wrapped_original__", linear.forward)
+    original = original_of(linear.forward)
     addmm_forward.__wrapped_original__ = original
     linear.forward = original if MODE == "off" else addmm_forward
 
@@ -79,7 +80,7 @@ def restore() -> None:
     """Back to PEFT's own forward (for tests and benchmarks)."""
     linear = _lora_linear()
     if linear is not None:
-        linear.forward = getattr(linear.forward, "__wrapped_original__", linear.forward)
+        linear.forward = original_of(linear.forward)
 
 
 apply()

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 
+from swift_plugins._patching import original_of
 from swift_plugins._zero import any_zero3
 
 try:  # torch >= 2.10
@@ -84,13 +85,10 @@ if VISION_MLP not in ("auto", "pad", "off"):
 if LORA_CAST not in ("auto", "always"):
     raise ValueError(f"FIRESAFE_LORA_CAST={LORA_CAST!r}: expected auto or always")
 
-ORIGINAL_ATTENTION_FORWARD = getattr(qwen.Qwen2_5_VLVisionAttention.forward, "__wrapped_original__",
-                                     qwen.Qwen2_5_VLVisionAttention.forward)
-ORIGINAL_PATCH_EMBED_FORWARD = getattr(qwen.Qwen2_5_VisionPatchEmbed.forward, "__wrapped_original__",
-                                       qwen.Qwen2_5_VisionPatchEmbed.forward)
-ORIGINAL_MLP_FORWARD = getattr(qwen.Qwen2_5_VLMLP.forward, "__wrapped_original__", qwen.Qwen2_5_VLMLP.forward)
-ORIGINAL_NORM_FORWARD = getattr(qwen.Qwen2_5_VLRMSNorm.forward, "__wrapped_original__",
-                                qwen.Qwen2_5_VLRMSNorm.forward)
+ORIGINAL_ATTENTION_FORWARD = original_of(qwen.Qwen2_5_VLVisionAttention.forward)
+ORIGINAL_PATCH_EMBED_FORWARD = original_of(qwen.Qwen2_5_VisionPatchEmbed.forward)
+ORIGINAL_MLP_FORWARD = original_of(qwen.Qwen2_5_VLMLP.forward)
+ORIGINAL_NORM_FORWARD = original_of(qwen.Qwen2_5_VLRMSNorm.forward)
 ORIGINAL_ROTARY = qwen.apply_rotary_pos_emb_vision
 MLP_ALIGN = 64  # elements: 128 bytes in bf16
 
@@ -301,7 +299,7 @@ def _lora_cast_patch():
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # pragma: no cover - peft is a swift dependency
         return None, None
-    original = getattr(BaseTunerLayer._cast_input_dtype, "__wrapped_original__", BaseTunerLayer._cast_input_dtype)
+    original = original_of(BaseTunerLayer._cast_input_dtype)
 
     def cast_input_dtype(self, x, dtype):
         if (x is not None and dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)
