@@ -88,3 +88,14 @@ def test_swift_prepares_the_model_then_compiles_only_when_asked(monkeypatch):
 def test_a_model_without_decoder_layers_names_the_knob():
     with pytest.raises(ValueError, match=cl.ENV):
         cl.compile_decoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_zero3_partitioned_layers_stay_eager(dynamo_config):
+    from tests.swift_plugins.support import fake_zero3
+
+    model = micro_model(layers=2)
+    layers = model.model.language_model.layers
+    with fake_zero3(layers.modules()):
+        assert cl.compile_decoder_layers(model) == 0
+    assert all(layer._compiled_call_impl is None for layer in layers)
+    assert cl.compile_decoder_layers(model) == 2  # the same model, not partitioned
