@@ -45,3 +45,30 @@ def test_a_stage_2_set_without_high_risk_is_refused_before_training(out, capsys)
     assert len(found) == 1 and f"has no {HIGH_RISK} row" in found[0]
     assert main(["--output-dir", str(out), "--stages", "stage2", "--runs", "final"]) == 1
     assert "cannot train with these settings" in capsys.readouterr().err
+
+
+def test_native_builds_need_a_compiler_and_python_headers(monkeypatch, tmp_path):
+    import shutil
+    import sysconfig
+
+    import torch
+
+    from tools.model import preflight
+
+    env = {**OK_ENV, "USE_LIGER_KERNEL_STAGE1": "true", "FIRESAFE_COMPILE_LAYERS": "1"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    found = preflight.build_problems(["stage1", "stage2"], env)
+    assert len(found) == 2
+    assert found[0].startswith("USE_LIGER_KERNEL_STAGE1=true and FIRESAFE_COMPILE_LAYERS=1: no C compiler")
+    assert f"Python's C headers are missing ({tmp_path / 'Python.h'})" in found[1]
+    (tmp_path / "Python.h").write_text("")
+    assert preflight.build_problems(["stage1"], {**env, "CC": "cc"}) == []
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/gcc" if name == "gcc" else None)
+    assert preflight.build_problems(["stage1"], env) == []
+    # a CPU: liger is refused elsewhere; compiled layers need C++ (inductor's CPU code)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    found = preflight.build_problems(["stage1"], env)
+    assert len(found) == 1 and found[0].startswith("FIRESAFE_COMPILE_LAYERS=1: no C++ compiler")
+    assert preflight.build_problems(["stage1"], {**env, "FIRESAFE_COMPILE_LAYERS": "0"}) == []

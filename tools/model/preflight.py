@@ -14,13 +14,16 @@ Amplifier adds a bias to the attention logits: sdpa or eager, not flash-attn); t
 (tools.model.distributed): no more processes per node than GPUs, DeepSpeed only on CUDA, no liger fused loss under
 ZeRO-3, a row for every process, and with RESUME=1 a checkpoint saved with the same DeepSpeed setting (and, under
 DeepSpeed, the same number of processes). With HARD_NEGATIVES > 0, stage 2's runs need their stage 1 (trained now,
-or before) on one node.
+or before) on one node. Liger's kernels and compiled layers (FIRESAFE_COMPILE_LAYERS=1) build native code on
+their first step: a C compiler (C++ for compiled layers on a CPU) and Python's C headers must be there.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
+import sysconfig
 from collections import Counter
 from pathlib import Path
 
@@ -91,6 +94,34 @@ def stage_problems(stage: str, env: dict[str, str]) -> list[str]:
     return out
 
 
+def build_problems(stages: list[str], env: dict[str, str]) -> list[str]:
+    """Triton (liger's kernels; compiled layers on CUDA) compiles a C launcher per kernel, inductor on a CPU compiles
+    C++, both against Python.h, at the first training step. Without a compiler liger fails there and compiled layers
+    quietly run eagerly (slower), so both are asked for here. Same lookup as triton's (CC, else gcc, else clang)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    users = [f"USE_LIGER_KERNEL_STAGE{s[-1]}=true" for s in stages
+             if cuda and env.get(f"USE_LIGER_KERNEL_STAGE{s[-1]}", "false") == "true"]
+    if env.get("FIRESAFE_COMPILE_LAYERS", "0") == "1":
+        users.append("FIRESAFE_COMPILE_LAYERS=1")
+    if not users:
+        return []
+    cxx = not cuda  # inductor's CPU code is C++
+    var, names = ("CXX", ("g++", "clang++")) if cxx else ("CC", ("gcc", "clang"))
+    knobs = " and ".join(users)
+    out = []
+    if not (env.get(var) or any(shutil.which(name) for name in names)):
+        out.append(f"{knobs}: no {'C++' if cxx else 'C'} compiler ({var} unset, no {' or '.join(names)} on PATH) to "
+                   f"build the kernels at the first step: install {names[0]} (e.g. apt install build-essential), "
+                   f"or turn {knobs} off")
+    header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not header.is_file():
+        out.append(f"{knobs}: Python's C headers are missing ({header}): install them (e.g. apt install "
+                   f"python{sys.version_info.major}.{sys.version_info.minor}-dev), or turn {knobs} off")
+    return out
+
+
 def set_problems(layout: Layout, stage: str, run) -> list[str]:
     where = f"{stage}'s training set" + ("" if str(run) == "final" else f" for fold {run}")
     path = layout.train_jsonl(stage, run)
@@ -117,6 +148,7 @@ def problems(layout: Layout, stages: list[str], runs: list[str], env: dict[str, 
         if why:
             out.append(f"{module} does not import ({why}): run init.sh")
     out += distributed.setup_problems(env, stages)  # several GPUs, DeepSpeed (issue 16)
+    out += build_problems(stages, env)
     for stage in stages:
         out += stage_problems(stage, env)
         for run in runs_of(manifest, runs):
