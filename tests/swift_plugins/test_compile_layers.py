@@ -99,3 +99,17 @@ def test_zero3_partitioned_layers_stay_eager(dynamo_config):
         assert cl.compile_decoder_layers(model) == 0
     assert all(layer._compiled_call_impl is None for layer in layers)
     assert cl.compile_decoder_layers(model) == 2  # the same model, not partitioned
+
+
+def test_compiled_layers_save_the_same_adapter(dynamo_config):
+    """Layers compiled in place keep their parameter names: the adapter swift saves (and `swift infer --adapters`,
+    test.sh's scoring, resume read) is the eager one's, key for key."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    model = get_peft_model(micro_model(layers=2), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    before = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+    names = list(model.state_dict())
+    assert cl.compile_decoder_layers(model) == 2
+    after = get_peft_model_state_dict(model)
+    assert list(model.state_dict()) == names and after.keys() == before.keys() and before
+    assert all(torch.equal(after[k], v) for k, v in before.items())
