@@ -37,10 +37,9 @@ def wanted() -> bool:
 
 def compile_decoder_layers(model) -> int:
     """Compile the language model's decoder layers in place for training; returns how many (0 under ZeRO-3)."""
-    import torch._dynamo
     import torch._inductor.config
 
-    from tools.model.speedups import SpeedupError, decoder_layers
+    from tools.model.speedups import SpeedupError, compile_in_place, decoder_layers
 
     try:
         layers = decoder_layers(model)
@@ -49,12 +48,9 @@ def compile_decoder_layers(model) -> int:
     if any_zero3(p for layer in layers for p in layer.parameters()):
         return 0
     torch._inductor.config.fallback_random = True  # eager's dropout masks: recompute must draw the same ones
-    # training, evaluation and checkpoint recompute are separate graphs of the one shared layer code
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-    torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly
-    for layer in layers:
-        layer.compile()
-    return len(layers)
+    # training, evaluation and checkpoint recompute are separate graphs of the shared layer code;
+    # dynamic=None (torch's default): sequence lengths vary, so shapes turn dynamic at the first new one
+    return compile_in_place(layers, dynamic=None)
 
 
 def _prepare_gradient_checkpointing(self, model) -> None:

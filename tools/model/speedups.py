@@ -101,17 +101,22 @@ def decoder_layers(model) -> list:
 
 
 def compile_layers(model) -> int:
-    """Compile each decoder layer in place (nn.Module.compile): the layers share one code object, so one graph per
-    input shape serves all of them (shapes are few: rows are bucketed by image size). Returns how many."""
+    """Compile each decoder layer in place for scoring, static shapes (they are few: rows are bucketed by image
+    size). Returns how many."""
+    return compile_in_place(decoder_layers(model), dynamic=False)
+
+
+def compile_in_place(layers: list, dynamic: bool | None) -> int:
+    """nn.Module.compile on each layer (scoring, and training's swift_plugins/patches/compile_layers.py): the layers
+    share one code object, so one graph per input shape (and mode) serves all of them. dynamic: torch.compile's."""
     import torch._dynamo
 
-    layers = decoder_layers(model)
-    # one graph per batch shape for all layers: allow a few shapes (a smaller last batch, another image size)
+    # one graph per shape and mode for all layers: allow a few (a smaller last batch, another image size)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-    # a graph that fails to compile runs eagerly (with torch's warning) instead of stopping test.sh
+    # a graph that fails to compile runs eagerly (with torch's warning) instead of stopping the run
     torch._dynamo.config.suppress_errors = True
     for layer in layers:
-        layer.compile(dynamic=False)
+        layer.compile(dynamic=dynamic)
     return len(layers)
 
 
