@@ -55,12 +55,15 @@ FOLDS=${FOLDS:-$recorded_folds}               # 1 = no fold runs
 # shellcheck disable=SC1090
 source "recipes/$RECIPE.env"                  # the recipe's knobs below (MAX_PIXELS, LORA_RANK, ...)
 export MAX_PIXELS                             # swift caps qwen_vl_utils' resize by it (tools/data/images.py)
+BATCH_SIZE_STAGE1=${BATCH_SIZE_STAGE1:-$BATCH_SIZE}  # rows a forward pass; the accumulation keeps BATCH_SIZE x GRAD_ACCUM
+BATCH_SIZE_STAGE2=${BATCH_SIZE_STAGE2:-$BATCH_SIZE}
 python -m tools.knobs STAGES="$STAGES" RUNS="$RUNS" SEED="$SEED" RESUME="$RESUME" ALLOW_STALE="$ALLOW_STALE" \
   FIRESAFE_AMP_LR="$FIRESAFE_AMP_LR" FIRESAFE_AMP_ATTN="$FIRESAFE_AMP_ATTN" STAGE1_TASK="$STAGE1_TASK" STAGE2_TASK="$STAGE2_TASK" HARD_NEGATIVES="$HARD_NEGATIVES" \
   MODEL_STAGE1="$MODEL_STAGE1" MODEL_STAGE2="$MODEL_STAGE2" FOLDS="$FOLDS" MAX_PIXELS="$MAX_PIXELS" \
   TORCH_DTYPE="$TORCH_DTYPE" LORA_RANK="$LORA_RANK" LORA_ALPHA="$LORA_ALPHA" LORA_DROPOUT="$LORA_DROPOUT" \
   LEARNING_RATE="$LEARNING_RATE" EPOCHS_STAGE1="$EPOCHS_STAGE1" EPOCHS_STAGE2="$EPOCHS_STAGE2" \
-  BATCH_SIZE="$BATCH_SIZE" GRAD_ACCUM="$GRAD_ACCUM" WARMUP_RATIO="$WARMUP_RATIO" EVAL_STEPS="$EVAL_STEPS" \
+  BATCH_SIZE="$BATCH_SIZE" GRAD_ACCUM="$GRAD_ACCUM" BATCH_SIZE_STAGE1="$BATCH_SIZE_STAGE1" \
+  BATCH_SIZE_STAGE2="$BATCH_SIZE_STAGE2" WARMUP_RATIO="$WARMUP_RATIO" EVAL_STEPS="$EVAL_STEPS" \
   DATALOADER_WORKERS="$DATALOADER_WORKERS" GRADIENT_CHECKPOINTING="$GRADIENT_CHECKPOINTING" \
   VIT_GRADIENT_CHECKPOINTING="$VIT_GRADIENT_CHECKPOINTING" USE_LIGER_KERNEL_STAGE1="$USE_LIGER_KERNEL_STAGE1" \
   USE_LIGER_KERNEL_STAGE2="$USE_LIGER_KERNEL_STAGE2" CKPT_SKIP_LAYERS_STAGE1="$CKPT_SKIP_LAYERS_STAGE1" \
@@ -125,9 +128,9 @@ for run in "${runs[@]}"; do
   for stage in $STAGES; do
     case $stage in
       stage1) model=$MODEL_STAGE1 epochs=$EPOCHS_STAGE1 tuner=$STAGE1_TUNER loss=$STAGE1_LOSS liger=$USE_LIGER_KERNEL_STAGE1
-              best=$STAGE1_BEST_METRIC task=$STAGE1_TASK num_labels=5 skip=$CKPT_SKIP_LAYERS_STAGE1 ;;
+              best=$STAGE1_BEST_METRIC task=$STAGE1_TASK num_labels=5 skip=$CKPT_SKIP_LAYERS_STAGE1 batch=$BATCH_SIZE_STAGE1 ;;
       stage2) model=$MODEL_STAGE2 epochs=$EPOCHS_STAGE2 tuner=$STAGE2_TUNER loss=$STAGE2_LOSS liger=$USE_LIGER_KERNEL_STAGE2
-              best=$STAGE2_BEST_METRIC task=$STAGE2_TASK num_labels=5 skip=$CKPT_SKIP_LAYERS_STAGE2
+              best=$STAGE2_BEST_METRIC task=$STAGE2_TASK num_labels=5 skip=$CKPT_SKIP_LAYERS_STAGE2 batch=$BATCH_SIZE_STAGE2
               [[ "$recorded_stage2_target" == binary ]] && num_labels=2 ;;   # 高风险 or 非高风险 (STAGE2_TARGET)
     esac
     of=""; [[ "$run" == final ]] || of=", fold $run of $FOLDS"
@@ -165,8 +168,8 @@ for run in "${runs[@]}"; do
     log "$stage ($model$of): tuner $tuner, loss ${loss:-cross_entropy}, best checkpoint by $best"
     # --- several GPUs (issue 16): accumulation per process (the recipe's global batch) and evaluation steps
     plan=$(python -m tools.model.distributed plan --dataset "$train_set" --batch-size "$BATCH_SIZE" \
-      --grad-accum "$GRAD_ACCUM" --epochs "$epochs" --eval-every "$EVAL_EVERY" --eval-steps "$EVAL_STEPS" \
-      --what "$stage")
+      --grad-accum "$GRAD_ACCUM" --micro-batch "$batch" --epochs "$epochs" --eval-every "$EVAL_EVERY" \
+      --eval-steps "$EVAL_STEPS" --what "$stage")
     read -r grad_accum eval_steps <<< "$plan"
     # --- end several GPUs
     export FIRESAFE_CKPT_SKIP_LAYERS=$skip        # swift_plugins/patches/checkpoint_layers.py
@@ -188,8 +191,8 @@ for run in "${runs[@]}"; do
       --learning_rate "$LEARNING_RATE" \
       --warmup_ratio "$WARMUP_RATIO" \
       --num_train_epochs "$epochs" \
-      --per_device_train_batch_size "$BATCH_SIZE" \
-      --per_device_eval_batch_size "$BATCH_SIZE" \
+      --per_device_train_batch_size "$batch" \
+      --per_device_eval_batch_size "$batch" \
       --gradient_accumulation_steps "$grad_accum" \
       --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
       --vit_gradient_checkpointing "$VIT_GRADIENT_CHECKPOINTING" \

@@ -116,6 +116,8 @@ KNOBS: dict[str, Knob] = {
     "EPOCHS_STAGE2": Knob("a number > 0 (swift accepts fractions of an epoch)", _number(float, 0, low_open=True)),
     "BATCH_SIZE": Knob("a whole number >= 1", _number(int, 1)),
     "GRAD_ACCUM": Knob("a whole number >= 1", _number(int, 1)),
+    "BATCH_SIZE_STAGE1": Knob("a whole number >= 1 (rows a forward pass; empty = BATCH_SIZE)", _number(int, 1)),
+    "BATCH_SIZE_STAGE2": Knob("a whole number >= 1 (rows a forward pass; empty = BATCH_SIZE)", _number(int, 1)),
     "WARMUP_RATIO": Knob("a number from 0 to 1", _number(float, 0, 1)),
     "EVAL_STEPS": Knob("auto (every EVAL_EVERY epochs) or a whole number >= 1",
                        lambda t: t == "auto" or _number(int, 1)(t)),

@@ -58,6 +58,38 @@ def test_an_accumulation_that_does_not_divide_says_which_global_batch_results(ac
             f"{batch} x {accum} = {batch * accum}") in message
 
 
+@pytest.mark.parametrize("batch, accum, micro, world, per_process, global_batch", [
+    (4, 4, 8, 1, 2, 16),    # the real recipe's stage 2: 8 x 2
+    (4, 4, 8, 2, 1, 16),
+    (4, 4, 16, 1, 1, 16),
+    (16, 1, 8, 1, 2, 16),   # the demo's 16 x 1 in passes of 8
+    (4, 4, 2, 3, 3, 18),    # 16 / 6: 2.67 -> 3 (18 is nearer than 12)
+    (4, 4, 8, 3, 1, 24),    # 16 / 24 rounds to 0: at least 1
+    (4, 1, 8, 1, 1, 8),     # a pass larger than the global batch: the batch grows, said
+])
+def test_a_stage_batch_keeps_the_global_batch(batch, accum, micro, world, per_process, global_batch):
+    got, message = D.split_accumulation(accum, world, batch, micro)
+    assert got == per_process and micro * got * world == global_batch
+    assert (message is None) == (global_batch == batch * accum)
+    if message:
+        assert message.startswith(f"the recipe's {batch * accum} rows a step (BATCH_SIZE x GRAD_ACCUM) do not divide "
+                                  f"into batches of {micro}")
+        assert f"global batch {micro} x {got} x {world} = {global_batch} instead of the recipe's" in message
+    # the same global batch gives the same optimizer steps and evaluation steps as the recipe's own batch
+    same = D.plan(4000, batch, accum, 2, world, 0.5, "auto", micro_batch=micro)
+    assert same.global_batch == global_batch and same.batch_size == micro and same.recipe_batch == batch
+    if message is None and accum % world == 0:  # the recipe's own batch divides too
+        mine = D.plan(4000, batch, accum, 2, world, 0.5, "auto")
+        assert (same.per_epoch, same.max_steps, same.eval_steps) == (mine.per_epoch, mine.max_steps, mine.eval_steps)
+
+
+def test_describe_says_a_stage_batch():
+    assert D.describe(D.plan(1050, 4, 4, 2, 1, 0.5, "auto", micro_batch=8), "stage2")[0] == (
+        "stage2: batches of 8 (not 4), gradient accumulation 4 -> 2 per process, global batch 8 x 2 x 1 = 16 "
+        "(the recipe's)")
+    assert len(D.describe(D.plan(1050, 4, 4, 2, 1, 0.5, "auto", micro_batch=4), "stage2")) == 1
+
+
 # --------------------------------------------------------------------------- steps as swift and HF count them
 def swift_steps_per_epoch(rows: int, batch: int, accum: int, world: int) -> int:
     """swift's own BatchSamplerShard (the length of each process's dataloader), then HF's optimizer steps."""
@@ -146,6 +178,8 @@ def test_cli(tmp_path, capsys, monkeypatch):
     assert out == "2 125\n" and "stage1: 2 processes" in err
     assert D.main([*args, "--eval-steps", "30", "--world", "1"]) == 0
     assert capsys.readouterr().out == "4 30\n"
+    assert D.main([*args, "--eval-steps", "30", "--world", "1", "--micro-batch", "8"]) == 0
+    assert capsys.readouterr().out == "2 30\n"
     assert D.main(["world"]) == 0 and capsys.readouterr().out == "2\n"
     monkeypatch.setenv("DEEPSPEED", "zero2")
     assert D.main(["swift-flags"]) == 0

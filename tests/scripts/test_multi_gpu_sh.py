@@ -10,15 +10,17 @@ from tools.model import distributed as D
 from tools.task import STAGES, Layout
 
 # The real recipe as a CPU can run it (bf16 and liger need CUDA): what changes with several processes is the batch
-# arithmetic, 4 x 4 here.
+# arithmetic, 4 x 4 here, stage 2 in batches of 8 (BATCH_SIZE_STAGE2).
 CPU_REAL = {"TORCH_DTYPE": "float32", "USE_LIGER_KERNEL_STAGE1": "false"}
+REAL_BATCHES = {"stage1": 4, "stage2": 8}
 
 
 def expected(layout: Layout, world: int, eval_steps: str = "auto") -> list[tuple[str, str]]:
     """(accumulation, eval steps) of each stage for the real recipe (4 x 4, 2 epochs, EVAL_EVERY 0.5)."""
     out = []
     for stage in STAGES:
-        plan = D.plan(D.count_rows(layout.train_jsonl(stage)), 4, 4, 2, world, 0.5, eval_steps)
+        plan = D.plan(D.count_rows(layout.train_jsonl(stage)), 4, 4, 2, world, 0.5, eval_steps,
+                      micro_batch=REAL_BATCHES[stage])
         out.append((str(plan.accum), str(plan.eval_steps)))
     return out
 
@@ -41,7 +43,10 @@ def test_one_process_keeps_the_recipes_flags(tmp_path):
     assert [batch_flags(a) for a in swift_calls(tmp_path)] == expected(layout, 1)
     assert "evaluates and saves every" in log and "EVAL_EVERY=0.5 epoch" in log
     run_gpu_script("train.sh", tmp_path, out, EVAL_STEPS="7", **CPU_REAL)
-    assert [batch_flags(a) for a in swift_calls(tmp_path)] == [("4", "7")] * 2
+    calls = swift_calls(tmp_path)
+    assert [batch_flags(a) for a in calls] == [("4", "7"), ("2", "7")]  # stage 2: 8 rows a pass, 8 x 2 = 16
+    assert [flag(a, "--per_device_train_batch_size") for a in calls] == [["4"], ["8"]]
+    assert [flag(a, "--per_device_eval_batch_size") for a in calls] == [["4"], ["8"]]
 
 
 def test_nproc_per_node_divides_the_accumulation(tmp_path):
@@ -50,7 +55,7 @@ def test_nproc_per_node_divides_the_accumulation(tmp_path):
                          NPROC_PER_NODE="2", MASTER_PORT="29555", **CPU_REAL)
     calls = swift_calls(tmp_path)
     assert [batch_flags(a) for a in calls] == expected(layout, 2)
-    assert {batch_flags(a)[0] for a in calls} == {"2"}
+    assert [batch_flags(a)[0] for a in calls] == ["2", "1"]  # 4 x 2 x 2 and 8 x 1 x 2: 16 both
     assert "stage1: 2 processes: gradient accumulation 4 -> 2 per process, global batch 4 x 2 x 2 = 16 " \
            "(the recipe's)" in log
     for argv in calls:  # on CPUs: DDP only with --use_cpu (tests/model/test_ddp.py); the user's flags still last
@@ -62,8 +67,10 @@ def test_nproc_per_node_divides_the_accumulation(tmp_path):
     assert [batch_flags(a)[0] for a in swift_calls(tmp_path)] == ["1", "1"]
     assert "GRAD_ACCUM=4 does not divide by 3 processes: 1 per process, global batch 4 x 1 x 3 = 12 instead of the " \
            "recipe's 4 x 4 = 16" in log
+    assert "stage2: the recipe's 16 rows a step (BATCH_SIZE x GRAD_ACCUM) do not divide into batches of 8 on 3 " \
+           "processes: accumulation 1, global batch 8 x 1 x 3 = 24 instead of the recipe's 4 x 4 = 16" in log
     run_gpu_script("train.sh", tmp_path, out, NPROC_PER_NODE="2", EVAL_STEPS="9", **CPU_REAL)
-    assert [batch_flags(a) for a in swift_calls(tmp_path)] == [("2", "9")] * 2  # an explicit EVAL_STEPS wins
+    assert [batch_flags(a) for a in swift_calls(tmp_path)] == [("2", "9"), ("1", "9")]  # an explicit EVAL_STEPS wins
 
 
 def test_gpus_and_deepspeed(tmp_path):

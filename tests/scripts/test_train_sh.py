@@ -126,8 +126,22 @@ def test_train_sh_takes_the_real_recipe(tmp_path):
         assert flag(argv, "--vit_gradient_checkpointing") == ["false"]
         assert flag(argv, "--gradient_checkpointing") == ["true"]
         assert flag(argv, "--torch_dtype") == ["bfloat16"] and flag(argv, "--max_pixels") == ["1003520"]
-        assert flag(argv, "--gradient_accumulation_steps") == ["4"] and flag(argv, "--attn_impl") == ["sdpa"]
-    assert "FIRESAFE_VISION_ATTN=auto" in swift_env(tmp_path)  # the recipe's exported patch knobs reach swift
+        assert flag(argv, "--attn_impl") == ["sdpa"]
+    # 16 rows an optimizer step in both; the 3B in fewer, larger passes (BATCH_SIZE_STAGE2), all of its layers recomputed
+    assert [flag(a, "--per_device_train_batch_size") + flag(a, "--gradient_accumulation_steps")
+            for a in (stage1, stage2)] == [["4", "4"], ["8", "2"]]
+    env = swift_env(tmp_path)
+    assert "FIRESAFE_VISION_ATTN=auto" in env  # the recipe's exported patch knobs reach swift
+    assert [line for line in env.splitlines() if "CKPT_SKIP" in line] == ["FIRESAFE_CKPT_SKIP_LAYERS=0"] * 2
+
+
+def test_each_stage_takes_its_own_batch_and_keeps_the_global_one(tmp_path):
+    # the demo recipe: 16 x 1; stage 1 in passes of 8 accumulates 2
+    stage1, stage2 = run_train_sh(tmp_path, BATCH_SIZE_STAGE1="8")
+    assert [flag(a, "--per_device_train_batch_size") + flag(a, "--per_device_eval_batch_size")
+            + flag(a, "--gradient_accumulation_steps") for a in (stage1, stage2)] == [["8", "8", "2"], ["16", "16", "1"]]
+    log = run_script("train.sh", tmp_path, prepared(tmp_path / "b", recipe="demo")[0], rc=1, BATCH_SIZE_STAGE2="0")
+    assert "BATCH_SIZE_STAGE2='0': expected a whole number >= 1" in log and swift_calls(tmp_path) == []
 
 
 def test_train_sh_refuses_unknown_stages_and_runs(tmp_path):

@@ -3,6 +3,7 @@
     python -m tools.model.distributed plan --dataset outputs/data/stage1_train.jsonl --batch-size 4 \\
         --grad-accum 4 --epochs 2 --eval-every 0.5 --eval-steps auto --what stage1
     -> prints "GRAD_ACCUM_PER_PROCESS EVAL_STEPS" on stdout, what it decided on stderr
+       (--micro-batch 8: batches of 8 rows, the accumulation keeping the global batch 4 x 4)
     python -m tools.model.distributed world      -> the number of training processes, NPROC_PER_NODE x NNODES
     python -m tools.model.distributed swift-flags   -> --deepspeed DEEPSPEED, --use_cpu true (DDP on CPUs), a line each
 
@@ -10,7 +11,8 @@
 CLI start torchrun (swift/cli/main.py): N data-parallel processes per node, each with its own batches of
 BATCH_SIZE rows. The recipe's global batch, BATCH_SIZE x GRAD_ACCUM, is kept by dividing the accumulation by the
 number of processes (world size); when it does not divide, the nearest whole accumulation is taken and the message
-says which global batch results (the learning rate stays the recipe's, so it then trains with another batch).
+says which global batch results (the learning rate stays the recipe's, so it then trains with another batch). A
+stage's own batch (BATCH_SIZE_STAGE1/2: rows a forward pass) is kept the same way: fewer, larger passes per step.
 
 Evaluation and saving follow the epoch, not a step count: EVAL_EVERY=0.5 evaluates (and saves, so every evaluated
 step can be the best checkpoint) every half epoch, whatever the number of processes; the steps are computed from
@@ -52,21 +54,26 @@ def world_size(env: dict | None = None) -> int:
     return nproc * nnodes
 
 
-def split_accumulation(grad_accum: int, world: int, batch_size: int = 1) -> tuple[int, str | None]:
+def split_accumulation(grad_accum: int, world: int, batch_size: int = 1,
+                       micro_batch: int | None = None) -> tuple[int, str | None]:
     """(accumulation per process, a message or None) that keeps the global batch batch_size x grad_accum with
-    `world` processes: grad_accum / world when it divides, else the whole number whose global batch is nearest
-    (ties: the larger), at least 1."""
-    if grad_accum < 1 or world < 1 or batch_size < 1:
-        raise ValueError("grad_accum, world and batch_size must be >= 1")
-    if grad_accum % world == 0:
-        return grad_accum // world, None
-    low, high = max(1, grad_accum // world), grad_accum // world + 1
-    wanted = batch_size * grad_accum
-    accum = min((high, low), key=lambda a: abs(batch_size * a * world - wanted))  # high first: ties go up
-    return accum, (f"GRAD_ACCUM={grad_accum} does not divide by {world} processes: {accum} per process, global batch "
-                   f"{batch_size} x {accum} x {world} = {batch_size * accum * world} instead of the recipe's "
-                   f"{batch_size} x {grad_accum} = {wanted} (the learning rate stays the recipe's; a GRAD_ACCUM "
-                   f"that is a multiple of {world} divides exactly)")
+    `world` processes, each taking micro_batch rows a forward pass (default batch_size): the exact quotient when it
+    divides, else the whole number whose global batch is nearest (ties: the larger), at least 1."""
+    micro = batch_size if micro_batch is None else micro_batch
+    if grad_accum < 1 or world < 1 or batch_size < 1 or micro < 1:
+        raise ValueError("grad_accum, world, batch_size and micro_batch must be >= 1")
+    wanted, per_pass = batch_size * grad_accum, micro * world
+    if wanted % per_pass == 0:
+        return wanted // per_pass, None
+    low, high = max(1, wanted // per_pass), wanted // per_pass + 1
+    accum = min((high, low), key=lambda a: abs(per_pass * a - wanted))  # high first: ties go up
+    result = f"global batch {micro} x {accum} x {world} = {per_pass * accum} instead of the recipe's " \
+             f"{batch_size} x {grad_accum} = {wanted} (the learning rate stays the recipe's"
+    if micro == batch_size:
+        return accum, (f"GRAD_ACCUM={grad_accum} does not divide by {world} processes: {accum} per process, {result}; "
+                       f"a GRAD_ACCUM that is a multiple of {world} divides exactly)")
+    return accum, (f"the recipe's {wanted} rows a step (BATCH_SIZE x GRAD_ACCUM) do not divide into batches of {micro} "
+                   f"on {world} process{'es' if world > 1 else ''}: accumulation {accum}, {result})")
 
 
 def steps_per_epoch(rows: int, batch_size: int, accum: int, world: int = 1) -> int:
@@ -89,7 +96,8 @@ def eval_steps_for(every: float, per_epoch: int) -> int:
 class Plan:
     rows: int
     world: int
-    batch_size: int
+    batch_size: int       # rows a forward pass, per process (the stage's micro-batch)
+    recipe_batch: int     # BATCH_SIZE: with recipe_accum, the global batch the recipe asks for
     recipe_accum: int
     accum: int            # gradient accumulation per process
     epochs: float
@@ -110,10 +118,12 @@ class Plan:
 
 
 def plan(rows: int, batch_size: int, grad_accum: int, epochs: float, world: int = 1, eval_every: float = 0.5,
-         eval_steps: str | int = "auto") -> Plan:
-    """The per-process accumulation and the evaluation/saving interval of one training run."""
-    accum, note = split_accumulation(grad_accum, world, batch_size)
-    per_epoch = steps_per_epoch(rows, batch_size, accum, world)
+         eval_steps: str | int = "auto", micro_batch: int | None = None) -> Plan:
+    """The per-process accumulation and the evaluation/saving interval of one training run whose global batch is
+    batch_size x grad_accum and whose forward passes take micro_batch rows (default batch_size) on each process."""
+    micro = batch_size if micro_batch is None else micro_batch
+    accum, note = split_accumulation(grad_accum, world, batch_size, micro)
+    per_epoch = steps_per_epoch(rows, micro, accum, world)
     max_steps = math.ceil(epochs * per_epoch)
     fixed = str(eval_steps).strip().lower()
     if fixed in ("", "auto"):
@@ -122,7 +132,7 @@ def plan(rows: int, batch_size: int, grad_accum: int, epochs: float, world: int 
         if not fixed.isdigit() or int(fixed) < 1:
             raise DataError(f"EVAL_STEPS={eval_steps!r}: expected auto or a whole number >= 1")
         steps, source = int(fixed), f"EVAL_STEPS={int(fixed)}"
-    return Plan(rows, world, batch_size, grad_accum, accum, epochs, per_epoch, max_steps, steps, source,
+    return Plan(rows, world, micro, batch_size, grad_accum, accum, epochs, per_epoch, max_steps, steps, source,
                 [note] if note else [])
 
 
@@ -130,8 +140,10 @@ def describe(p: Plan, what: str = "") -> list[str]:
     """What train.sh logs about a plan, one line each."""
     head = f"{what}: " if what else ""
     lines = []
-    if p.world > 1:
-        lines.append(f"{head}{p.world} processes: gradient accumulation {p.recipe_accum} -> {p.accum} per process, "
+    if p.world > 1 or p.batch_size != p.recipe_batch:
+        processes = f"{p.world} processes: " if p.world > 1 else ""
+        batches = "" if p.batch_size == p.recipe_batch else f"batches of {p.batch_size} (not {p.recipe_batch}), "
+        lines.append(f"{head}{processes}{batches}gradient accumulation {p.recipe_accum} -> {p.accum} per process, "
                      f"global batch {p.batch_size} x {p.accum} x {p.world} = {p.global_batch}"
                      + ("" if p.notes else " (the recipe's)"))
     lines += [f"{head}{n}" for n in p.notes]
@@ -316,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", required=True, help="the stage's training JSONL (its rows are counted)")
     p.add_argument("--batch-size", type=int, required=True, help="BATCH_SIZE (per process)")
     p.add_argument("--grad-accum", type=int, required=True, help="GRAD_ACCUM: the recipe's, for one process")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="the stage's rows a forward pass (BATCH_SIZE_STAGE1/2; default: --batch-size); the "
+                        "accumulation then keeps the global batch --batch-size x --grad-accum")
     p.add_argument("--epochs", type=float, required=True)
     p.add_argument("--eval-every", type=float, default=0.5, help="EVAL_EVERY, in epochs (default: %(default)s)")
     p.add_argument("--eval-steps", default="auto", help="EVAL_STEPS: auto (from --eval-every) or a step count")
@@ -334,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             return
         world = world_size() if args.world is None else args.world
         result = plan(count_rows(args.dataset), args.batch_size, args.grad_accum, args.epochs, world,
-                      args.eval_every, args.eval_steps)
+                      args.eval_every, args.eval_steps, args.micro_batch)
         for line in describe(result, args.what):
             print(line, file=sys.stderr)
         print(result.accum, result.eval_steps)
