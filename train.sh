@@ -170,7 +170,7 @@ for run in "${runs[@]}"; do
     plan=$(python -m tools.model.distributed plan --dataset "$train_set" --batch-size "$BATCH_SIZE" \
       --grad-accum "$GRAD_ACCUM" --micro-batch "$batch" --epochs "$epochs" --eval-every "$EVAL_EVERY" \
       --eval-steps "$EVAL_STEPS" --what "$stage")
-    read -r grad_accum eval_steps <<< "$plan"
+    read -r grad_accum eval_steps batch <<< "$plan"
     # --- end several GPUs
     export FIRESAFE_CKPT_SKIP_LAYERS=$skip        # swift_plugins/patches/checkpoint_layers.py
     swift sft \

@@ -64,8 +64,7 @@ def test_an_accumulation_that_does_not_divide_says_which_global_batch_results(ac
     (4, 4, 16, 1, 1, 16),
     (16, 1, 8, 1, 2, 16),   # the demo's 16 x 1 in passes of 8
     (4, 4, 2, 3, 3, 18),    # 16 / 6: 2.67 -> 3 (18 is nearer than 12)
-    (4, 4, 8, 3, 1, 24),    # 16 / 24 rounds to 0: at least 1
-    (4, 1, 8, 1, 1, 8),     # a pass larger than the global batch: the batch grows, said
+    (4, 4, 3, 1, 5, 15),    # 16 / 3: 5.33 -> 5
 ])
 def test_a_stage_batch_keeps_the_global_batch(batch, accum, micro, world, per_process, global_batch):
     got, message = D.split_accumulation(accum, world, batch, micro)
@@ -75,12 +74,23 @@ def test_a_stage_batch_keeps_the_global_batch(batch, accum, micro, world, per_pr
         assert message.startswith(f"the recipe's {batch * accum} rows a step (BATCH_SIZE x GRAD_ACCUM) do not divide "
                                   f"into batches of {micro}")
         assert f"global batch {micro} x {got} x {world} = {global_batch} instead of the recipe's" in message
-    # the same global batch gives the same optimizer steps and evaluation steps as the recipe's own batch
     same = D.plan(4000, batch, accum, 2, world, 0.5, "auto", micro_batch=micro)
-    assert same.global_batch == global_batch and same.batch_size == micro and same.recipe_batch == batch
-    if message is None and accum % world == 0:  # the recipe's own batch divides too
+    assert (same.batch_size, same.accum, same.global_batch, same.recipe_batch) == (micro, got, global_batch, batch)
+    if message is None and accum % world == 0:  # the same global batch: the same steps as the recipe's own batch
         mine = D.plan(4000, batch, accum, 2, world, 0.5, "auto")
         assert (same.per_epoch, same.max_steps, same.eval_steps) == (mine.per_epoch, mine.max_steps, mine.eval_steps)
+
+
+@pytest.mark.parametrize("batch, accum, micro, world, accum_then", [
+    (4, 4, 8, 4, 1),    # the real recipe's stage 2 on four GPUs: 8 x 1 x 4 would be 32 rows: 4 x 1 x 4
+    (4, 4, 8, 3, 1),    # 24 > 16: 4 x 1 x 3, as stage 1 (its own line says 12)
+    (4, 1, 8, 1, 1),    # a batch of 8 in a recipe of 4 rows a step
+])
+def test_a_stage_batch_never_grows_the_global_batch(batch, accum, micro, world, accum_then):
+    plan = D.plan(4000, batch, accum, 2, world, 0.5, "auto", micro_batch=micro)
+    assert (plan.batch_size, plan.accum) == (batch, accum_then)
+    assert plan.notes[0] == (f"batches of {micro} on {world} process{'es' if world > 1 else ''} would make more than "
+                             f"the recipe's {batch * accum} rows a step: batches of {batch} (BATCH_SIZE)")
 
 
 def test_describe_says_a_stage_batch():
@@ -88,6 +98,10 @@ def test_describe_says_a_stage_batch():
         "stage2: batches of 8 (not 4), gradient accumulation 4 -> 2 per process, global batch 8 x 2 x 1 = 16 "
         "(the recipe's)")
     assert len(D.describe(D.plan(1050, 4, 4, 2, 1, 0.5, "auto", micro_batch=4), "stage2")) == 1
+    lines = D.describe(D.plan(1050, 4, 4, 2, 4, 0.5, "auto", micro_batch=8), "stage2")
+    assert lines[0] == "stage2: 4 processes: gradient accumulation 4 -> 1 per process, global batch 4 x 1 x 4 = 16 " \
+                       "(the recipe's)"
+    assert lines[1].startswith("stage2: batches of 8 on 4 processes would make more than the recipe's 16 rows")
 
 
 # --------------------------------------------------------------------------- steps as swift and HF count them
@@ -175,11 +189,11 @@ def test_cli(tmp_path, capsys, monkeypatch):
     args = ["plan", "--dataset", str(rows), "--batch-size", "4", "--grad-accum", "4", "--epochs", "2"]
     assert D.main([*args, "--eval-every", "0.5", "--eval-steps", "auto", "--what", "stage1"]) == 0
     out, err = capsys.readouterr()
-    assert out == "2 125\n" and "stage1: 2 processes" in err
+    assert out == "2 125 4\n" and "stage1: 2 processes" in err
     assert D.main([*args, "--eval-steps", "30", "--world", "1"]) == 0
-    assert capsys.readouterr().out == "4 30\n"
+    assert capsys.readouterr().out == "4 30 4\n"
     assert D.main([*args, "--eval-steps", "30", "--world", "1", "--micro-batch", "8"]) == 0
-    assert capsys.readouterr().out == "2 30\n"
+    assert capsys.readouterr().out == "2 30 8\n"
     assert D.main(["world"]) == 0 and capsys.readouterr().out == "2\n"
     monkeypatch.setenv("DEEPSPEED", "zero2")
     assert D.main(["swift-flags"]) == 0

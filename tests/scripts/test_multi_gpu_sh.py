@@ -64,11 +64,14 @@ def test_nproc_per_node_divides_the_accumulation(tmp_path):
     assert [(layout.run_dir(s) / "final_checkpoint.txt").exists() for s in STAGES] == [True, True]
 
     log = run_gpu_script("train.sh", tmp_path, out, NPROC_PER_NODE="3", **CPU_REAL)
-    assert [batch_flags(a)[0] for a in swift_calls(tmp_path)] == ["1", "1"]
+    calls = swift_calls(tmp_path)
+    assert [batch_flags(a)[0] for a in calls] == ["1", "1"]
+    assert [flag(a, "--per_device_train_batch_size") for a in calls] == [["4"], ["4"]]
     assert "GRAD_ACCUM=4 does not divide by 3 processes: 1 per process, global batch 4 x 1 x 3 = 12 instead of the " \
            "recipe's 4 x 4 = 16" in log
-    assert "stage2: the recipe's 16 rows a step (BATCH_SIZE x GRAD_ACCUM) do not divide into batches of 8 on 3 " \
-           "processes: accumulation 1, global batch 8 x 1 x 3 = 24 instead of the recipe's 4 x 4 = 16" in log
+    # stage 2's batches of 8 would make 24 rows a step: it takes BATCH_SIZE, as stage 1
+    assert "stage2: batches of 8 on 3 processes would make more than the recipe's 16 rows a step: batches of 4 " \
+           "(BATCH_SIZE)" in log
     run_gpu_script("train.sh", tmp_path, out, NPROC_PER_NODE="2", EVAL_STEPS="9", **CPU_REAL)
     assert [batch_flags(a) for a in swift_calls(tmp_path)] == [("2", "9"), ("1", "9")]  # an explicit EVAL_STEPS wins
 

@@ -2,7 +2,7 @@
 
     python -m tools.model.distributed plan --dataset outputs/data/stage1_train.jsonl --batch-size 4 \\
         --grad-accum 4 --epochs 2 --eval-every 0.5 --eval-steps auto --what stage1
-    -> prints "GRAD_ACCUM_PER_PROCESS EVAL_STEPS" on stdout, what it decided on stderr
+    -> prints "GRAD_ACCUM_PER_PROCESS EVAL_STEPS BATCH" on stdout, what it decided on stderr
        (--micro-batch 8: batches of 8 rows, the accumulation keeping the global batch 4 x 4)
     python -m tools.model.distributed world      -> the number of training processes, NPROC_PER_NODE x NNODES
     python -m tools.model.distributed swift-flags   -> --deepspeed DEEPSPEED, --use_cpu true (DDP on CPUs), a line each
@@ -12,7 +12,8 @@ CLI start torchrun (swift/cli/main.py): N data-parallel processes per node, each
 BATCH_SIZE rows. The recipe's global batch, BATCH_SIZE x GRAD_ACCUM, is kept by dividing the accumulation by the
 number of processes (world size); when it does not divide, the nearest whole accumulation is taken and the message
 says which global batch results (the learning rate stays the recipe's, so it then trains with another batch). A
-stage's own batch (BATCH_SIZE_STAGE1/2: rows a forward pass) is kept the same way: fewer, larger passes per step.
+stage's own batch (BATCH_SIZE_STAGE1/2: rows a forward pass) divides the same global batch: fewer, larger passes a
+step; where it would make the global batch larger (more processes than it allows), the stage takes BATCH_SIZE.
 
 Evaluation and saving follow the epoch, not a step count: EVAL_EVERY=0.5 evaluates (and saves, so every evaluated
 step can be the best checkpoint) every half epoch, whatever the number of processes; the steps are computed from
@@ -122,6 +123,11 @@ def plan(rows: int, batch_size: int, grad_accum: int, epochs: float, world: int 
     """The per-process accumulation and the evaluation/saving interval of one training run whose global batch is
     batch_size x grad_accum and whose forward passes take micro_batch rows (default batch_size) on each process."""
     micro = batch_size if micro_batch is None else micro_batch
+    notes = []
+    if micro != batch_size and micro * world > batch_size * grad_accum:  # a speed choice never grows the global batch
+        notes.append(f"batches of {micro} on {world} process{'es' if world > 1 else ''} would make more than the "
+                     f"recipe's {batch_size * grad_accum} rows a step: batches of {batch_size} (BATCH_SIZE)")
+        micro = batch_size
     accum, note = split_accumulation(grad_accum, world, batch_size, micro)
     per_epoch = steps_per_epoch(rows, micro, accum, world)
     max_steps = math.ceil(epochs * per_epoch)
@@ -133,7 +139,7 @@ def plan(rows: int, batch_size: int, grad_accum: int, epochs: float, world: int 
             raise DataError(f"EVAL_STEPS={eval_steps!r}: expected auto or a whole number >= 1")
         steps, source = int(fixed), f"EVAL_STEPS={int(fixed)}"
     return Plan(rows, world, micro, batch_size, grad_accum, accum, epochs, per_epoch, max_steps, steps, source,
-                [note] if note else [])
+                notes + ([note] if note else []))
 
 
 def describe(p: Plan, what: str = "") -> list[str]:
@@ -145,7 +151,7 @@ def describe(p: Plan, what: str = "") -> list[str]:
         batches = "" if p.batch_size == p.recipe_batch else f"batches of {p.batch_size} (not {p.recipe_batch}), "
         lines.append(f"{head}{processes}{batches}gradient accumulation {p.recipe_accum} -> {p.accum} per process, "
                      f"global batch {p.batch_size} x {p.accum} x {p.world} = {p.global_batch}"
-                     + ("" if p.notes else " (the recipe's)"))
+                     + (" (the recipe's)" if p.global_batch == p.recipe_batch * p.recipe_accum else ""))
     lines += [f"{head}{n}" for n in p.notes]
     times = "once, at the end" if p.evaluations == 1 else f"{p.evaluations} times"
     lines.append(f"{head}{p.rows} rows, {p.per_epoch} steps an epoch, {p.max_steps} in all; evaluates and saves every "
@@ -352,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                       args.eval_every, args.eval_steps, args.micro_batch)
         for line in describe(result, args.what):
             print(line, file=sys.stderr)
-        print(result.accum, result.eval_steps)
+        print(result.accum, result.eval_steps, result.batch_size)
 
     return cli.run(step, errors=(DataError, ValueError))
 
