@@ -20,6 +20,7 @@ Results are JSON files in WORK/results/; `table` prints them with ratios within 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shlex
@@ -307,8 +308,9 @@ def part_train(a) -> None:
                 if label and (stage == "stage2") != label.startswith("3b-"):
                     continue
                 env = {**extra_env, **knobs, "STAGES": stage}
+                swift_flags = shlex.split(env.pop("BENCH_SWIFT_FLAGS", ""))  # e.g. "--logging_nan_inf_filter false"
                 run_config(a, cfg + (f"-{label.removeprefix('3b-')}" if label else ""),
-                           ["bash", "train.sh", *bench_flags(a, steps)], env)
+                           ["bash", "train.sh", *bench_flags(a, steps), *swift_flags], env)
         elif cfg.startswith("swift-"):
             size = cfg.split("-")[1]
             stage = {"7b": "stage1", "3b": "stage2"}[size]
@@ -420,9 +422,11 @@ def swift_shim(argv: list[str]) -> None:
                     dataloader_workers=flag("--dataloader_num_workers", "1"), tuner=flag("--tuner_type", "lora"),
                     loss=flag("--loss_type", ""))
 
+        warm_steps = int(os.environ.get("BENCH_WARMUP", "2"))
+
         class Timer(transformers.TrainerCallback):
             def __init__(self):
-                self.times, self.prof = [], None
+                self.times, self.prof, self.syncs = [], None, None
 
             def on_train_begin(self, args, state, control, **kw):
                 sync()
@@ -431,10 +435,27 @@ def swift_shim(argv: list[str]) -> None:
                             grad_accum=args.gradient_accumulation_steps)
 
             def on_step_end(self, args, state, control, **kw):
+                if self.syncs is not None:  # the syncs of one whole step: logging, the next batches, the step
+                    if state.global_step == warm_steps:
+                        data["syncs"] = self.syncs.stop()
+                        self.syncs = None
                 sync()
                 self.times.append(time.perf_counter())
+                if os.environ.get("BENCH_SYNC_DEBUG") and state.global_step == warm_steps - 1 and self.syncs is None:
+                    from _gpu_idle import SyncRecorder
+
+                    self.syncs = SyncRecorder()
+                    self.syncs.start()
                 if self.prof is not None:
                     self.prof.stop()
+                    trace = Path(os.environ["BENCH_RESULT"]).with_suffix(".trace.json")
+                    self.prof.export_chrome_trace(str(trace))
+                    from _gpu_idle import idle_summary, load_trace
+
+                    data["idle"] = idle_summary(load_trace(trace))
+                    with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    trace.unlink()
                     averages = self.prof.key_averages()
                     data["profile"] = averages.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
                     # by the kernels' own time: where the GPU actually spends the step
@@ -449,7 +470,7 @@ def swift_shim(argv: list[str]) -> None:
                 steps = [b - a for a, b in zip(self.times[:-1], self.times[1:])]
                 if os.environ.get("BENCH_PROFILE") and len(steps) == state.max_steps:
                     steps = steps[:-1]
-                warm = int(os.environ.get("BENCH_WARMUP", "2"))
+                warm = warm_steps
                 measured = steps[warm:] if len(steps) > warm else steps
                 samples = args.per_device_train_batch_size * args.gradient_accumulation_steps
                 data.update(step_times=[round(s, 3) for s in steps], measured_steps=len(measured),
@@ -990,7 +1011,9 @@ def main() -> None:
     ap.add_argument("--parts", default="setup,train,infer,table")
     ap.add_argument("--train", default="ours-7b,ours-3b,swift-7b,peft-7b",
                     help="training configurations, in order (ours-7b, ours-3b, swift-7b, swift-3b, peft-7b)")
-    ap.add_argument("--variants", default="", help="extra ours-7b runs: LABEL:KNOB=V[,KNOB=V];LABEL:...")
+    ap.add_argument("--variants", default="", help="extra ours-7b runs: LABEL:KNOB=V[,KNOB=V];LABEL:... (a LABEL 3b-... is a stage-2 run); "
+                    "besides the recipe's knobs: BENCH_SWIFT_FLAGS (more swift flags), BENCH_SYNC_DEBUG=1 (the Python "
+                    "stacks of every GPU sync in the last warm-up step)")
     ap.add_argument("--variants-only", action="store_true", help="skip ours-7b's plain run")
     ap.add_argument("--infer", default="score-7b,score-3b,swift-infer-7b,generate-7b",
                     help="scoring configurations (score-7b[-bsN] = ours, score-3b, swift-infer-7b[-bsN], generate-7b)")
