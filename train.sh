@@ -173,6 +173,8 @@ for run in "${runs[@]}"; do
     read -r grad_accum eval_steps batch <<< "$plan"
     # --- end several GPUs
     export FIRESAFE_CKPT_SKIP_LAYERS=$skip        # swift_plugins/patches/checkpoint_layers.py
+    # --logging_nan_inf_filter false: a NaN loss shows in the log instead of being averaged away, and the GPU is not
+    # waited for after every micro-step to check (bench/README.md, "Stage 2: where the GPU waits")
     swift sft \
       --model "$model" \
       --template qwen2_5_vl \
@@ -204,6 +206,7 @@ for run in "${runs[@]}"; do
       --save_total_limit 1 \
       --save_only_model false \
       --logging_steps 10 \
+      --logging_nan_inf_filter false \
       --dataloader_num_workers "$DATALOADER_WORKERS" \
       --dataset_num_proc 1 \
       --report_to tensorboard \

@@ -283,7 +283,9 @@ def run_config(a, name: str, cmd: list[str], env: dict | None = None, kind: str 
 
 # --------------------------------------------------------------------------- training
 def bench_flags(a, steps: int) -> list[str]:
-    return ["--max_steps", str(steps), "--eval_strategy", "no", "--logging_steps", "1", "--report_to", "none",
+    # logging as each command's users have it (train.sh: every 10 steps; swift: 5): a logging step reads the loss and
+    # the amplifier's numbers back from the GPU, which a timed step should not do more often than users' runs
+    return ["--max_steps", str(steps), "--eval_strategy", "no", "--report_to", "none",
             "--save_strategy", "steps", "--save_steps", str(steps)]
 
 

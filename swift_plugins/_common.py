@@ -59,10 +59,17 @@ class AnswerTokens:
         self.label_ids = torch.tensor(label_token_ids(tokenizer), dtype=torch.long)
         self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.newline = tokenizer.encode("\n", add_special_tokens=False)[0]
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def label_ids_on(self, device: torch.device) -> torch.Tensor:
+        """label_ids on `device`, copied once: a copy from the CPU on every call makes the CPU wait for the GPU."""
+        if device not in self._on_device:
+            self._on_device[device] = self.label_ids.to(device)
+        return self._on_device[device]
 
     def class_of(self, tokens: torch.Tensor) -> torch.Tensor:
         """Label index of each token (its label's first token), -1 for any other token."""
-        match = tokens.unsqueeze(-1) == self.label_ids.to(tokens.device)
+        match = tokens.unsqueeze(-1) == self.label_ids_on(tokens.device)
         return torch.where(match.any(-1), match.long().argmax(-1), torch.full_like(tokens, -1))
 
     def position_classes(self, labels: torch.Tensor) -> torch.Tensor:
@@ -82,12 +89,14 @@ class AnswerTokens:
         prev_turn_last = F.pad(turn_last[:, :-1], (1, 0), value=False)
         start = sup & (~prev_sup | prev_turn_last)
 
-        flat_start, flat_sup = start.flatten(), sup.flatten()
-        span = torch.cumsum(flat_start.long(), 0) - 1  # rows never share a span: a row's first token starts one
-        span_class = self.class_of(labels.flatten()[flat_start])
-        out = torch.full_like(labels.flatten(), -1)
-        valid = flat_sup & (span >= 0)
-        out[valid] = span_class[span[valid]]
+        # Each supervised position takes the class of the latest answer start at or before it (rows never share
+        # one: a row's first supervised token starts an answer). Element-wise and a running maximum only, no
+        # boolean indexing, so the CPU never waits for the GPU here.
+        flat, flat_start, flat_sup = labels.flatten(), start.flatten(), sup.flatten()
+        positions = torch.arange(flat.numel(), device=flat.device)
+        last_start = torch.where(flat_start, positions, torch.full_like(positions, -1)).cummax(0).values
+        out = torch.where(flat_sup & (last_start >= 0), self.class_of(flat)[last_start.clamp(min=0)],
+                          torch.full_like(flat, -1))
         return out.view_as(labels)
 
     def first_answer(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,10 +42,17 @@ class WeightedCrossEntropy(BaseLoss):
         super().__init__(args, trainer)
         # Read here, not at import: swift applies --model_kwargs to the environment after importing plugins.
         self.class_weights = torch.tensor(class_weights_from_env(), dtype=torch.float32)
+        self._weights_on: dict[torch.device, torch.Tensor] = {}
         self.gamma = focal_gamma_from_env()
         self.tokens = AnswerTokens(trainer.template.tokenizer)
         logger.info(f"weighted_ce: class weights {dict(zip(LABELS, self.class_weights.tolist()))}, "
                     f"focal gamma {self.gamma}")
+
+    def class_weights_on(self, device: torch.device) -> torch.Tensor:
+        """The class weights on `device`, copied once (a copy from the CPU each step makes the CPU wait)."""
+        if device not in self._weights_on:
+            self._weights_on[device] = self.class_weights.to(device)
+        return self._weights_on[device]
 
     def __call__(self, outputs, labels, *, num_items_in_batch=None, loss_scale=None, **kwargs):
         if getattr(self.trainer.template, "sequence_parallel_size", 1) > 1:
@@ -82,9 +89,9 @@ class WeightedCrossEntropy(BaseLoss):
 
         token_loss = focal(per_token_loss_func(outputs, labels), self.gamma)  # [B*T], predicts labels rolled by -1
         classes = self.tokens.position_classes(labels)
-        weights = torch.ones(classes.shape, dtype=torch.float32, device=classes.device)
-        known = classes >= 0
-        weights[known] = self.class_weights.to(classes.device)[classes[known]]
+        # each position's class weight, 1 outside answers (element-wise: no boolean indexing, no CPU-GPU wait)
+        weights = torch.where(classes >= 0, self.class_weights_on(classes.device)[classes.clamp(min=0)],
+                              torch.ones((), dtype=torch.float32, device=classes.device))
         token_loss = token_loss * torch.roll(weights, shifts=-1, dims=-1).view(-1).to(token_loss.device)
         if loss_scale is not None:  # swift passes it rolled and flattened, like the per-token loss
             token_loss = token_loss * loss_scale

@@ -34,6 +34,7 @@ def test_train_sh_uses_plugins_for_stage2_by_default(tmp_path):
         assert flag(argv, "--attn_impl") == ["sdpa"] and flag(argv, "--lora_dropout") == ["0.05"]
         assert flag(argv, "--gradient_checkpointing") == flag(argv, "--vit_gradient_checkpointing") == ["true"]
         assert flag(argv, "--use_liger_kernel") == ["false"]
+        assert flag(argv, "--logging_nan_inf_filter") == ["false"]  # a NaN loss is logged, not averaged away
         assert flag(argv, "--max_pixels") == ["28224"] and flag(argv, "--torch_dtype") == ["float32"]
     assert value(stage1, "--model") == str(tmp_path / "m1") and value(stage2, "--model") == str(tmp_path / "m2")
     assert flag(stage1, "--save_only_model") == ["false"]  # optimizer state kept: RESUME=1 can continue a run

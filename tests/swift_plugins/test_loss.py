@@ -115,6 +115,43 @@ def test_answer_classes_split_packed_answers(loaded):
         len(other) - 1)
 
 
+
+def test_answer_classes_match_a_per_row_walk(loaded):
+    """position_classes (a running maximum over the flattened batch, no boolean indexing) against a plain walk
+    over each row, on random left-padded batches of answers, gaps and rows without any; the label ids are copied
+    to a device once."""
+    from swift_plugins._common import AnswerTokens
+
+    tok = loaded[1].tokenizer
+    t = AnswerTokens(tok)
+    answers = [tok.encode(label, add_special_tokens=False) + [t.im_end, t.newline] for label in LABELS]
+
+    def walk(row):
+        out, current, prev_sup, prev_last = [], -1, False, False
+        for i, token in enumerate(row):
+            sup = token != -100
+            is_last = (token == t.im_end and (i + 1 == len(row) or row[i + 1] != t.newline)) or (
+                token == t.newline and i > 0 and row[i - 1] == t.im_end)
+            if sup and (not prev_sup or prev_last):
+                current = next((k for k, a in enumerate(answers) if a[0] == token), -1)
+            out.append(current if sup else -1)
+            prev_sup, prev_last = sup, is_last
+        return out
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        rows = []
+        for _ in range(3):
+            row = []
+            for _ in range(int(torch.randint(0, 4, (1,), generator=gen))):
+                row += [-100] * int(torch.randint(0, 3, (1,), generator=gen))
+                row += answers[int(torch.randint(0, len(LABELS), (1,), generator=gen))]
+            rows.append(row)
+        width = max(len(r) for r in rows) + 1
+        batch = [[-100] * (width - len(r)) + r for r in rows]  # left padding, as swift pads
+        assert t.position_classes(torch.tensor(batch)).tolist() == [walk(r) for r in batch]
+    assert list(t._on_device) == [torch.device("cpu")]
+
 @pytest.fixture(scope="module")
 def cls_batch(tiny_model, data):
     """Class logits [B, 5] of the seq_cls variant (`--task_type seq_cls --num_labels 5`) and the gold indices."""
