@@ -1,9 +1,9 @@
 """Patch (on import): HF Trainer's floating-point-operation count reuses the model's parameter count.
 
 Why: after every micro-step the Trainer adds `6 x tokens x model.num_parameters(exclude_embeddings=True)` to
-`state.total_flos` (only reported in the logs). `num_parameters` walks every module and parameter of the model, ~3,400
-modules and ~1,300 parameters for Qwen2.5-VL-3B with LoRA: ~9 ms of Python per micro-step on the GPU machine's CPU,
-during which the GPU waits (bench/README.md, "Stage 2: where the GPU waits"). The count cannot change while a model
+`state.total_flos` (only reported in the logs). `num_parameters` walks every module and parameter of the model, 3,361
+modules and 1,328 parameters for Qwen2.5-VL-3B with LoRA: 8.6 ms of Python per micro-step on a 2-core AMD EPYC, time
+in which the GPU runs dry after a sync (bench/README.md, "Stage 2: where the GPU waits"). The count cannot change while a model
 trains, so it is taken once per model and reused; the total is the same number.
 
 How: Trainer.floating_point_ops keeps transformers' formula, with the count cached on the trainer and keyed by the
