@@ -58,7 +58,7 @@ class WeightedF1Metrics(EvalMetrics):
             rows = torch.arange(logits.shape[0], device=logits.device)
             # Logits at position t predict the token at t + 1 (labels are not shifted).
             step = logits[rows, (first - 1).clamp(min=0).to(logits.device)]
-            label_logits, gold = step[:, self.tokens.label_ids.to(logits.device)], gold.to(logits.device)
+            label_logits, gold = step[:, self.tokens.label_ids_on(logits.device)], gold.to(logits.device)
         label_logits = label_logits.float()
         probs = label_logits.softmax(-1)
         return torch.cat([label_logits.argmax(-1, keepdim=True).float(), gold.float()[:, None], probs], -1)
