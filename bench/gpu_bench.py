@@ -472,8 +472,7 @@ def swift_shim(argv: list[str]) -> None:
                 steps = [b - a for a, b in zip(self.times[:-1], self.times[1:])]
                 if os.environ.get("BENCH_PROFILE") and len(steps) == state.max_steps:
                     steps = steps[:-1]
-                warm = warm_steps
-                measured = steps[warm:] if len(steps) > warm else steps
+                measured = steps[warm_steps:] if len(steps) > warm_steps else steps
                 samples = args.per_device_train_batch_size * args.gradient_accumulation_steps
                 data.update(step_times=[round(s, 3) for s in steps], measured_steps=len(measured),
                             s_per_step=round(sum(measured) / len(measured), 3),
