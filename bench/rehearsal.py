@@ -182,8 +182,11 @@ def train_numbers(layout: Layout) -> dict:
 
 
 def score_numbers(log_text: str) -> list[dict]:
-    return [{"images": int(m[1]), "seconds": float(m[2]), "images_per_s": float(m[3]), "csv": m[4]}
-            for m in re.finditer(r"scored (\d+) images in ([\d.]+) s \(([\d.]+) images/s\) -> (\S+)", log_text)]
+    """Each scored file's rate: tools.model.infer's "-> CSV" lines, or a scoring process's "[MODEL, GPU k] ... of
+    ROWS" lines (tools.model.shards: several GPUs, or SCORE_STAGES_TOGETHER), with that process's model."""
+    pattern = r"(?:\[([^\],]+), [^\]]+\] )?scored (\d+) images in ([\d.]+) s \(([\d.]+) images/s\) (?:->|of) (\S+)"
+    return [{"images": int(m[2]), "seconds": float(m[3]), "images_per_s": float(m[4]), "csv": m[5],
+             **({"model": m[1]} if m[1] else {})} for m in re.finditer(pattern, log_text)]
 
 
 def table(result: dict) -> str:
@@ -295,8 +298,8 @@ def configs_table(result: dict, n_test: int) -> str:
             rows.append(f"| {name} | {r['knobs']} | failed (rc {r['rc']}) | | | |")
             continue
         rate = n_test / r["wall_s"]
-        rates = ", ".join(f"{Path(x['csv']).parent.name}/{Path(x['csv']).stem}: {x['images_per_s']}"
-                          for x in r["scoring"])
+        rates = ", ".join(f"{x['model'] + ' ' if 'model' in x else ''}{Path(x['csv']).parent.name}/"
+                          f"{Path(x['csv']).stem}: {x['images_per_s']}" for x in r["scoring"])
         knobs = " ".join(f"{k}={v}" for k, v in r["knobs"].items()) or "(defaults)"
         rows.append(f"| {name} | {knobs} | {r['wall_s']:.0f} | {rate:.2f} | {rate / 20:.0%} | {rates} |")
     return "\n".join(rows)

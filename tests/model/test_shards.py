@@ -47,6 +47,83 @@ def test_scoring_devices():
             H.scoring_devices(bad, four)
 
 
+# --------------------------------------------------------------------------- both stages at once on one GPU
+def fake_model(folder: Path, gib: float) -> Path:
+    """A model folder whose weight file has the size of a real one (sparse: nothing is written)."""
+    folder.mkdir(parents=True)
+    with open(folder / "model-00001-of-00001.safetensors", "wb") as f:
+        f.truncate(int(gib * H.GIB))
+    return folder
+
+
+def fake_checkpoint(folder: Path, model: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "args.json").write_text(json.dumps({"model": str(model)}), encoding="utf-8")
+    return folder
+
+
+def test_stages_together_when_the_free_memory_holds_both_models(tmp_path, monkeypatch, capsys):
+    big, small = fake_model(tmp_path / "7b", 15.4), fake_model(tmp_path / "3b", 7.0)
+    s1, s2 = fake_checkpoint(tmp_path / "s1", big), fake_checkpoint(tmp_path / "s2", small)
+    s1_fold = fake_checkpoint(tmp_path / "s1f", big)  # a fold's stage 1: the same model, the same process
+    assert H.lanes_of([s1, s2, s1_fold]) == {str(big): [0, 2], str(small): [1]}
+    need = H.together_need([str(big), str(small)], batch_size=8)
+    assert abs(need - (15.4 + 7.0 + 2 * (8 * H.IMAGE_GIB + H.PROCESS_GIB)) * H.GIB) < 4  # the files' sizes, rounded
+    assert H.together_need([str(big), str(tmp_path / "no-such-model")], 8) is None
+
+    free = {"bytes": 139 * H.GIB}
+    monkeypatch.setattr(H, "free_gpu_bytes", lambda device: free["bytes"])
+    assert H.stages_together([s1, s2], "0", 8, "auto")
+    assert f"2 models need ~{need / H.GIB:.1f} GiB at once, GPU 0 has 139.0 GiB free: scoring them at the same" \
+        in capsys.readouterr().out
+    free["bytes"] = 22 * H.GIB  # a 24 GB card
+    assert not H.stages_together([s1, s2], "0", 8, "auto")
+    assert "one after the other" in capsys.readouterr().out
+    assert H.stages_together([s1, s2], "0", 8, "1")  # the user's call
+    free["bytes"] = None  # no reading from nvidia-smi
+    assert not H.stages_together([s1, s2], "0", 8, "auto")
+    assert "no free-memory reading" in capsys.readouterr().out
+    free["bytes"] = 139 * H.GIB
+    assert not H.stages_together([s1, s2], "0", 8, "0")
+    assert not H.stages_together([s1, s1_fold], "0", 8, "1")  # one base model: one process anyway
+    assert not H.stages_together([s2], "0", 8, "auto")  # stage 1's files were kept: nothing to overlap
+    by_id = tmp_path / "by_id"  # trained from a model id: swift records the folder it resolved as model_dir
+    by_id.mkdir()
+    (by_id / "args.json").write_text(json.dumps({"model": "Qwen/Qwen2.5-VL-3B-Instruct", "model_dir": str(small)}))
+    assert H.base_model(by_id) == str(small) and H.stages_together([s1, by_id], "0", 8, "auto")
+    bare = fake_checkpoint(tmp_path / "bare", tmp_path / "not-here")
+    assert not H.stages_together([s1, bare], "0", 8, "auto")
+    assert "a model folder has no weight files here" in capsys.readouterr().out
+    monkeypatch.setenv(H.ENV_TOGETHER, "yes")
+    with pytest.raises(DataError, match="SCORE_STAGES_TOGETHER='yes': expected auto, 0 or 1"):
+        H.stages_together([s1, s2], "0", 8)
+
+
+def test_free_gpu_bytes_reads_nvidia_smi(monkeypatch):
+    import subprocess
+
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, answer["rc"], stdout=answer["out"], stderr="")
+
+    answer = {"rc": 0, "out": "81559\n"}
+    monkeypatch.setattr(H.subprocess, "run", fake_run)
+    assert H.free_gpu_bytes("GPU-aa") == 81559 * 1024 ** 2
+    assert calls[-1][-2:] == ["-i", "GPU-aa"]
+    answer.update(rc=6, out="No devices were found\n")
+    assert H.free_gpu_bytes("0") is None
+    answer.update(rc=0, out="[N/A]\n")
+    assert H.free_gpu_bytes("0") is None
+
+    def missing(cmd, **kwargs):
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(H.subprocess, "run", missing)
+    assert H.free_gpu_bytes("0") is None
+
+
 # --------------------------------------------------------------------------- shard files
 def partial_lines(path: Path, record: dict, rows: dict[int, list[float]], cut: str = "") -> None:
     path.write_text("# " + json.dumps(record, sort_keys=True) + "\n"
@@ -222,3 +299,55 @@ def test_two_processes_score_a_binary_specialist_as_one(checkpoint, datasets, tm
     # corrected: undoing the correction gives probabilities of the raw model, not these
     raw = prior.correct(two, shares["real"], shares["trained"])
     assert np.abs(raw - two).max() > 0.01
+
+
+@pytest.fixture(scope="module")
+def second_checkpoint(tmp_path_factory) -> Path:
+    """Another tiny random Qwen2.5-VL (another seed, its own folder: another base model) with its LoRA adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("shards2")
+    model_dir = build_tiny_model(root / "tiny2", TINY, seed=1)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(1)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    ckpt = root / "run" / "checkpoint-2"
+    peft.save_pretrained(ckpt)
+    (ckpt / "args.json").write_text(json.dumps({"model": str(model_dir), "template": "qwen2_5_vl",
+                                                "torch_dtype": "float32", "tuner_type": "lora"}), encoding="utf-8")
+    return ckpt
+
+
+def test_two_models_at_once_write_the_csvs_of_one_process(checkpoint, second_checkpoint, datasets, one_process,
+                                                          tmp_path, capfd):
+    """SCORE_STAGES_TOGETHER: one process per base model on the same device (two CPU processes here), each scoring
+    all rows of its own checkpoint; the CSVs are those of one process scoring the models in turn."""
+    from tools.probs import read_probs
+
+    a, b = datasets
+    second_one = tmp_path / "second_one"
+    second_one.mkdir()
+    S.score_jobs([(second_checkpoint, [(b, second_one / "test_probs.csv")])], ARGV, batch_size=1, workers=0)
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    jobs = [*jobs_in(stage1, checkpoint, datasets), (second_checkpoint, [(b, stage2 / "test_probs.csv")])]
+    stage1.mkdir(), stage2.mkdir()
+    capfd.readouterr()
+    H.score_jobs_on_gpus(jobs, ARGV, batch_size=1, workers=0, devices=[None], together=True)
+    out = capfd.readouterr().out
+    assert "scoring 2 models at the same time on CPU, one process each (SCORE_STAGES_TOGETHER)" in out
+    assert "[tiny, CPU] loaded " in out and "[tiny2, CPU] loaded " in out  # a process per model, named by it
+    assert "[tiny2, CPU] scored 4 images" in out and "[tiny, CPU] scored 9 images" in out
+    for got, want in ((stage1 / "val_probs.csv", one_process / "val_probs.csv"),
+                      (stage1 / "test_probs.csv", one_process / "test_probs.csv"),
+                      (stage2 / "test_probs.csv", second_one / "test_probs.csv")):
+        names, probs = read_probs(got)
+        want_names, want_probs = read_probs(want)
+        assert names == want_names
+        np.testing.assert_allclose(probs, want_probs, rtol=0, atol=1.5e-6)
+        assert read_json(probs_record_of(got)) == read_json(probs_record_of(want))
+    _, first = read_probs(stage1 / "test_probs.csv")
+    _, second = read_probs(stage2 / "test_probs.csv")
+    assert np.abs(first - second).max() > 1e-3  # two different models did score

@@ -332,7 +332,9 @@ def score_jobs(jobs: list[tuple[Path, list[tuple[Path, Path]]]], swift_argv: lis
         if not todo:
             continue
         print(f"scoring with {checkpoint}")
+        start = time.time()
         model, template, label_ids, _ = load(["--adapters", str(checkpoint), *swift_argv], labels=labels)
+        print(f"loaded in {time.time() - start:.1f} s")
         for dataset, output in todo:
             rows, start, record = datasets[dataset], time.time(), records[output]
             partial = probs_partial_of(output)
