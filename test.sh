@@ -39,8 +39,7 @@ python -m tools.knobs ALLOW_STALE="$ALLOW_STALE" PRIOR_CORRECTION="$PRIOR_CORREC
 # --- several GPUs (issue 16): one scoring process per visible GPU (SCORE_GPUS=all, or at most N), each scoring its
 # share of every dataset, merged in list order (tools/model/shards.py); one GPU or none: as before, in one process
 export SCORE_GPUS=${SCORE_GPUS:-all}
-export SCORE_STAGES_TOGETHER=${SCORE_STAGES_TOGETHER:-auto}  # one GPU: both models at once (a process each) when its free memory holds them | 0 | 1
-python -m tools.knobs SCORE_GPUS="$SCORE_GPUS" SCORE_STAGES_TOGETHER="$SCORE_STAGES_TOGETHER"
+python -m tools.knobs SCORE_GPUS="$SCORE_GPUS"
 if (( $(gpu_count) > 1 )); then log "several GPUs visible: scoring with SCORE_GPUS=$SCORE_GPUS, one process per GPU"; fi
 # --- end several GPUs
 lock_outputs                                  # one script per output folder

@@ -182,11 +182,11 @@ def train_numbers(layout: Layout) -> dict:
 
 
 def score_numbers(log_text: str) -> list[dict]:
-    """Each scored file's rate: tools.model.infer's "-> CSV" lines, or a scoring process's "[MODEL, GPU k] ... of
-    ROWS" lines (tools.model.shards: several GPUs, or SCORE_STAGES_TOGETHER), with that process's model."""
+    """Each scored file's rate: tools.model.infer's "-> CSV" lines, or a scoring process's "[shard k/n, GPU g] ...
+    of ROWS" lines (tools.model.shards, several GPUs), with that process's tag."""
     pattern = r"(?:\[([^\],]+), [^\]]+\] )?scored (\d+) images in ([\d.]+) s \(([\d.]+) images/s\) (?:->|of) (\S+)"
     return [{"images": int(m[2]), "seconds": float(m[3]), "images_per_s": float(m[4]), "csv": m[5],
-             **({"model": m[1]} if m[1] else {})} for m in re.finditer(pattern, log_text)]
+             **({"process": m[1]} if m[1] else {})} for m in re.finditer(pattern, log_text)]
 
 
 def table(result: dict) -> str:
@@ -298,7 +298,7 @@ def configs_table(result: dict, n_test: int) -> str:
             rows.append(f"| {name} | {r['knobs']} | failed (rc {r['rc']}) | | | |")
             continue
         rate = n_test / r["wall_s"]
-        rates = ", ".join(f"{x['model'] + ' ' if 'model' in x else ''}{Path(x['csv']).parent.name}/"
+        rates = ", ".join(f"{x['process'] + ' ' if 'process' in x else ''}{Path(x['csv']).parent.name}/"
                           f"{Path(x['csv']).stem}: {x['images_per_s']}" for x in r["scoring"])
         knobs = " ".join(f"{k}={v}" for k, v in r["knobs"].items()) or "(defaults)"
         rows.append(f"| {name} | {knobs} | {r['wall_s']:.0f} | {rate:.2f} | {rate / 20:.0%} | {rates} |")

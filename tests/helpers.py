@@ -429,7 +429,7 @@ def training_batch(model, template, rows):
 SCRIPT_KNOBS |= {"NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "DEEPSPEED", "EVAL_EVERY",
                  "CUDA_VISIBLE_DEVICES"}
 DIST_VARS = ("CUDA_VISIBLE_DEVICES", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
-             "SCORE_GPUS", "SCORE_STAGES_TOGETHER")
+             "SCORE_GPUS")
 # nvidia-smi -L listing $FAKE_GPUS GPUs (train.sh's and test.sh's gpu_count).
 FAKE_NVIDIA_SMI = """#!/usr/bin/env bash
 for ((i = 0; i < ${FAKE_GPUS:-0}; i++)); do echo "GPU $i: NVIDIA H200 (UUID: GPU-fake-$i)"; done

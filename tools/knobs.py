@@ -162,8 +162,6 @@ KNOBS: dict[str, Knob] = {
     "DEEPSPEED": Knob("empty (no DeepSpeed), zero2 or zero3", _one_of("", "zero2", "zero3")),
     "SCORE_GPUS": Knob("all (one scoring process per visible GPU), or a whole number >= 1 (at most that many GPUs)",
                        lambda t: t == "all" or _number(int, 1)(t)),
-    "SCORE_STAGES_TOGETHER": Knob("auto (on one GPU, both models at once when its free memory holds them), 0 or 1",
-                                  _one_of("auto", "0", "1")),
 }
 
 

@@ -3,6 +3,7 @@ plain transformers forward pass, and the resumable scoring jobs (score_jobs)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -264,7 +265,9 @@ def test_an_interrupted_scoring_continues_with_only_the_missing_rows(scoring, lo
     scored = count_forward(monkeypatch)
     S.score_jobs(scoring.jobs, scoring.argv, batch_size=2, workers=0, bucket=False)
     assert scored == [2, 1] + [2, 1]  # rows 4, 5, 6 of the interrupted part, then all 3 rows of the other part
-    assert f"continuing {scoring.val}: 4 of 7 images scored before" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"continuing {scoring.val}: 4 of 7 images scored before" in out
+    assert re.search(r"^loaded in \d+\.\d s$", out, re.M)  # the load's share of test.sh's time, in its log
     names, probs = read_probs(scoring.val)
     assert names == [Path(r["images"][0]).name for r in rows]
     np.testing.assert_allclose(probs[:4], [first[i] for i in range(4)], rtol=0, atol=1e-6)  # kept as scored

@@ -159,15 +159,11 @@ def test_test_sh_scores_on_every_gpu(tmp_path):
     log = run_gpu_script("test.sh", tmp_path, out, gpus=2)
     assert "several GPUs visible: scoring with SCORE_GPUS=all, one process per GPU" in log
     # no more CUDA_VISIBLE_DEVICES=0: the scorer sees every GPU and deals the rows out (tools/model/shards.py)
-    assert dist_calls(tmp_path, "score") == [{"SCORE_GPUS": "all", "SCORE_STAGES_TOGETHER": "auto"}]
+    assert dist_calls(tmp_path, "score") == [{"SCORE_GPUS": "all"}]
     assert len(score_calls(tmp_path)) == 1
-    run_gpu_script("test.sh", tmp_path, out, gpus=2, SCORE_GPUS="1", SCORE_STAGES_TOGETHER="0")
-    assert dist_calls(tmp_path, "score") == [{"SCORE_GPUS": "1", "SCORE_STAGES_TOGETHER": "0"}]
-    assert len(score_calls(tmp_path)) == 1
+    run_gpu_script("test.sh", tmp_path, out, gpus=2, SCORE_GPUS="1")
+    assert dist_calls(tmp_path, "score") == [{"SCORE_GPUS": "1"}] and len(score_calls(tmp_path)) == 1
     before = tree_state(out)
     log = run_gpu_script("test.sh", tmp_path, out, rc=1, SCORE_GPUS="0")
     assert "SCORE_GPUS='0': expected all (one scoring process per visible GPU), or a whole number >= 1" in log
-    assert tree_state(out) == before and score_calls(tmp_path) == []
-    log = run_gpu_script("test.sh", tmp_path, out, rc=1, gpus=1, SCORE_STAGES_TOGETHER="yes")
-    assert "SCORE_STAGES_TOGETHER='yes': expected auto (on one GPU, both models at once" in log
     assert tree_state(out) == before and score_calls(tmp_path) == []

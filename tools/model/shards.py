@@ -14,12 +14,6 @@ SCORE_WORKERS defaults to an equal share of the CPUs), and the probabilities are
 the same CSVs, with the same records. One GPU among several (SCORE_GPUS=1) is one such process, so no model is spread
 over several GPUs by swift's device_map.
 
-Both stages at once on one GPU (SCORE_STAGES_TOGETHER, test.sh's knob): when one GPU scores and its free memory holds
-every model at once (their weight files plus a per-image allowance, stages_together), one process per base model runs
-on that GPU at the same time, each scoring all the rows of its own checkpoints. The GPU's work is the same; what one
-process spends starting, loading its model and compiling, the other spends on the GPU. auto (default) does so when
-the memory allows, 1 always, 0 never (one process, the models one after the other).
-
 Resumable as before: a finished CSV whose record matches is kept; each process appends the rows it scored, by their
 index in the dataset, to `<part>_probs.partial.shard<k>.csv` (the format of `<part>_probs.partial.csv`, same record
 line), and the next run, with any number of GPUs or none, first folds every matching shard file into
@@ -46,7 +40,6 @@ from tools.task import LABELS, probs_partial_of, probs_record_of
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV_GPUS = "SCORE_GPUS"
-ENV_TOGETHER = "SCORE_STAGES_TOGETHER"
 Jobs = list  # [(checkpoint, [(dataset, output CSV), ...]), ...] as tools.model.score.jobs_for returns them
 
 
@@ -83,92 +76,6 @@ def scoring_devices(policy: str | None, visible: list[str]) -> list[str]:
     if not policy.isdigit() or int(policy) < 1:
         raise DataError(f"{ENV_GPUS}={policy!r}: expected all, or a whole number >= 1")
     return list(visible[:int(policy)])
-
-
-# --------------------------------------------------------------------------- both stages at once on one GPU
-# GPU memory a scoring process needs beyond its model's weights, from the H200 peaks at 1,280 visual tokens
-# (bench/README.md: 7B 17.9 GiB allocated with 15.4 GiB of weights at batch 8, 3B 8.7 with 7.0): up to 0.31 GiB per
-# image of a batch, rounded up; plus the CUDA context, cuBLAS workspaces and the allocator's slack.
-IMAGE_GIB = 0.4
-PROCESS_GIB = 1.5
-GIB = 1024 ** 3
-
-
-def together_policy(value: str | None) -> str:
-    """SCORE_STAGES_TOGETHER: auto (default), 0 or 1; anything else is an error that names it."""
-    value = (value or "auto").strip().lower()
-    if value not in ("auto", "0", "1"):
-        raise DataError(f"{ENV_TOGETHER}={value!r}: expected auto, 0 or 1")
-    return value
-
-
-def base_model(checkpoint: Path) -> str:
-    """The model a checkpoint was trained from, as its args.json records it: the local folder swift resolved
-    (model_dir, also for a model id), else --model; the checkpoint itself when unknown."""
-    try:
-        args = json.loads((Path(checkpoint) / "args.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return str(checkpoint)
-    return str(args.get("model_dir") or args.get("model") or checkpoint)
-
-
-def weights_bytes(model: str) -> int | None:
-    """The size of a local model folder's weight files (safetensors, else .bin), or None when it has none."""
-    folder = Path(model)
-    if not folder.is_dir():
-        return None
-    files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
-    return sum(f.stat().st_size for f in files) or None
-
-
-def free_gpu_bytes(device: str) -> int | None:
-    """Free memory of one GPU (a CUDA_VISIBLE_DEVICES entry: index or UUID) as nvidia-smi reports it, or None. Asked
-    of nvidia-smi so that this process opens no CUDA context of its own beside its children's."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", device],
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    try:
-        return int(out.stdout.strip().splitlines()[0]) * 1024 ** 2 if out.returncode == 0 else None
-    except (ValueError, IndexError):
-        return None
-
-
-def lanes_of(checkpoints: list[Path]) -> dict[str, list[int]]:
-    """Checkpoint indices grouped by base model, in order: one process per group scores them one after the other."""
-    lanes: dict[str, list[int]] = {}
-    for i, checkpoint in enumerate(checkpoints):
-        lanes.setdefault(base_model(checkpoint), []).append(i)
-    return lanes
-
-
-def together_need(models: list[str], batch_size: int) -> int | None:
-    """Bytes of GPU memory the models need at once, one scoring process each, or None when a size is unknown."""
-    sizes = [weights_bytes(m) for m in models]
-    if any(s is None for s in sizes):
-        return None
-    return sum(sizes) + int(len(models) * (batch_size * IMAGE_GIB + PROCESS_GIB) * GIB)
-
-
-def stages_together(checkpoints: list[Path], device: str, batch_size: int, policy: str | None = None) -> bool:
-    """Whether these checkpoints (those with rows to score) run as one process per base model at once on `device`
-    (SCORE_STAGES_TOGETHER, see the module's docstring); says why when it matters."""
-    policy = together_policy(os.environ.get(ENV_TOGETHER) if policy is None else policy)
-    lanes = lanes_of(checkpoints)
-    if policy == "0" or len(lanes) < 2:
-        return False
-    if policy == "1":
-        return True
-    need, free = together_need(list(lanes), batch_size), free_gpu_bytes(device)
-    if need is None or free is None:
-        print(f"{ENV_TOGETHER}=auto: the models one after the other ("
-              f"{'a model folder has no weight files here' if need is None else 'no free-memory reading from nvidia-smi'})")
-        return False
-    fits = need <= free
-    print(f"{ENV_TOGETHER}=auto: {len(lanes)} models need ~{need / GIB:.1f} GiB at once, GPU {device} has "
-          f"{free / GIB:.1f} GiB free: {'scoring them at the same time' if fits else 'one after the other'}")
-    return fits
 
 
 # --------------------------------------------------------------------------- shard files
@@ -256,10 +163,9 @@ def _child_env(device: str | None, n: int, k: int) -> dict[str, str]:
     return env
 
 
-def run_shards(specs: list[dict], devices: list[str | None], hint: str = "") -> None:
+def run_shards(specs: list[dict], devices: list[str | None]) -> None:
     """One `python -m tools.model.shards worker` per spec (a shard with no rows gets none), on its device; waits
-    for all of them. A failed one is reported after the others finished (their rows stay in their shard files),
-    with `hint` added to the message."""
+    for all of them. A failed one is reported after the others finished (their rows stay in their shard files)."""
     tmp = Path(tempfile.mkdtemp(prefix="firesafe-shards-"))
     procs: list[tuple[int, str | None, subprocess.Popen]] = []
     try:
@@ -275,8 +181,7 @@ def run_shards(specs: list[dict], devices: list[str | None], hint: str = "") -> 
         if failed:
             what = ", ".join(f"shard {k + 1} ({'GPU ' + device if device is not None else 'CPU'}) exit status {rc}"
                              for k, device, rc in failed)
-            raise ShardsFailed(f"scoring failed: {what}; the rows scored so far are kept: run it again to continue"
-                               + hint)
+            raise ShardsFailed(f"scoring failed: {what}; the rows scored so far are kept: run it again to continue")
     finally:
         for _, _, proc in procs:  # interrupted (Ctrl-C, a kill): no child keeps a GPU busy
             if proc.poll() is None:
@@ -294,13 +199,6 @@ def _specs(n: int, batch_size: int, workers: int | None, bucket: bool) -> list[d
              "progress": k == 0, "jobs": []} for k in range(n)]
 
 
-def _assign(spec: dict, k: int, argv: list[str], parts: list[tuple[Path, Path, dict, list[int]]]) -> None:
-    """Add one model's parts, all their rows, to spec k (one process per model: SCORE_STAGES_TOGETHER)."""
-    spec["jobs"].append({"argv": list(argv), "parts": [
-        {"dataset": str(dataset), "partial": str(shard_partial(partial, k)), "record": record, "indices": todo}
-        for dataset, partial, record, todo in parts]})
-
-
 def _deal(specs: list[dict], argv: list[str], parts: list[tuple[Path, Path, dict, list[int]]]) -> None:
     """Add one model's parts to every shard's spec: (dataset, partial file, record, row indices to score), the
     indices dealt out in turn."""
@@ -313,70 +211,46 @@ def _deal(specs: list[dict], argv: list[str], parts: list[tuple[Path, Path, dict
 
 # --------------------------------------------------------------------------- test.sh's scoring
 def score_jobs_on_gpus(jobs: Jobs, swift_argv: list[str], batch_size: int, workers: int | None = None,
-                       bucket: bool = True, devices: list[str | None] | None = None,
-                       together: bool | None = None) -> None:
-    """tools.model.infer.score_jobs, one process per GPU (SCORE_GPUS) when several are visible; on one GPU one
-    process per base model at once when SCORE_STAGES_TOGETHER allows it (stages_together); in this process
-    otherwise. `devices` overrides the choice of GPUs (None entries: CPU processes, for tests) and `together` the
-    choice of one process per model (then on devices[0])."""
+                       bucket: bool = True, devices: list[str | None] | None = None) -> None:
+    """tools.model.infer.score_jobs, one process per GPU (SCORE_GPUS) when several are visible; in this process
+    otherwise. `devices` overrides the choice (None entries: CPU processes, for tests)."""
     fold_all(jobs, swift_argv)
+    if devices is None:
+        visible = visible_gpus()
+        devices = scoring_devices(os.environ.get(ENV_GPUS), visible)
+        if len(visible) <= 1:
+            return infer.score_jobs(jobs, swift_argv, batch_size, workers, bucket)
+    if not devices:
+        raise DataError("no device to score on")
+    many = len(devices) > 1
+    kind = ("GPUs" if many else "GPU") if devices[0] is not None else ("CPU processes" if many else "CPU process")
+    print(f"scoring on {len(devices)} {kind} ({', '.join(d or 'cpu' for d in devices)}), one process each; "
+          "finished files are kept")
+    specs = _specs(len(devices), batch_size, workers, bucket)
+    merges = []
     datasets = {path: read_jsonl(path) for _, parts in jobs for path, _ in parts}
-    notes, merges = [], []
-    busy: list[tuple[Path, list]] = []  # checkpoints with rows to score: their (dataset, partial, record, rows) parts
     for checkpoint, parts in jobs:
         records = {output: infer.job_record(checkpoint, dataset, swift_argv) for dataset, output in parts}
         todo = []
         for dataset, output in parts:
             record = records[output]
             if output.exists() and probs_record_of(output).exists() and read_json(probs_record_of(output)) == record:
-                notes.append(f"kept {output} (scored before with the same checkpoint, rows and arguments)")
+                print(f"kept {output} (scored before with the same checkpoint, rows and arguments)")
                 continue
             rows, partial = datasets[dataset], probs_partial_of(output)
             done = infer.read_partial(partial, record, len(rows), infer.n_labels_of(record))  # fold_all left every earlier row there
             if done:
-                notes.append(f"continuing {output}: {len(done)} of {len(rows)} images scored before")
+                print(f"continuing {output}: {len(done)} of {len(rows)} images scored before")
+            else:
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text(_header(record), encoding="utf-8")
             todo.append((dataset, partial, record, [i for i in range(len(rows)) if i not in done]))
             merges.append((dataset, output, record))
         if todo:
-            busy.append((checkpoint, todo))
-    if devices is None:
-        visible = visible_gpus()
-        devices = scoring_devices(os.environ.get(ENV_GPUS), visible)
-        if together is None:
-            together = len(devices) == 1 and stages_together([c for c, _ in busy], devices[0], batch_size)
-        if len(visible) <= 1 and not together:
-            return infer.score_jobs(jobs, swift_argv, batch_size, workers, bucket)  # it says what it keeps
-    if not devices:
-        raise DataError("no device to score on")
-    for note in notes:
-        print(note)
-    for dataset, partial, record, todo in (part for _, parts in busy for part in parts):
-        if len(todo) == len(datasets[dataset]):  # nothing from before: a fresh partial file
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(_header(record), encoding="utf-8")
-    if together:
-        lanes = list(lanes_of([c for c, _ in busy]).items())
-        devices = [devices[0]] * len(lanes)
-        print(f"scoring {len(lanes)} models at the same time on {'GPU ' + devices[0] if devices[0] else 'CPU'}, one "
-              f"process each ({ENV_TOGETHER}); finished files are kept")
-        specs = _specs(len(lanes), batch_size, workers, bucket)
-        for k, (model, indices) in enumerate(lanes):
-            specs[k]["name"] = Path(model).name
-            for i in indices:
-                _assign(specs[k], k, ["--adapters", str(busy[i][0]), *swift_argv], busy[i][1])
-        hint = f"; if it ran out of GPU memory, {ENV_TOGETHER}=0 scores the models one after the other"
-    else:
-        many = len(devices) > 1
-        kind = ("GPUs" if many else "GPU") if devices[0] is not None else ("CPU processes" if many else "CPU process")
-        print(f"scoring on {len(devices)} {kind} ({', '.join(d or 'cpu' for d in devices)}), one process each; "
-              "finished files are kept")
-        specs = _specs(len(devices), batch_size, workers, bucket)
-        for checkpoint, todo in busy:
             _deal(specs, ["--adapters", str(checkpoint), *swift_argv], todo)
-        hint = ""
     start = time.time()
     n_new = sum(len(part["indices"]) for spec in specs for job in spec["jobs"] for part in job["parts"])
-    run_shards(specs, devices, hint)
+    run_shards(specs, devices)
     seconds = time.time() - start
     for dataset, output, record in merges:
         rows = datasets[dataset]
@@ -427,8 +301,7 @@ def worker(spec: dict) -> None:
 
     n, k = spec["shards"], spec["shard"]
     device = os.environ.get("CUDA_VISIBLE_DEVICES") if torch.cuda.is_available() else "cpu"
-    where = 'GPU ' + device if device != 'cpu' else 'CPU'
-    tag = f"[{spec['name']}, {where}]" if spec.get("name") else f"[shard {k + 1}/{n}, {where}]"
+    tag = f"[shard {k + 1}/{n}, {'GPU ' + device if device != 'cpu' else 'CPU'}]"
     infer.choose_compile(max((sum(len(p["indices"]) for p in job["parts"]) for job in spec["jobs"]), default=0))
     for job in spec["jobs"]:
         parts = [p for p in job["parts"] if p["indices"]]
@@ -438,8 +311,7 @@ def worker(spec: dict) -> None:
         labels = tuple(model_info.get("labels", LABELS))
         start = time.time()
         model, template, label_ids, _ = infer.load(job["argv"], labels=labels)
-        print(f"{tag} loaded {job['argv'][1] if job['argv'][:1] == ['--adapters'] else 'the model'} in "
-              f"{time.time() - start:.1f} s", flush=True)
+        print(f"{tag} loaded the model in {time.time() - start:.1f} s", flush=True)
         for part in parts:
             rows = read_jsonl(part["dataset"])
             indices = part["indices"]
