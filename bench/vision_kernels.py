@@ -6,7 +6,8 @@ Times each way of computing the same thing, in microseconds per call (CUDA event
 
 - full attention (4 of the 32 layers: one segment per image): varlen_attn (today) vs batched SDPA per backend;
 - windowed attention (28 layers: windows of 64 patches): varlen_attn (today) vs the windows batched into SDPA;
-- rotary: transformers' function eager, compiled with dynamic shapes (today), compiled static; v's copy to a
+- rotary: transformers' function eager, compiled with dynamic shapes (today), compiled static, compiled with
+  automatic dynamic shapes after a second patch count (only the size that changed becomes symbolic); v's copy to a
   contiguous tensor; a plain copy of q's bytes as the memory-bandwidth reference.
 
     python3 bench/vision_kernels.py --images 4 --out "$OUT/vision_kernels.json"
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", type=Path, default=None, help="JSON of the results")
+    ap.add_argument("--only", choices=["all", "rotary"], default="all", help="rotary: skip the attention rows")
     a = ap.parse_args()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -89,7 +91,7 @@ def main() -> None:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         varlen_attn = None
-    for prefix, length in (("full", s), ("window", WINDOW)):
+    for prefix, length in (("full", s), ("window", WINDOW)) if a.only == "all" else ():
         flops = 4.0 * n * length * HEADS * HEAD_DIM  # QK^T and PV, every segment of `length`
         cu = torch.arange(0, n + 1, length, device=dev, dtype=torch.int32)
         if varlen_attn is not None:
@@ -106,6 +108,11 @@ def main() -> None:
     attempt(rows, "rotary compiled dynamic (today)", lambda: dyn(q, k, cos, sin), dev, a.iters)
     attempt(rows, "rotary compiled static", lambda: static(q, k, cos, sin), dev, a.iters)
     attempt(rows, "rotary compiled static, contiguous q k", lambda: static(qc, kc, cos, sin), dev, a.iters)
+    auto = torch.compile(rotary)  # dynamic=None: static first, then symbolic only in the size that changed
+    half = n // 2
+    auto(q[:half], k[:half], cos[:half], sin[:half])
+    attempt(rows, "rotary compiled automatic dynamic (after a second patch count)", lambda: auto(q, k, cos, sin), dev,
+            a.iters)
     attempt(rows, "v.contiguous() (today)", lambda: v.contiguous(), dev, a.iters)
     attempt(rows, "copy of q's bytes (bandwidth reference)", lambda: qc.clone(), dev, a.iters)
 
