@@ -14,6 +14,8 @@ lever timed over every batch after --warmup batches (CUDA synchronised), its pro
 
   today            the adapter applied at every layer, autocast, batch --batch-size (test.sh's path)
   today, batch 2x  the same at twice the batch: no lever, only another kernel choice: the rounding noise floor
+  vision: ...      today with one of the vision tower's levers undone (FIRESAFE_LONG_ATTN=varlen,
+                   FIRESAFE_COMPILE_DIMS=all), then both: the vision tower as it was before bench/README.md's run V
   merged           SCORE_MERGE=1
   merged+compile   SCORE_MERGE=1 SCORE_COMPILE_LLM=1
   fp8+compile      SCORE_FP8=1 SCORE_COMPILE_LLM=1 (Ada/Hopper only)
@@ -42,6 +44,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gpu_bench as G  # noqa: E402  (its --tiny switch is read from sys.argv at import)
 from score_speed import compare  # noqa: E402
 
+# swift_plugins/patches/vision_attention.py's levers of run V, and their settings before it
+VISION_TODAY = {"long_attn": "cudnn", "compile_dims": "tokens"}
+VISION_BEFORE = {"vision: full attention by varlen_attn": {"long_attn": "varlen", "compile_dims": "tokens"},
+                 "vision: compiled with dynamic=True": {"long_attn": "cudnn", "compile_dims": "all"},
+                 "vision as before run V (both)": {"long_attn": "varlen", "compile_dims": "all"}}
 FLOOR = {"7b": 32.0, "3b": 56.0}  # images/s on one H200 at 1,280 visual tokens (README: ~24 and ~14 TFLOP/image)
 
 
@@ -127,6 +134,8 @@ def bench_size(a, size: str, rows: list[dict]) -> dict:
     """The levers on one model: the random full-size `size` with a drawn adapter, or (size "trained") the
     --checkpoint's own trained adapter in --dtype."""
 
+    import torch
+
     from tools.model import speedups
     from tools.model.infer import choose_compile, load
 
@@ -162,6 +171,12 @@ def bench_size(a, size: str, rows: list[dict]) -> dict:
 
     run("today", model, a.batch_size)
     run("today, batch 2x", model, 2 * a.batch_size)
+    for name, knobs in VISION_BEFORE.items():  # each vision lever undone alone, then both
+        va.apply(**knobs)
+        torch._dynamo.reset()  # graphs compiled for the other choice of symbolic sizes
+        run(name, model, a.batch_size)
+    va.apply(**VISION_TODAY)
+    torch._dynamo.reset()
     model = speedups.merge_lora(model)
     run("merged", model, a.batch_size)
     speedups.compile_layers(model)

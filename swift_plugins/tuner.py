@@ -7,7 +7,7 @@ of the vision merger and adds a learned per-head bias towards image-token keys i
 
 A checkpoint holds the PEFT adapter (adapter_config.json, adapter_model.safetensors) and, beside it,
 amplifier.safetensors + amplifier_config.json. `swift infer --adapters CKPT`, `swift sft
---resume_from_checkpoint CKPT` and tools/score.py load both through `from_pretrained` (args.json records the
+--resume_from_checkpoint CKPT` and tools/model/score.py load both through `from_pretrained` (args.json records the
 tuner type and this file). `swift export --merge_lora` knows nothing of the amplifier: inference stays
 unmerged (see docs/plugins.md).
 """

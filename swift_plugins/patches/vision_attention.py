@@ -7,6 +7,8 @@ instead of 380 ms for 4 images on an H200, and a 7B LoRA training step 2.1x less
 The attention loop is replaced by
 
 - on CUDA with `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10): one variable-length call per layer;
+  the 4 full-attention layers, when every image of the batch has the same patch count (phone photos at one
+  MAX_PIXELS do), as one batched SDPA call preferring cuDNN's kernel (1.7x the varlen kernel's speed there);
 - otherwise (CPU, older torch): one batched `scaled_dot_product_attention` call per distinct window length.
   The windows of one length are gathered into a batch; nothing is padded or masked, so each window sees
   exactly the keys it saw before. On CPU (fp32) the output equals the loop's (tests/test_vision_attention.py).
@@ -34,8 +36,12 @@ Knobs (environment variables, read at import):
   FIRESAFE_PATCH_EMBED   linear (default) | conv (transformers' Conv3d)
   FIRESAFE_VISION_MLP    auto (default: padded on CUDA when misaligned) | pad (always) | off
   FIRESAFE_LORA_CAST     auto (default: no input cast under autocast) | always (PEFT's behaviour)
-  FIRESAFE_COMPILE       auto (default: on CUDA) | on | off; inductor with dynamic shapes, cached per machine;
-                         any compile error falls back to eager (tools/score.py turns it off for small sets)
+  FIRESAFE_COMPILE       auto (default: on CUDA) | on | off; inductor, cached per machine; any compile error
+                         falls back to eager (tools/model/infer.py turns it off for small test sets)
+  FIRESAFE_COMPILE_DIMS  tokens (default: only the token/batch sizes symbolic in the compiled kernels) | all
+                         (torch.compile(dynamic=True): head and hidden sizes symbolic too, slower kernels)
+  FIRESAFE_LONG_ATTN     cudnn (default: the full-attention layers, when every image of the batch has the same
+                         patch count, through SDPA preferring cuDNN's kernel) | varlen (varlen_attn there too)
 The model's own attention implementation is left alone unless it is "sdpa" (the default without
 flash-attn): with flash_attention_2 transformers already does one varlen call.
 
@@ -52,6 +58,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 
 from swift_plugins._patching import original_of
@@ -64,26 +71,28 @@ except ImportError:  # pragma: no cover - depends on the torch version
 
 
 
-def _check(mode: str, patch_embed: str) -> tuple[str, str]:
-    mode, patch_embed = mode.strip().lower(), patch_embed.strip().lower()
-    if mode not in ("auto", "varlen", "sdpa", "off"):
-        raise ValueError(f"FIRESAFE_VISION_ATTN={mode!r}: expected auto, varlen, sdpa or off")
-    if patch_embed not in ("linear", "conv"):
-        raise ValueError(f"FIRESAFE_PATCH_EMBED={patch_embed!r}: expected linear or conv")
-    return mode, patch_embed
+CHOICES = {  # each knob's accepted values, the default first
+    "FIRESAFE_VISION_ATTN": ("auto", "varlen", "sdpa", "off"),
+    "FIRESAFE_LONG_ATTN": ("cudnn", "varlen"),
+    "FIRESAFE_PATCH_EMBED": ("linear", "conv"),
+    "FIRESAFE_VISION_MLP": ("auto", "pad", "off"),
+    "FIRESAFE_LORA_CAST": ("auto", "always"),
+    "FIRESAFE_COMPILE": ("auto", "on", "off"),
+    "FIRESAFE_COMPILE_DIMS": ("tokens", "all"),
+}
 
 
-MODE, PATCH_EMBED = _check(os.environ.get("FIRESAFE_VISION_ATTN", "auto"),
-                           os.environ.get("FIRESAFE_PATCH_EMBED", "linear"))
-VISION_MLP = os.environ.get("FIRESAFE_VISION_MLP", "auto").strip().lower()
-COMPILE = os.environ.get("FIRESAFE_COMPILE", "auto").strip().lower()
-if COMPILE not in ("auto", "on", "off"):
-    raise ValueError(f"FIRESAFE_COMPILE={COMPILE!r}: expected auto, on or off")
-LORA_CAST = os.environ.get("FIRESAFE_LORA_CAST", "auto").strip().lower()
-if VISION_MLP not in ("auto", "pad", "off"):
-    raise ValueError(f"FIRESAFE_VISION_MLP={VISION_MLP!r}: expected auto, pad or off")
-if LORA_CAST not in ("auto", "always"):
-    raise ValueError(f"FIRESAFE_LORA_CAST={LORA_CAST!r}: expected auto or always")
+def knob(name: str, value: str | None = None) -> str:
+    """`value`, else the environment's, else the default; refused unless one of CHOICES[name]."""
+    got = (value if value is not None else os.environ.get(name, CHOICES[name][0])).strip().lower()
+    if got not in CHOICES[name]:
+        raise ValueError(f"{name}={got!r}: expected one of {', '.join(CHOICES[name])}")
+    return got
+
+
+MODE, LONG_ATTN, PATCH_EMBED = knob("FIRESAFE_VISION_ATTN"), knob("FIRESAFE_LONG_ATTN"), knob("FIRESAFE_PATCH_EMBED")
+VISION_MLP, LORA_CAST = knob("FIRESAFE_VISION_MLP"), knob("FIRESAFE_LORA_CAST")
+COMPILE, COMPILE_DIMS = knob("FIRESAFE_COMPILE"), knob("FIRESAFE_COMPILE_DIMS")
 
 ORIGINAL_ATTENTION_FORWARD = original_of(qwen.Qwen2_5_VLVisionAttention.forward)
 ORIGINAL_PATCH_EMBED_FORWARD = original_of(qwen.Qwen2_5_VisionPatchEmbed.forward)
@@ -91,6 +100,11 @@ ORIGINAL_MLP_FORWARD = original_of(qwen.Qwen2_5_VLMLP.forward)
 ORIGINAL_NORM_FORWARD = original_of(qwen.Qwen2_5_VLRMSNorm.forward)
 ORIGINAL_ROTARY = qwen.apply_rotary_pos_emb_vision
 MLP_ALIGN = 64  # elements: 128 bytes in bf16
+# The full-attention layers' segments (one per image) are thousands of patches long, the windowed layers' 64:
+# cuDNN's kernel wins only on the long ones, so only segments this long go through it.
+LONG_SEGMENT = 1024
+_LONG_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                  SDPBackend.MATH]
 
 
 def _segments(cu_seqlens: torch.Tensor) -> tuple[list[int], int]:
@@ -139,16 +153,27 @@ _COMPILED: dict = {}
 _COMPILE_ERROR: list = []
 
 
-def fused(name: str, fn, *tensors: torch.Tensor):
-    """fn(*tensors), through torch.compile when FIRESAFE_COMPILE allows it and no gradient flows through it."""
+def fused(name: str, fn, *tensors: torch.Tensor, varying: int = 1):
+    """fn(*tensors), through torch.compile when FIRESAFE_COMPILE allows it and no gradient flows through it.
+
+    The first `varying` dimensions of each tensor that has more are the ones that change between calls (tokens,
+    batch, sequence): only they are marked symbolic, and dynamic=False keeps every other size static (automatic
+    dynamic shapes would make the RMSNorm's hidden size symbolic once the LLM's differs from the tower's). With
+    dynamic=True every size is symbolic, head and hidden sizes included, and the vision rotary's kernel takes
+    2.1x as long (bench/README.md, run U). A new hidden size is one more static graph (a handful per process).
+    Inside a graph that is being compiled already (SCORE_COMPILE_LLM's layers) fn is traced into that graph."""
     first = tensors[0]
     wanted = COMPILE == "on" or (COMPILE == "auto" and first.is_cuda)
-    if (not wanted or _COMPILE_ERROR
+    if (not wanted or _COMPILE_ERROR or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors if isinstance(t, torch.Tensor)))):
         return fn(*tensors)
     try:
         if name not in _COMPILED:
-            _COMPILED[name] = torch.compile(fn, dynamic=True)
+            _COMPILED[name] = torch.compile(fn, dynamic=COMPILE_DIMS == "all")
+        if COMPILE_DIMS == "tokens":
+            for t in tensors:
+                for d in range(varying if t.dim() > varying else 0):
+                    torch._dynamo.maybe_mark_dynamic(t, d)
         return _COMPILED[name](*tensors)
     except Exception as e:  # no compiler, an inductor bug, ...: eager from now on
         _COMPILE_ERROR.append(f"{name}: {type(e).__name__}: {e}")
@@ -183,7 +208,7 @@ def norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if eps is None or eps.device != hidden_states.device:
         eps = self._firesafe_eps = torch.tensor(self.variance_epsilon, dtype=torch.float32,
                                                 device=hidden_states.device)
-    return fused("rms_norm", _rms_norm, hidden_states, self.weight, eps)
+    return fused("rms_norm", _rms_norm, hidden_states, self.weight, eps, varying=hidden_states.dim() - 1)
 
 
 def _use_varlen(q: torch.Tensor) -> bool:
@@ -207,14 +232,27 @@ def attention_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tenso
     cos, sin = position_embeddings
     q, k = fused("rotary", ORIGINAL_ROTARY, q, k, cos, sin)
     if _use_varlen(q):
-        if max_seqlen is None:
-            max_seqlen = _segments(cu_seqlens)[1]
+        lengths, longest = _segments(cu_seqlens)
+        if LONG_ATTN == "cudnn" and longest >= LONG_SEGMENT and lengths.count(longest) == len(lengths):
+            return self.proj(_long_sdpa(q, k, v, longest, self.scaling).reshape(seq_length, -1))
         cu = cu_seqlens.to(torch.int32)
+        max_seqlen = longest if max_seqlen is None else max_seqlen
         out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_seqlen, max_seqlen,
                           **_VARLEN_SCALE(self.scaling, q.shape[-1]))
     else:
         out = _grouped_sdpa(q, k, v, cu_seqlens, self.scaling)
     return self.proj(out.reshape(seq_length, -1).contiguous())
+
+
+def _long_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, scaling: float) -> torch.Tensor:
+    """Attention within consecutive segments of `length` tokens (q, k, v: [tokens, heads, dim]; so is the result)
+    as one batched SDPA call, preferring cuDNN's kernel: 1.7x varlen_attn's speed on a full-attention layer of
+    5,120 patches per image on an H200, equal on 64-patch windows (bench/README.md, run U)."""
+    tokens, heads, dim = q.shape
+    qb, kb, vb = (t.reshape(tokens // length, length, heads, dim).transpose(1, 2) for t in (q, k, v))
+    with sdpa_kernel(_LONG_BACKENDS, set_priority=True):  # the others are the fallbacks, in this order
+        out = F.scaled_dot_product_attention(qb, kb, vb, dropout_p=0.0, is_causal=False, scale=scaling)
+    return out.transpose(1, 2).reshape(tokens, heads, dim)
 
 
 def _varlen_scale_kwargs():
@@ -312,11 +350,19 @@ def _lora_cast_patch():
 
 
 def apply(mode: str | None = None, patch_embed: str | None = None, vision_mlp: str | None = None,
-          lora_cast: str | None = None, compile: str | None = None) -> None:
+          lora_cast: str | None = None, compile: str | None = None, compile_dims: str | None = None,
+          long_attn: str | None = None) -> None:
     """Install the patches (idempotent); arguments override the environment's choice."""
-    global MODE, PATCH_EMBED, VISION_MLP, LORA_CAST, COMPILE
-    MODE, PATCH_EMBED = _check(mode or MODE, patch_embed or PATCH_EMBED)
-    VISION_MLP, LORA_CAST, COMPILE = vision_mlp or VISION_MLP, lora_cast or LORA_CAST, compile or COMPILE
+    global MODE, PATCH_EMBED, VISION_MLP, LORA_CAST, COMPILE, COMPILE_DIMS, LONG_ATTN
+    MODE = knob("FIRESAFE_VISION_ATTN", mode or MODE)
+    PATCH_EMBED = knob("FIRESAFE_PATCH_EMBED", patch_embed or PATCH_EMBED)
+    VISION_MLP = knob("FIRESAFE_VISION_MLP", vision_mlp or VISION_MLP)
+    LORA_CAST = knob("FIRESAFE_LORA_CAST", lora_cast or LORA_CAST)
+    COMPILE = knob("FIRESAFE_COMPILE", compile or COMPILE)
+    dims = knob("FIRESAFE_COMPILE_DIMS", compile_dims or COMPILE_DIMS)
+    if dims != COMPILE_DIMS:
+        _COMPILED.clear()  # compiled for the other choice of symbolic sizes
+    COMPILE_DIMS, LONG_ATTN = dims, knob("FIRESAFE_LONG_ATTN", long_attn or LONG_ATTN)
     norm_forward.__wrapped_original__ = ORIGINAL_NORM_FORWARD
     qwen.Qwen2_5_VLRMSNorm.forward = ORIGINAL_NORM_FORWARD if COMPILE == "off" else norm_forward
     attention_forward.__wrapped_original__ = ORIGINAL_ATTENTION_FORWARD

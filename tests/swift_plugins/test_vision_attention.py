@@ -77,8 +77,10 @@ def test_off_is_transformers(model):
 
 
 def test_bad_knob():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="FIRESAFE_VISION_ATTN"):
         va.apply("fast")
+    with pytest.raises(ValueError, match="FIRESAFE_LONG_ATTN"):
+        va.apply(long_attn="flash")
 
 
 def test_vision_mlp_padded_to_aligned_width(model):
@@ -163,6 +165,73 @@ def test_compile_failure_falls_back_to_eager(model, monkeypatch):
     finally:
         va.apply(compile="auto")
     assert torch.equal(got, expected) and va._COMPILE_ERROR
+
+
+def test_compiled_kernels_keep_feature_sizes_static(model, monkeypatch):
+    """FIRESAFE_COMPILE_DIMS=tokens (default): compiled with dynamic=False, and only the token dimension of each
+    activation (never a head, head-dim or hidden size, nor a weight) marked symbolic; =all: dynamic=True, no marks."""
+    for dims, dynamic in (("tokens", False), ("all", True)):
+        compiled, marked = [], []
+        monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw["dynamic"]) or fn)
+        monkeypatch.setattr(torch._dynamo, "maybe_mark_dynamic", lambda t, d: marked.append((tuple(t.shape), d)))
+        monkeypatch.setattr(va, "_COMPILED", {})
+        try:
+            va.apply(compile="on", vision_mlp="pad", compile_dims=dims)
+            vision_forward(model, [(16, 16), (12, 20)])
+        finally:
+            va.apply(compile="auto", vision_mlp="auto", compile_dims="tokens")
+        assert compiled == [dynamic] * 3  # rotary, rms_norm, silu_mul
+        if dims == "all":
+            assert marked == []
+            continue
+        tokens = 16 * 16 + 12 * 20
+        assert {d for _, d in marked} == {0} and {shape[0] for shape, _ in marked} == {tokens}
+        assert {len(shape) for shape, _ in marked} == {2, 3}  # q and k [tokens, heads, dim]; cos, hidden [tokens, C]
+
+
+def vision_forward(model, grids):
+    """The tower's output with the patches as they are installed now (no apply/restore around it)."""
+    grid_thw = torch.tensor([[1, h, w] for h, w in grids])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        return model.model.visual(torch.randn(int(grid_thw.prod(-1).sum()), 3 * 2 * 14 * 14),
+                                  grid_thw=grid_thw).pooler_output
+
+
+@pytest.mark.parametrize("grids, long_attn, long_calls", [
+    ([(16, 16), (16, 16)], "cudnn", 2),   # equal images: the 2 full-attention layers batched, windows by varlen
+    ([(16, 16), (12, 20)], "cudnn", 0),   # 256 and 240 patches: no common length, varlen everywhere
+    ([(16, 16), (16, 16)], "varlen", 0),  # FIRESAFE_LONG_ATTN=varlen
+])
+def test_long_equal_segments_go_through_batched_sdpa(model, monkeypatch, grids, long_attn, long_calls):
+    """The CUDA path's routing, on a CPU: varlen_attn stood in for by the batched-sdpa path (exact on fp32). Segments
+    of LONG_SEGMENT patches or more, all of one length, take _long_sdpa; the result is transformers' own."""
+    expected = vision(model, grids, "original", "linear")
+    calls = Counter()
+    long_sdpa = va._long_sdpa
+    monkeypatch.setattr(va, "_use_varlen", lambda q: True)
+    monkeypatch.setattr(va, "varlen_attn", lambda q, k, v, cu, cu_k, m, m_k, scale: calls.update(["varlen"]) or
+                        va._grouped_sdpa(q, k, v, cu, scale))
+    monkeypatch.setattr(va, "_long_sdpa", lambda *a: calls.update(["long"]) or long_sdpa(*a))
+    monkeypatch.setattr(va, "LONG_SEGMENT", 100)  # the tiny tower's images are 256 patches, its windows 64
+    try:
+        va.apply("auto", "linear", "off", long_attn=long_attn)
+        got = vision_forward(model, grids)
+    finally:
+        va.apply("auto", "linear", "auto", long_attn="cudnn")
+    assert calls == Counter({"long": long_calls, "varlen": 4 - long_calls})
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(va.CHOICES))
+def test_each_knob_takes_its_choices_and_names_itself_when_refusing(name, monkeypatch):
+    monkeypatch.delenv(name, raising=False)
+    assert va.knob(name) == va.CHOICES[name][0]
+    monkeypatch.setenv(name, f" {va.CHOICES[name][-1].upper()} ")
+    assert va.knob(name) == va.CHOICES[name][-1]
+    monkeypatch.setenv(name, "fast")
+    with pytest.raises(ValueError, match=f"{name}='fast': expected one of"):
+        va.knob(name)
 
 
 # --------------------------------------------------------------------------- DeepSpeed ZeRO-3
