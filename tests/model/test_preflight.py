@@ -30,6 +30,32 @@ def test_each_setting_that_cannot_run_is_named(out, tmp_path, monkeypatch):
     assert "USE_LIGER_KERNEL_STAGE2" not in "\n".join(problems(Layout(out), ["stage1"], ["final"], {**env, "TORCH_DTYPE": "float32"}))
 
 
+def test_the_stack_is_checked_installed_without_importing_it(out, monkeypatch):
+    """swift's stack is looked up, not imported (swift imports it seconds later anyway); a missing package is named."""
+    import importlib
+    import importlib.util
+
+    from tools.model import preflight
+
+    imported = []
+    real_import, real_find = importlib.import_module, importlib.util.find_spec
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: imported.append(name) or real_import(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "qwen_vl_utils" else real_find(name, *a))
+    found = problems(Layout(out), ["stage1", "stage2"], ["final"], OK_ENV)
+    assert found == ["qwen_vl_utils is not installed (ModuleNotFoundError: No module named 'qwen_vl_utils'): "
+                     "run init.sh"]
+    assert not set(imported) & set(preflight.STACK)
+
+
+def test_a_deepspeed_that_does_not_import_is_said_once_for_both_stages(out, monkeypatch):
+    from tools.model import preflight
+
+    monkeypatch.setattr(preflight, "_importable", lambda module: "ImportError: broken" if module == "deepspeed" else None)
+    found = problems(Layout(out), ["stage1", "stage2"], ["final"], {**OK_ENV, "DEEPSPEED": "zero2"})
+    assert sum("deepspeed does not import (ImportError: broken)" in line for line in found) == 1
+
+
 def test_a_stage_2_set_without_high_risk_is_refused_before_training(out, capsys):
     layout = Layout(out)
     rows = [json.loads(line) for line in layout.train_jsonl("stage2").read_text(encoding="utf-8").splitlines()]

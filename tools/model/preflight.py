@@ -6,7 +6,7 @@ at stage 2's first step hours after stage 1 started.
 Reads the recipe's knobs from the environment, as train.sh exports them (TORCH_DTYPE, ATTN_IMPL,
 USE_LIGER_KERNEL_STAGE1/2, STAGE1_TUNER/STAGE2_TUNER, MODEL_STAGE1/2, DEEPSPEED, NPROC_PER_NODE, NNODES, RESUME,
 STAGE1_LOSS/STAGE2_LOSS, HARD_NEGATIVES) and checks, for every stage
-train.sh is about to train: the packages they turn on import; the dtype is supported by the device (bf16 needs an
+train.sh is about to train: swift's stack is installed and the optional packages they turn on import; the dtype is supported by the device (bf16 needs an
 Ampere or newer GPU; on a CPU only float32); the attention implementation suits the tuner (the High-Risk Feature
 Amplifier adds a bias to the attention logits: sdpa or eager, not flash-attn); the base model is a model folder
 (or a hub id); each run's training set is not empty and holds the classes the stage must learn (stage 2 needs
@@ -20,6 +20,7 @@ their first step: a C compiler (C++ for compiled layers on a CPU) and Python's C
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -37,12 +38,28 @@ from tools.task import HIGH_RISK, Layout
 FLASH = ("flash_attn", "flash_attention_2", "flash_attention_3")
 
 
+STACK = ("swift", "peft", "transformers", "qwen_vl_utils", "torchvision")  # what init.sh installs together
+
+
 def _importable(module: str) -> str | None:
+    """Why `module` does not import, or None. Imports it: for optional packages with native code (flash-attn,
+    liger's triton, deepspeed), whose usual failure is an import error of a package that is installed."""
     try:
         importlib.import_module(module)
     except Exception as e:  # noqa: BLE001 - any import failure is the answer
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def _installed(module: str) -> str | None:
+    """Why `module` is not installed, or None, without importing it. For the STACK: importing peft, transformers,
+    torchvision and qwen_vl_utils takes ~10 s on a 2-core machine, and swift imports them again seconds later, where
+    a broken install still stops before the model loads."""
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None if found else f"ModuleNotFoundError: No module named {module!r}"
 
 
 def device_problems(dtype: str) -> list[str]:
@@ -80,11 +97,6 @@ def stage_problems(stage: str, env: dict[str, str]) -> list[str]:
         if tuner == "hr_amplifier":
             out.append(f"STAGE{n}_TUNER=hr_amplifier adds a bias to the attention logits and needs ATTN_IMPL=sdpa or "
                        f"eager, not {attn}")
-    deepspeed = env.get("DEEPSPEED", "")
-    if deepspeed:
-        why = _importable("deepspeed")
-        if why:
-            out.append(f"DEEPSPEED={deepspeed} but deepspeed does not import ({why}): pip install -e '.[deepspeed]'")
     model = env.get(f"MODEL_STAGE{n}", "")
     path = Path(model).expanduser()
     if not model:
@@ -143,10 +155,15 @@ def set_problems(layout: Layout, stage: str, run) -> list[str]:
 def problems(layout: Layout, stages: list[str], runs: list[str], env: dict[str, str]) -> list[str]:
     manifest = check_data(layout)
     out = device_problems(env.get("TORCH_DTYPE", "float32"))
-    for module in ("swift", "peft", "transformers", "qwen_vl_utils", "torchvision"):
-        why = _importable(module)
+    for module in STACK:
+        why = _installed(module)
         if why:
-            out.append(f"{module} does not import ({why}): run init.sh")
+            out.append(f"{module} is not installed ({why}): run init.sh")
+    deepspeed = env.get("DEEPSPEED", "")
+    if deepspeed:  # one setting for every stage: said once
+        why = _importable("deepspeed")
+        if why:
+            out.append(f"DEEPSPEED={deepspeed} but deepspeed does not import ({why}): pip install -e '.[deepspeed]'")
     out += distributed.setup_problems(env, stages)  # several GPUs, DeepSpeed (issue 16)
     out += build_problems(stages, env)
     for stage in stages:
