@@ -45,7 +45,6 @@ import gpu_bench as G  # noqa: E402  (its --tiny switch is read from sys.argv at
 from score_speed import compare  # noqa: E402
 
 # swift_plugins/patches/vision_attention.py's levers of run V, and their settings before it
-VISION_TODAY = {"long_attn": "cudnn", "compile_dims": "tokens"}
 VISION_BEFORE = {"vision: full attention by varlen_attn": {"long_attn": "varlen", "compile_dims": "tokens"},
                  "vision: compiled with dynamic=True": {"long_attn": "cudnn", "compile_dims": "all"},
                  "vision as before run V (both)": {"long_attn": "varlen", "compile_dims": "all"}}
@@ -171,11 +170,12 @@ def bench_size(a, size: str, rows: list[dict]) -> dict:
 
     run("today", model, a.batch_size)
     run("today, batch 2x", model, 2 * a.batch_size)
+    today = {"long_attn": va.LONG_ATTN, "compile_dims": va.COMPILE_DIMS}  # as test.sh's environment chose them
     for name, knobs in VISION_BEFORE.items():  # each vision lever undone alone, then both
         va.apply(**knobs)
         torch._dynamo.reset()  # graphs compiled for the other choice of symbolic sizes
         run(name, model, a.batch_size)
-    va.apply(**VISION_TODAY)
+    va.apply(**today)
     torch._dynamo.reset()
     model = speedups.merge_lora(model)
     run("merged", model, a.batch_size)

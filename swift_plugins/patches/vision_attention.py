@@ -122,6 +122,15 @@ def _segments(cu_seqlens: torch.Tensor) -> tuple[list[int], int]:
     return cached
 
 
+def _equal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, scaling: float) -> torch.Tensor:
+    """Attention within consecutive segments of `length` tokens (q, k, v: [tokens, heads, dim]; so is the result)
+    as one batched SDPA call on views: nothing gathered or padded."""
+    tokens, heads, dim = q.shape
+    qb, kb, vb = (t.reshape(tokens // length, length, heads, dim).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qb, kb, vb, dropout_p=0.0, is_causal=False, scale=scaling)
+    return out.transpose(1, 2).reshape(tokens, heads, dim)
+
+
 def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                   scaling: float) -> torch.Tensor:
     """Attention within each segment; q, k, v are [tokens, heads, dim] and so is the result."""
@@ -133,9 +142,7 @@ def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
             by_length.setdefault(n, []).append(i)
     if len(by_length) == 1:  # all segments the same length: a view, no gather
         (n, _), = by_length.items()
-        qb, kb, vb = (t.reshape(tokens // n, n, heads, dim).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qb, kb, vb, dropout_p=0.0, is_causal=False, scale=scaling)
-        return out.transpose(1, 2).reshape(tokens, heads, dim)
+        return _equal_sdpa(q, k, v, n, scaling)
     starts = [0]
     for n in lengths[:-1]:
         starts.append(starts[-1] + n)
@@ -245,14 +252,10 @@ def attention_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tenso
 
 
 def _long_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, scaling: float) -> torch.Tensor:
-    """Attention within consecutive segments of `length` tokens (q, k, v: [tokens, heads, dim]; so is the result)
-    as one batched SDPA call, preferring cuDNN's kernel: 1.7x varlen_attn's speed on a full-attention layer of
-    5,120 patches per image on an H200, equal on 64-patch windows (bench/README.md, run U)."""
-    tokens, heads, dim = q.shape
-    qb, kb, vb = (t.reshape(tokens // length, length, heads, dim).transpose(1, 2) for t in (q, k, v))
+    """_equal_sdpa preferring cuDNN's kernel: 1.7x varlen_attn's speed on a full-attention layer of 5,120 patches
+    per image on an H200, equal on 64-patch windows (bench/README.md, run U)."""
     with sdpa_kernel(_LONG_BACKENDS, set_priority=True):  # the others are the fallbacks, in this order
-        out = F.scaled_dot_product_attention(qb, kb, vb, dropout_p=0.0, is_causal=False, scale=scaling)
-    return out.transpose(1, 2).reshape(tokens, heads, dim)
+        return _equal_sdpa(q, k, v, length, scaling)
 
 
 def _varlen_scale_kwargs():

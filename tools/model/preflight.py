@@ -6,9 +6,10 @@ at stage 2's first step hours after stage 1 started.
 Reads the recipe's knobs from the environment, as train.sh exports them (TORCH_DTYPE, ATTN_IMPL,
 USE_LIGER_KERNEL_STAGE1/2, STAGE1_TUNER/STAGE2_TUNER, MODEL_STAGE1/2, DEEPSPEED, NPROC_PER_NODE, NNODES, RESUME,
 STAGE1_LOSS/STAGE2_LOSS, HARD_NEGATIVES) and checks, for every stage
-train.sh is about to train: swift's stack is installed and the optional packages they turn on import; the dtype is supported by the device (bf16 needs an
-Ampere or newer GPU; on a CPU only float32); the attention implementation suits the tuner (the High-Risk Feature
-Amplifier adds a bias to the attention logits: sdpa or eager, not flash-attn); the base model is a model folder
+train.sh is about to train: swift's stack is installed and the optional packages they turn on import; the dtype is
+supported by the device (bf16 needs an Ampere or newer GPU; on a CPU only float32); the attention implementation
+suits the tuner (the High-Risk Feature Amplifier adds a bias to the attention logits: sdpa or eager, not
+flash-attn); the base model is a model folder
 (or a hub id); each run's training set is not empty and holds the classes the stage must learn (stage 2 needs
 高风险 rows, and some other label); the validation set is not empty. With several processes or DeepSpeed
 (tools.model.distributed): no more processes per node than GPUs, DeepSpeed only on CUDA, no liger fused loss under
