@@ -67,7 +67,7 @@ python -m tools.knobs STAGES="$STAGES" RUNS="$RUNS" SEED="$SEED" RESUME="$RESUME
   DATALOADER_WORKERS="$DATALOADER_WORKERS" GRADIENT_CHECKPOINTING="$GRADIENT_CHECKPOINTING" \
   VIT_GRADIENT_CHECKPOINTING="$VIT_GRADIENT_CHECKPOINTING" USE_LIGER_KERNEL_STAGE1="$USE_LIGER_KERNEL_STAGE1" \
   USE_LIGER_KERNEL_STAGE2="$USE_LIGER_KERNEL_STAGE2" CKPT_SKIP_LAYERS_STAGE1="$CKPT_SKIP_LAYERS_STAGE1" \
-  CKPT_SKIP_LAYERS_STAGE2="$CKPT_SKIP_LAYERS_STAGE2"
+  CKPT_SKIP_LAYERS_STAGE2="$CKPT_SKIP_LAYERS_STAGE2" FP8_BASE_STAGE1="$FP8_BASE_STAGE1" FP8_BASE_STAGE2="$FP8_BASE_STAGE2"
 # --- several GPUs (issue 16): torchrun through swift's CLI (NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR,
 # MASTER_PORT), DeepSpeed (DEEPSPEED=zero2|zero3), evaluation every EVAL_EVERY epochs (EVAL_STEPS=auto). Node 0 keeps
 # the output folder (lock, checkpoints); the other nodes of a multi-node run only train (README "Several GPUs").
@@ -106,7 +106,7 @@ dist_flags=()
 # not at stage 2's first step.
 TORCH_DTYPE=$TORCH_DTYPE ATTN_IMPL=$ATTN_IMPL USE_LIGER_KERNEL_STAGE1=$USE_LIGER_KERNEL_STAGE1 \
   USE_LIGER_KERNEL_STAGE2=$USE_LIGER_KERNEL_STAGE2 STAGE1_TUNER=$STAGE1_TUNER STAGE2_TUNER=$STAGE2_TUNER \
-  MODEL_STAGE1=$MODEL_STAGE1 MODEL_STAGE2=$MODEL_STAGE2 \
+  MODEL_STAGE1=$MODEL_STAGE1 MODEL_STAGE2=$MODEL_STAGE2 FP8_BASE_STAGE1=$FP8_BASE_STAGE1 FP8_BASE_STAGE2=$FP8_BASE_STAGE2 \
   python -m tools.model.preflight --output-dir "$OUTPUT_DIR" --stages "$STAGES" --runs "$RUNS"
 # A stage kept as it is must have trained on the current data (else test.sh would pair it with a new model).
 python -m tools.state --output-dir "$OUTPUT_DIR" models --except-stages "$STAGES" --runs "$RUNS" \
@@ -128,9 +128,11 @@ for run in "${runs[@]}"; do
   for stage in $STAGES; do
     case $stage in
       stage1) model=$MODEL_STAGE1 epochs=$EPOCHS_STAGE1 tuner=$STAGE1_TUNER loss=$STAGE1_LOSS liger=$USE_LIGER_KERNEL_STAGE1
-              best=$STAGE1_BEST_METRIC task=$STAGE1_TASK num_labels=5 skip=$CKPT_SKIP_LAYERS_STAGE1 batch=$BATCH_SIZE_STAGE1 ;;
+              best=$STAGE1_BEST_METRIC task=$STAGE1_TASK num_labels=5 skip=$CKPT_SKIP_LAYERS_STAGE1 batch=$BATCH_SIZE_STAGE1
+              fp8=$FP8_BASE_STAGE1 ;;
       stage2) model=$MODEL_STAGE2 epochs=$EPOCHS_STAGE2 tuner=$STAGE2_TUNER loss=$STAGE2_LOSS liger=$USE_LIGER_KERNEL_STAGE2
               best=$STAGE2_BEST_METRIC task=$STAGE2_TASK num_labels=5 skip=$CKPT_SKIP_LAYERS_STAGE2 batch=$BATCH_SIZE_STAGE2
+              fp8=$FP8_BASE_STAGE2
               [[ "$recorded_stage2_target" == binary ]] && num_labels=2 ;;   # 高风险 or 非高风险 (STAGE2_TARGET)
     esac
     of=""; [[ "$run" == final ]] || of=", fold $run of $FOLDS"
@@ -173,6 +175,7 @@ for run in "${runs[@]}"; do
     read -r grad_accum eval_steps batch <<< "$plan"
     # --- end several GPUs
     export FIRESAFE_CKPT_SKIP_LAYERS=$skip        # swift_plugins/patches/checkpoint_layers.py
+    export FIRESAFE_FP8_BASE=$fp8                 # swift_plugins/patches/fp8_base.py
     # --logging_nan_inf_filter false: a NaN loss shows in the log instead of being averaged away, and the GPU is not
     # waited for after every micro-step to check (bench/README.md, "Stage 2: where the GPU waits")
     swift sft \

@@ -135,7 +135,7 @@ def bench_size(a, size: str, rows: list[dict]) -> dict:
 
     import torch
 
-    from tools.model import speedups
+    from tools.model import fp8, speedups
     from tools.model.infer import choose_compile, load
 
     choose_compile(10_000)  # vision kernels compiled, as test.sh does for a large test set
@@ -182,7 +182,7 @@ def bench_size(a, size: str, rows: list[dict]) -> dict:
     speedups.compile_layers(model)
     run("merged+compile", model, a.batch_size)
     cpu_fp8 = G.DEVICE == "cpu"  # torch's CPU float8 matmul: slow, but the same rounding
-    if cpu_fp8 or speedups.fp8_supported() is None:
+    if cpu_fp8 or fp8.supported() is None:
         speedups.to_fp8(model, check_device=not cpu_fp8)
         run("fp8+compile", model, a.batch_size)
         for layer in speedups.decoder_layers(model):

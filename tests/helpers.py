@@ -169,6 +169,7 @@ if os.environ.get("FAKE_GPU") == "1":
     torch.cuda.is_available = lambda: True
     torch.cuda.is_bf16_supported = lambda *a, **k: True
     torch.cuda.get_device_name = lambda *a, **k: "a pretended GPU (tests/helpers.py FAKE_GPU=1)"
+    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)  # a Hopper: float8 matmuls (FP8_BASE_STAGE1/2)
 elif os.environ.get("FAKE_GPU") == "0":
     torch.cuda.is_available = lambda: False
 sys.argv = ["tools.model.preflight", *sys.argv[1:]]

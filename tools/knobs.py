@@ -127,6 +127,8 @@ KNOBS: dict[str, Knob] = {
     "GRADIENT_CHECKPOINTING": Knob("true or false", BOOL),
     "CKPT_SKIP_LAYERS_STAGE1": Knob("a whole number >= 0 (LLM layers kept without recompute)", _number(int, 0)),
     "CKPT_SKIP_LAYERS_STAGE2": Knob("a whole number >= 0 (LLM layers kept without recompute)", _number(int, 0)),
+    "FP8_BASE_STAGE1": Knob("0 or 1 (frozen language-model weights in float8 for training)", _one_of("0", "1")),
+    "FP8_BASE_STAGE2": Knob("0 or 1 (frozen language-model weights in float8 for training)", _one_of("0", "1")),
     "VIT_GRADIENT_CHECKPOINTING": Knob("true or false", BOOL),
     "USE_LIGER_KERNEL_STAGE1": Knob("true or false", BOOL),
     "USE_LIGER_KERNEL_STAGE2": Knob("true or false", BOOL),

@@ -98,3 +98,21 @@ def test_native_builds_need_a_compiler_and_python_headers(monkeypatch, tmp_path)
     found = preflight.build_problems(["stage1"], env)
     assert len(found) == 1 and found[0].startswith("FIRESAFE_COMPILE_LAYERS=1: no C++ compiler")
     assert preflight.build_problems(["stage1"], {**env, "FIRESAFE_COMPILE_LAYERS": "0"}) == []
+
+
+def test_float8_training_needs_a_gpu_with_float8_matmuls(monkeypatch):
+    import torch
+
+    from tools.model import fp8, preflight
+
+    env = {**OK_ENV, "FP8_BASE_STAGE1": "1"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    found = preflight.stage_problems("stage1", env)
+    assert found == [f"FP8_BASE_STAGE1=1 needs float8 matmuls: {fp8.supported()}; set FP8_BASE_STAGE1=0"]
+    assert "8.0 < 8.9" in found[0]
+    assert preflight.stage_problems("stage2", env) == []  # the knob is per stage
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert preflight.stage_problems("stage1", env) == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU: torch's float8 matmul (slow) works
+    assert preflight.stage_problems("stage1", env) == []

@@ -64,10 +64,12 @@ def test_train_sh_turns_plugins_on_for_stage1_and_passes_knobs(tmp_path):
 
 
 def test_train_sh_keeps_some_layers_without_recompute_per_stage(tmp_path):
-    run_train_sh(tmp_path, CKPT_SKIP_LAYERS_STAGE1="4", CKPT_SKIP_LAYERS_STAGE2="6")
+    run_train_sh(tmp_path, CKPT_SKIP_LAYERS_STAGE1="4", CKPT_SKIP_LAYERS_STAGE2="6", FP8_BASE_STAGE1="1")
     env = swift_env(tmp_path)  # each call's FIRESAFE_* variables, in call order
     assert [line for line in env.splitlines() if "CKPT_SKIP" in line] == ["FIRESAFE_CKPT_SKIP_LAYERS=4",
                                                                           "FIRESAFE_CKPT_SKIP_LAYERS=6"]
+    # float8 base weights for stage 1 only (swift_plugins/patches/fp8_base.py)
+    assert [line for line in env.splitlines() if "FP8_BASE" in line] == ["FIRESAFE_FP8_BASE=1", "FIRESAFE_FP8_BASE=0"]
     stage1, stage2 = run_train_sh(tmp_path, STAGE1_TUNER="hr_amplifier", STAGE2_LOSS="", EVAL_METRIC="")
     assert flag(stage1, "--tuner_type") == ["hr_amplifier"] and flag(stage1, "--callbacks") == ["amplifier_stats"]
     assert flag(stage1, "--optimizer") == ["hr_amplifier"]

@@ -15,7 +15,7 @@ flash-attn); the base model is a model folder
 (tools.model.distributed): no more processes per node than GPUs, DeepSpeed only on CUDA, no liger fused loss under
 ZeRO-3, a row for every process, and with RESUME=1 a checkpoint saved with the same DeepSpeed setting (and, under
 DeepSpeed, the same number of processes). With HARD_NEGATIVES > 0, stage 2's runs need their stage 1 (trained now,
-or before) on one node. Liger's kernels and compiled layers (FIRESAFE_COMPILE_LAYERS=1) build native code on
+or before) on one node. FP8_BASE_STAGE1/2=1 needs a GPU with float8 matmuls (or a CPU). Liger's kernels and compiled layers (FIRESAFE_COMPILE_LAYERS=1) build native code on
 their first step: a C compiler (C++ for compiled layers on a CPU) and Python's C headers must be there.
 """
 from __future__ import annotations
@@ -98,6 +98,13 @@ def stage_problems(stage: str, env: dict[str, str]) -> list[str]:
         if tuner == "hr_amplifier":
             out.append(f"STAGE{n}_TUNER=hr_amplifier adds a bias to the attention logits and needs ATTN_IMPL=sdpa or "
                        f"eager, not {attn}")
+    if env.get(f"FP8_BASE_STAGE{n}", "0") == "1":
+        import torch
+
+        from tools.model import fp8
+
+        if torch.cuda.is_available() and (why := fp8.supported()):
+            out.append(f"FP8_BASE_STAGE{n}=1 needs float8 matmuls: {why}; set FP8_BASE_STAGE{n}=0")
     model = env.get(f"MODEL_STAGE{n}", "")
     path = Path(model).expanduser()
     if not model:

@@ -21,10 +21,11 @@ import re
 
 import torch
 
+from tools.model.fp8 import Fp8Linear, supported
+
 # The language model's projections (the vision tower and the LM head stay as they are): the names in
 # Qwen2.5-VL's decoder layers, under any wrapper (PEFT's base_model.model..., swift's).
 LLM_LINEAR = re.compile(r"(^|\.)language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$")
-FP8_MAX = 448.0  # the largest float8 e4m3 value
 
 
 class SpeedupError(RuntimeError):
@@ -120,47 +121,10 @@ def compile_in_place(layers: list, dynamic: bool | None) -> int:
     return len(layers)
 
 
-class Fp8Linear(torch.nn.Module):
-    """A float8 copy of an nn.Linear: weight rows scaled to e4m3 (a scale per output channel), each input row scaled
-    to e4m3 on the fly (a scale per token), one torch._scaled_mm with the bias, output in the layer's dtype."""
-
-    def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(1).clamp(min=1e-12) / FP8_MAX  # [out]
-        # stored [out, in] row-major and used transposed: _scaled_mm wants its second operand column-major
-        self.register_buffer("weight", (w / scale[:, None]).to(torch.float8_e4m3fn))
-        self.register_buffer("weight_scale", scale[None, :].contiguous())  # [1, out]
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.in_features, self.out_features, self.out_dtype = linear.in_features, linear.out_features, linear.weight.dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        scale = x2.abs().amax(1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [tokens, 1]
-        xq = (x2.float() / scale).to(torch.float8_e4m3fn)
-        out = torch._scaled_mm(xq, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
-                               bias=None if self.bias is None else self.bias.to(self.out_dtype), out_dtype=self.out_dtype)
-        return out.reshape(*shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, float8_e4m3"
-
-
-def fp8_supported() -> str | None:
-    """None when this machine can run float8 matmuls on its GPU, else why not."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU"
-    major, minor = torch.cuda.get_device_capability()
-    if (major, minor) < (8, 9):
-        return f"compute capability {major}.{minor} < 8.9 (float8 needs Ada or Hopper)"
-    return None
-
-
 def to_fp8(model, check_device: bool = True) -> int:
     """Replace the language model's linear layers (LLM_LINEAR) by float8 ones in place; the adapter must be merged
     first. Returns how many were replaced (0: already float8). check_device=False lets tests run torch's CPU float8 matmul."""
-    if check_device and (why := fp8_supported()):
+    if check_device and (why := supported()):
         raise SpeedupError(f"SCORE_FP8=1: {why}; run test.sh with SCORE_FP8=0")
     matched = replaced = 0
     for name, module in list(model.named_modules()):
