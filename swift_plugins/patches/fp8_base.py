@@ -3,7 +3,7 @@
 Why: stage 1 (the 7B) is GPU-bound, and half of its step is the language model's matrix products, already near the
 bf16 peak (bench/README.md, runs L and T). The base weights are frozen, so each of the three passes (forward,
 checkpointing's recompute, the input gradient) can run float8 products instead (tools/model/fp8.py), and the
-weights take half the memory (the 7B's 15.2 GiB -> 7.6 GiB), room for layers kept without recompute.
+weights take half the memory (the 7B's 196 projections free 6.1 GiB), room for layers kept without recompute.
 
 How: when swift starts training (SwiftMixin.train), every frozen nn.Linear inside the language model's decoder layers
 (PEFT's `base_layer` under each LoRA layer, and any projection left without an adapter) is replaced by an Fp8Linear
@@ -14,9 +14,10 @@ What it changes: the adapter learns against weights and activations rounded to ~
 differs from bf16 training by that rounding; bench/README.md ("Float8 base weights in training") has the measured
 speed and memory, and what it did to the demo's scores. Opt-in per stage: FP8_BASE_STAGE1 / FP8_BASE_STAGE2 in the
 recipe, which train.sh exports as this variable for each stage. Needs float8 matmuls: a GPU of compute capability
->= 8.9 (Ada, Hopper) or a CPU (slow; the tests use it); the preflight checks. Not under DeepSpeed ZeRO-3 (its
+>= 8.9 (Ada, Hopper) or a CPU (torch's float8 matmul: the tests and the demo); the preflight checks. Not under DeepSpeed ZeRO-3 (its
 partitioned weights are gathered per forward): the layers stay bf16, with a warning. Under DDP the float8 copies
-are each process's own (made from the same weights) and left out of DDP's buffer broadcast.
+are each process's own (made from the same weights) and left out of DDP's buffer broadcast (not yet run on
+several GPUs).
 Knob (environment, read when training starts): FIRESAFE_FP8_BASE  0 (default) | 1
 """
 from __future__ import annotations
