@@ -16,8 +16,8 @@ speed and memory, and what it did to the demo's scores. Opt-in per stage: FP8_BA
 recipe, which train.sh exports as this variable for each stage. Needs float8 matmuls: a GPU of compute capability
 >= 8.9 (Ada, Hopper) or a CPU (torch's float8 matmul: the tests and the demo); the preflight checks. Not under
 DeepSpeed ZeRO-3 (its partitioned weights are gathered per forward): the layers stay bf16, with a warning. Under
-DDP the float8 copies are each process's own (made from the same weights) and left out of DDP's buffer broadcast
-(not yet run on several GPUs).
+DDP the float8 copies are each process's own (made from the same weights) and left out of DDP's buffer broadcast,
+which fails on them otherwise (tests/model/test_ddp.py, two CPU processes; not yet run on several GPUs).
 Knob (environment, read when training starts): FIRESAFE_FP8_BASE  0 (default) | 1
 """
 from __future__ import annotations
