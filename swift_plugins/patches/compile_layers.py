@@ -20,19 +20,14 @@ Knob (environment, read when swift prepares the model): FIRESAFE_COMPILE_LAYERS 
 """
 from __future__ import annotations
 
-import os
-
-from swift_plugins._patching import install
+from swift_plugins._patching import install_on_swift, switch
 from swift_plugins._zero import any_zero3
 
 ENV = "FIRESAFE_COMPILE_LAYERS"
 
 
 def wanted() -> bool:
-    text = (os.environ.get(ENV) or "0").strip()
-    if text not in ("0", "1"):
-        raise ValueError(f"{ENV}={text!r}: expected 0 or 1 (compiled decoder layers in training)")
-    return text == "1"
+    return switch(ENV, "compiled decoder layers in training")
 
 
 def compile_decoder_layers(model) -> int:
@@ -67,11 +62,7 @@ def _prepare_gradient_checkpointing(self, model) -> None:
 
 
 def apply() -> None:
-    try:
-        from swift.trainers.mixin import SwiftMixin
-    except ImportError:  # swift itself is what loads this file; nothing to patch without it
-        return
-    install(SwiftMixin, "_prepare_gradient_checkpointing", _prepare_gradient_checkpointing)
+    install_on_swift("_prepare_gradient_checkpointing", _prepare_gradient_checkpointing)
 
 
 wanted()  # a bad value fails at import, before the model loads

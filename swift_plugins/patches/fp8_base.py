@@ -22,27 +22,22 @@ Knob (environment, read when training starts): FIRESAFE_FP8_BASE  0 (default) | 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from swift_plugins._patching import install
+from swift_plugins._patching import install_on_swift, switch
 from swift_plugins._zero import any_zero3
 
 ENV = "FIRESAFE_FP8_BASE"
 
 
 def wanted() -> bool:
-    text = (os.environ.get(ENV) or "0").strip()
-    if text not in ("0", "1"):
-        raise ValueError(f"{ENV}={text!r}: expected 0 or 1 (frozen language-model weights in float8 for training)")
-    return text == "1"
+    return switch(ENV, "frozen language-model weights in float8 for training")
 
 
 def convert(model: torch.nn.Module) -> tuple[int, int]:
     """Replace the frozen linear layers of the language model's decoder layers by float8 ones, in place.
     Returns (layers replaced, bytes of weights freed); (0, 0) under ZeRO-3."""
-    from tools.model.fp8 import Fp8Linear, fits
+    from tools.model.fp8 import fits, swap_in
     from tools.model.speedups import SpeedupError, decoder_layers
 
     try:
@@ -56,8 +51,7 @@ def convert(model: torch.nn.Module) -> tuple[int, int]:
         for name, module in list(layer.named_modules()):
             if type(module) is not torch.nn.Linear or module.weight.requires_grad or not fits(module):
                 continue
-            parent, _, child = name.rpartition(".")
-            setattr(layer.get_submodule(parent), child, Fp8Linear(module))
+            swap_in(layer, name)
             replaced += 1
             freed += module.weight.numel() * (module.weight.element_size() - 1)
     return replaced, freed
@@ -91,11 +85,7 @@ def train(self, *args, **kwargs):
 
 
 def apply() -> None:
-    try:
-        from swift.trainers.mixin import SwiftMixin
-    except ImportError:  # swift itself is what loads this file; nothing to patch without it
-        return
-    install(SwiftMixin, "train", train)
+    install_on_swift("train", train)
 
 
 wanted()  # a bad value fails at import, before the model loads

@@ -67,6 +67,14 @@ class Fp8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, float8_e4m3"
 
 
+def swap_in(root: torch.nn.Module, name: str) -> Fp8Linear:
+    """Replace root's nn.Linear `name` (a dotted path) by its float8 copy, in place; returns the copy."""
+    parent, _, child = name.rpartition(".")
+    copy = Fp8Linear(root.get_submodule(name))
+    setattr(root.get_submodule(parent), child, copy)
+    return copy
+
+
 def fits(linear: torch.nn.Linear) -> bool:
     """_scaled_mm needs both sizes to be multiples of 16 (every Qwen2.5-VL projection is)."""
     return linear.in_features % 16 == 0 and linear.out_features % 16 == 0

@@ -15,8 +15,9 @@ flash-attn); the base model is a model folder
 (tools.model.distributed): no more processes per node than GPUs, DeepSpeed only on CUDA, no liger fused loss under
 ZeRO-3, a row for every process, and with RESUME=1 a checkpoint saved with the same DeepSpeed setting (and, under
 DeepSpeed, the same number of processes). With HARD_NEGATIVES > 0, stage 2's runs need their stage 1 (trained now,
-or before) on one node. FP8_BASE_STAGE1/2=1 needs a GPU with float8 matmuls (or a CPU). Liger's kernels and compiled layers (FIRESAFE_COMPILE_LAYERS=1) build native code on
-their first step: a C compiler (C++ for compiled layers on a CPU) and Python's C headers must be there.
+or before) on one node. FP8_BASE_STAGE1/2=1 needs a GPU with float8 matmuls (or a CPU). Liger's kernels and
+compiled layers (FIRESAFE_COMPILE_LAYERS=1) build native code on their first step: a C compiler (C++ for compiled
+layers on a CPU) and Python's C headers must be there.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ import re
 
 import torch
 
-from tools.model.fp8 import Fp8Linear, supported
+from tools.model.fp8 import Fp8Linear, supported, swap_in
 
 # The language model's projections (the vision tower and the LM head stay as they are): the names in
 # Qwen2.5-VL's decoder layers, under any wrapper (PEFT's base_model.model..., swift's).
@@ -136,8 +136,7 @@ def to_fp8(model, check_device: bool = True) -> int:
         if type(module) is not torch.nn.Linear:
             raise SpeedupError(f"SCORE_FP8=1: {name} is a {type(module).__name__}, not a plain linear layer "
                                "(merge the adapter first)")
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, Fp8Linear(module))
+        swap_in(model, name)
         replaced += 1
     if not matched:
         raise SpeedupError("SCORE_FP8=1: no language-model linear layers found")
