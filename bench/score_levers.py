@@ -24,6 +24,13 @@ lever timed over every batch after --warmup batches (CUDA synchronised), its pro
 With --checkpoint and --rows, the same levers on a trained stage instead (e.g. the demo's, on a CPU in bf16): the
 agreement of a model whose answers have real margins, where random weights have almost none.
 
+--levers picks which of them run after today's (default: all); --fill times test.sh's own loop over rows whose last
+batch is half full, filled up to the full shape and then as it is (a compiled layer compiles a graph per shape);
+--idle N profiles N batches of the merged, compiled
+model scored as test.sh's loop scores them (each batch's probabilities copied back before the next one starts) and
+records the GPU's busy share over them (bench/_gpu_idle.py): what CUDA graphs or anything else that only cuts the
+CPU's launch and wait time could win at most.
+
 Prints a table per size and both sizes' combined rate (1 / (1/r7 + 1/r3): stage 1 then stage 2 on every image);
 writes score_levers.json and score_levers.md to --out.
 """
@@ -129,6 +136,48 @@ def timed(model, template, label_ids, batches: list[dict], warmup: int) -> tuple
     return len(probs) / seconds, probs, G.peak("allocated")
 
 
+def idle_of(model, template, label_ids, batches: list[dict], trace: Path) -> dict:
+    """GPU busy and idle time while `batches` are scored one after another as tools.model.infer.score_rows does
+    (each batch's probabilities brought back to the CPU before the next), from a torch.profiler trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from _gpu_idle import idle_summary, load_trace
+    from tools.model.infer import forward_probs, inference_context
+
+    template.model = model
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if G.DEVICE == "cuda" else [])
+    with inference_context(model):
+        forward_probs(model, template, batches[0], label_ids).cpu()  # nothing left to compile in the window
+        with profile(activities=activities) as prof:
+            for b in batches:
+                forward_probs(model, template, b, label_ids).cpu()
+    prof.export_chrome_trace(str(trace))
+    summary = idle_summary(load_trace(trace), top=5)
+    if "window_ms" in summary:
+        summary["gpu_busy_share"] = round(summary["gpu_busy_ms"] / max(summary["window_ms"], 1e-9), 4)
+    return summary
+
+
+def last_batch(model, template, label_ids, rows: list[dict], batch_size: int) -> dict:
+    """Seconds of tools.model.infer.score_rows (test.sh's loop: encoding workers, bucketing) over rows whose last
+    batch is smaller than batch_size: filled up to the full batches' shape first, then as it is, which compiles
+    the decoder layers again for the smaller shape (the same rows' graphs exist already for the full shape)."""
+    from tools.model.infer import score_rows
+
+    rows = rows[:len(rows) - len(rows) % batch_size - batch_size // 2] or rows  # the last batch half full
+    out = {"rows": len(rows)}
+    for name, fill in (("filled_s", True), ("as_is_s", False)):
+        G.sync()
+        start = time.perf_counter()
+        score_rows(model, template, label_ids, rows, batch_size, progress=False, fill=fill)
+        G.sync()
+        out[name] = round(time.perf_counter() - start, 2)
+    return out
+
+
+LEVERS = ("batch2x", "vision", "merged", "fp8")
+
+
 def bench_size(a, size: str, rows: list[dict]) -> dict:
     """The levers on one model: the random full-size `size` with a drawn adapter, or (size "trained") the
     --checkpoint's own trained adapter in --dtype."""
@@ -168,26 +217,46 @@ def bench_size(a, size: str, rows: list[dict]) -> dict:
         results[name] = r
         log(f"{size} {name}: " + json.dumps({k: v for k, v in r.items() if k != "probs"}))
 
+    levers = a.levers.split(",")
     run("today", model, a.batch_size)
-    run("today, batch 2x", model, 2 * a.batch_size)
-    today = {"long_attn": va.LONG_ATTN, "compile_dims": va.COMPILE_DIMS}  # as test.sh's environment chose them
-    for name, knobs in VISION_BEFORE.items():  # each vision lever undone alone, then both
-        va.apply(**knobs)
-        torch._dynamo.reset()  # graphs compiled for the other choice of symbolic sizes
-        run(name, model, a.batch_size)
-    va.apply(**today)
-    torch._dynamo.reset()
+    if "batch2x" in levers:
+        run("today, batch 2x", model, 2 * a.batch_size)
+    if "vision" in levers:
+        today = {"long_attn": va.LONG_ATTN, "compile_dims": va.COMPILE_DIMS}  # as test.sh's environment chose them
+        for name, knobs in VISION_BEFORE.items():  # each vision lever undone alone, then both
+            va.apply(**knobs)
+            torch._dynamo.reset()  # graphs compiled for the other choice of symbolic sizes
+            run(name, model, a.batch_size)
+        va.apply(**today)
+        torch._dynamo.reset()
+    if "merged" not in levers and "fp8" not in levers:
+        return drop_probs(results)
     model = speedups.merge_lora(model)
-    run("merged", model, a.batch_size)
+    if "merged" in levers:
+        run("merged", model, a.batch_size)
     speedups.compile_layers(model)
-    run("merged+compile", model, a.batch_size)
+    if "merged" in levers:
+        run("merged+compile", model, a.batch_size)
+        if a.idle:
+            idle = idle_of(model, template, label_ids, batches[a.batch_size][:a.idle],
+                           a.out_dir / f"{size}_idle.trace.json")
+            results["merged+compile"]["idle"] = idle
+            log(f"{size} merged+compile, {a.idle} batches profiled: " + json.dumps(
+                {k: v for k, v in idle.items() if k != "gaps"}))
+        if a.fill:
+            results["merged+compile"]["last_batch"] = last_batch(model, template, label_ids, rows, a.batch_size)
+            log(f"{size} merged+compile, test.sh's loop: {json.dumps(results['merged+compile']['last_batch'])}")
     cpu_fp8 = G.DEVICE == "cpu"  # torch's CPU float8 matmul: slow, but the same rounding
-    if cpu_fp8 or fp8.supported() is None:
+    if "fp8" in levers and (cpu_fp8 or fp8.supported() is None):
         speedups.to_fp8(model, check_device=not cpu_fp8)
         run("fp8+compile", model, a.batch_size)
         for layer in speedups.decoder_layers(model):
             layer._compiled_call_impl = None
         run("fp8", model, a.batch_size)
+    return drop_probs(results)
+
+
+def drop_probs(results: dict) -> dict:
     for r in results.values():
         if isinstance(r, dict):
             r.pop("probs", None)
@@ -227,12 +296,22 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="batches run before timing (compiles happen there)")
     ap.add_argument("--lora-b-std", type=float, default=0.005)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny models, float32, 224x224 images")
+    ap.add_argument("--levers", default=",".join(LEVERS),
+                    help=f"which levers run after today's, comma-separated among {','.join(LEVERS)} (default: all)")
+    ap.add_argument("--idle", type=int, default=0,
+                    help="N > 0: profile N batches of merged+compile scored as test.sh does: the GPU's busy share")
+    ap.add_argument("--fill", action="store_true",
+                    help="time test.sh's loop (tools.model.infer.score_rows) with its smaller last batch filled up, "
+                         "then as it is (merged+compile)")
     ap.add_argument("--checkpoint", type=Path, help="instead: a trained stage's checkpoint (e.g. the demo's) ...")
     ap.add_argument("--rows", type=Path, help="... the swift rows to score with it (e.g. outputs/data/test.jsonl) ...")
     ap.add_argument("--dtype", default="bfloat16", help="... loaded in this dtype (default bfloat16)")
     a = ap.parse_args()
+    if unknown := set(a.levers.split(",")) - set(LEVERS):
+        ap.error(f"--levers: unknown {', '.join(sorted(unknown))}; choose among {', '.join(LEVERS)}")
     out = a.out or a.work / "report"
     out.mkdir(parents=True, exist_ok=True)
+    a.out_dir = out
     if a.checkpoint:
         from tools.fileio import read_jsonl
 

@@ -122,6 +122,36 @@ def test_batching_and_bucketing_keep_row_order_and_values(loaded, rows, referenc
                                             bucket=bucket), reference[::-1], rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("tta", ["0", "flip"])
+def test_a_filled_last_batch_keeps_every_batch_one_shape_and_the_scores(loaded, rows, reference, monkeypatch, tta):
+    """With compiled layers (fill), the last, smaller batch is filled up with copies of its last row: every forward
+    pass sees batch_size rows, and the scores, the row order and the batches on_batch sees are those of the rows."""
+    from tools.model import speedups
+
+    model, template, label_ids = loaded
+    sizes, seen = [], []
+    forward = S.forward_probs
+
+    def spy(model, template, batch, label_ids):
+        sizes.append(int(batch["input_ids"].shape[0]))
+        return forward(model, template, batch, label_ids)
+
+    monkeypatch.setattr(S, "forward_probs", spy)
+    plain = S.score_rows(model, template, label_ids, rows, batch_size=3, progress=False, tta=tta, fill=False)
+    assert sizes == ([3, 3, 1] if tta == "0" else [3, 3, 3, 3, 1, 1])  # each batch, then its mirror image
+    sizes.clear()
+    monkeypatch.setattr(speedups, "has_compiled_layers", lambda model: True)  # the default follows the model
+    filled = S.score_rows(model, template, label_ids, rows, batch_size=3, progress=False, tta=tta,
+                          on_batch=lambda indices, probs: seen.append((list(indices), probs.copy())))
+    assert sizes == [3] * (3 if tta == "0" else 6)
+    np.testing.assert_allclose(filled, plain, rtol=0, atol=2e-5)
+    if tta == "0":
+        np.testing.assert_allclose(filled, reference, rtol=0, atol=2e-5)
+    assert sorted(i for indices, _ in seen for i in indices) == list(range(len(rows)))  # each row once
+    for indices, probs in seen:
+        np.testing.assert_array_equal(probs, filled[indices])
+
+
 def test_an_answer_turn_is_ignored_and_no_rows_is_no_scores(loaded, rows):
     model, template, label_ids = loaded
     with_answer = rows[4]

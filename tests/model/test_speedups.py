@@ -144,8 +144,10 @@ def test_compiled_layers_score_the_same(tiny):
     template, label_ids = fresh(model_dir)
     model = template.model
     before = _score(model, template, label_ids, rows)
+    assert not F.has_compiled_layers(model)
     assert F.compile_layers(model) == TINY.layers
     assert all(layer._compiled_call_impl is not None for layer in F.decoder_layers(model))
+    assert F.has_compiled_layers(model)  # tools.model.infer.score_rows fills its last batch up for this model
     np.testing.assert_allclose(_score(model, template, label_ids, rows), before, atol=1e-5)
     with pytest.raises(F.SpeedupError, match="no language_model.layers"):
         F.decoder_layers(torch.nn.Linear(2, 2))

@@ -12,7 +12,8 @@ label outside the top-N.
 Speed (bench/README.md): rows are grouped by image size (bucket=False: file order), worker processes encode
 images ahead of the GPU (workers, $SCORE_WORKERS; none on CPU), a bf16 model on CUDA runs under autocast
 ($SCORE_AUTOCAST=0: off), without a KV cache, and the knobs of tools.model.speedups (merge, float8, compiled
-decoder layers) apply at load. The probabilities come back in the order of the input rows.
+decoder layers) apply at load; with compiled layers, a smaller last batch is filled up to the batch size so that
+it needs no graph of its own. The probabilities come back in the order of the input rows.
 """
 from __future__ import annotations
 
@@ -194,15 +195,20 @@ def forward_probs(model, template, batch: dict, label_ids):
 def score_rows(model, template, label_ids: list[int], rows: list[dict], batch_size: int = 8,
                progress: bool = True, workers: int | None = None, bucket: bool = True,
                done: dict[int, np.ndarray] | None = None, on_batch=None, prompt: str | None = None,
-               n_labels: int = len(LABELS), tta: str | None = None) -> np.ndarray:
+               n_labels: int = len(LABELS), tta: str | None = None, fill: bool | None = None) -> np.ndarray:
     """[len(rows), n_labels] probabilities, in the order of `rows`; rows are swift JSONL rows (an assistant turn,
     if any, is ignored; with `prompt` the question is that prompt instead of the row's). `workers` encode batches
     ahead of the forward pass (default: default_workers); `bucket` batches rows of equal image size together.
     `done` holds rows already scored (row index -> probabilities), which are not scored again;
     on_batch(indices, probabilities) sees each new batch. `tta` (default: SCORE_TTA): "flip" averages each row's
-    probabilities with its mirror image's (each batch is followed by its mirrored twin)."""
+    probabilities with its mirror image's (each batch is followed by its mirrored twin). `fill` (default: when the
+    model has compiled layers, tools.model.speedups.has_compiled_layers) fills a smaller last batch up to batch_size
+    with copies of its last row, scored and dropped: a compiled layer compiles a graph per batch shape, and the full
+    batches' graph serves the last one too (bench/README.md, run X: ~3 s per compile on an H200, cache cold)."""
     import torch
     from torch.utils.data import DataLoader
+
+    from tools.model.speedups import has_compiled_layers
 
     out = np.zeros((len(rows), n_labels), dtype=np.float64)
     for i, p in (done or {}).items():
@@ -215,9 +221,12 @@ def score_rows(model, template, label_ids: list[int], rows: list[dict], batch_si
         use_files_if_shm_is_small()
     order = [i for i in (bucket_order(rows) if bucket else range(len(rows))) if i not in (done or {})]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    full = batch_size if (has_compiled_layers(model) if fill is None else fill) else 0
+    encoded_batches = [chunk + [chunk[-1]] * (full - len(chunk)) for chunk in batches]  # as is when full = 0
     mirror = (tta or tta_mode()) == "flip"
     views = 2 if mirror else 1
-    sampler = [view for chunk in batches for view in ([chunk, [len(rows) + i for i in chunk]] if mirror else [chunk])]
+    sampler = [view for chunk in encoded_batches
+               for view in ([chunk, [len(rows) + i for i in chunk]] if mirror else [chunk])]
     pixel_dtype = model.dtype if use_autocast(model) else None
     loader = DataLoader(_Encoded(template, rows, pixel_dtype, prompt, mirror), batch_sampler=sampler,
                         collate_fn=template.data_collator, num_workers=min(workers, len(sampler)),
@@ -226,7 +235,7 @@ def score_rows(model, template, label_ids: list[int], rows: list[dict], batch_si
     with inference_context(model):
         for chunk in tqdm(batches, desc="scoring", disable=not progress):
             probs = sum(forward_probs(model, template, next(encoded), label_ids).cpu().numpy() for _ in range(views))
-            out[chunk] = probs / views
+            out[chunk] = probs[:len(chunk)] / views  # the filled-in copies, at the end, dropped
             if on_batch is not None:
                 on_batch(chunk, out[chunk])
     return out

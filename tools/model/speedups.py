@@ -107,6 +107,11 @@ def compile_layers(model) -> int:
     return compile_in_place(decoder_layers(model), dynamic=False)
 
 
+def has_compiled_layers(model) -> bool:
+    """Whether any of the model's modules was compiled in place (nn.Module.compile: compile_in_place)."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
 def compile_in_place(layers: list, dynamic: bool | None) -> int:
     """nn.Module.compile on each layer (scoring, and training's swift_plugins/patches/compile_layers.py): the layers
     share one code object, so one graph per input shape (and mode) serves all of them. dynamic: torch.compile's."""
