@@ -24,12 +24,12 @@ lever timed over every batch after --warmup batches (CUDA synchronised), its pro
 With --checkpoint and --rows, the same levers on a trained stage instead (e.g. the demo's, on a CPU in bf16): the
 agreement of a model whose answers have real margins, where random weights have almost none.
 
---levers picks which of them run after today's (default: all); --fill times test.sh's own loop over rows whose last
-batch is half full, filled up to the full shape and then as it is (a compiled layer compiles a graph per shape);
---idle N profiles N batches of the merged, compiled
-model scored as test.sh's loop scores them (each batch's probabilities copied back before the next one starts) and
-records the GPU's busy share over them (bench/_gpu_idle.py): what CUDA graphs or anything else that only cuts the
-CPU's launch and wait time could win at most.
+--levers picks which of them run after today's (default: all). With the merged lever: --fill times test.sh's own
+loop over rows whose last batch is half full, filled up to the full shape and then as it is (a compiled layer
+compiles a graph per shape); --idle N profiles N batches of the merged, compiled model scored as test.sh's loop
+scores them (each batch's probabilities copied back before the next one starts) and records the GPU's busy share over
+them (bench/_gpu_idle.py): what CUDA graphs or anything else that only cuts the CPU's launch and wait time could win
+at most.
 
 Prints a table per size and both sizes' combined rate (1 / (1/r7 + 1/r3): stage 1 then stage 2 on every image);
 writes score_levers.json and score_levers.md to --out.
@@ -309,6 +309,8 @@ def main() -> None:
     a = ap.parse_args()
     if unknown := set(a.levers.split(",")) - set(LEVERS):
         ap.error(f"--levers: unknown {', '.join(sorted(unknown))}; choose among {', '.join(LEVERS)}")
+    if (a.idle or a.fill) and "merged" not in a.levers.split(","):
+        ap.error("--idle and --fill measure the merged, compiled model: include merged in --levers")
     out = a.out or a.work / "report"
     out.mkdir(parents=True, exist_ok=True)
     a.out_dir = out
