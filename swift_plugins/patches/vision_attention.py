@@ -198,7 +198,7 @@ def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def _rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor | float) -> torch.Tensor:
     """Qwen2_5_VLRMSNorm.forward's arithmetic, as a function of tensors."""
     input_dtype = hidden_states.dtype
     hidden_states = hidden_states.to(torch.float32)
@@ -211,6 +211,10 @@ def norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """Drop-in for Qwen2_5_VLRMSNorm.forward: compiled where no gradient flows (see FIRESAFE_COMPILE)."""
     if COMPILE == "off" or not (COMPILE == "on" or hidden_states.is_cuda):
         return ORIGINAL_NORM_FORWARD(self, hidden_states)
+    if torch.compiler.is_compiling():  # traced into a compiled decoder layer: eps is a constant of that graph.
+        # Caching the tensor on the module here would be a side effect the layer's guards check: one more
+        # compile of every layer on the second batch (run X's cold +3-4 s per stage, bench/README.md).
+        return _rms_norm(hidden_states, self.weight, self.variance_epsilon)
     eps = getattr(self, "_firesafe_eps", None)
     if eps is None or eps.device != hidden_states.device:
         eps = self._firesafe_eps = torch.tensor(self.variance_epsilon, dtype=torch.float32,

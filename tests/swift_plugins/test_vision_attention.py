@@ -280,3 +280,28 @@ def test_zero3_gathered_weights_are_not_padded_or_read(model, monkeypatch):
     calls.clear()
     vision(model, grids, "sdpa", "linear", "pad")  # the control: without DeepSpeed's marks both patches run
     assert "pad" in calls and "embed" not in calls
+
+
+def test_norm_traced_into_a_compiled_graph_compiles_once(model):
+    """Inside a compiled decoder layer (SCORE_COMPILE_LLM, FIRESAFE_COMPILE_LAYERS) the RMSNorm leaves its module
+    as it found it, so the next call with the same shapes reuses the graph: run X's cold test.sh compiled every
+    layer again on the second batch when the norm cached its eps tensor on the module while being traced."""
+    from torch._dynamo.testing import CompileCounter
+
+    norm = model.model.language_model.norm
+    norm.__dict__.pop("_firesafe_eps", None)  # as a freshly loaded model has it
+    x = torch.randn(2, 5, 64)
+    expected = va.ORIGINAL_NORM_FORWARD(norm, x)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    try:
+        va.apply(compile="on")
+        compiled = torch.compile(norm, backend=counter)
+        with torch.no_grad():
+            got = [compiled(x) for _ in range(3)]
+    finally:
+        va.apply(compile="auto")
+        torch._dynamo.reset()
+    assert counter.frame_count == 1
+    for g in got:
+        torch.testing.assert_close(g, expected, rtol=0, atol=1e-6)
