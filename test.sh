@@ -15,7 +15,7 @@ DECISIONS=${DECISIONS:-f1}                    # f1: start fusion from the offset
 ALLOW_STALE=${ALLOW_STALE:-0}                 # 1: score with models trained on other data than data-pre.sh's last run
 export PRIOR_CORRECTION=${PRIOR_CORRECTION:-1}  # 1: each model's probabilities corrected to the data's class shares
 export SCORE_MERGE=${SCORE_MERGE:-auto}       # LoRA folded into the weights: auto = bf16/fp16 on a GPU | 0 | 1
-export SCORE_COMPILE_LLM=${SCORE_COMPILE_LLM:-auto}  # compiled language-model layers: auto = GPU, large test sets | 0 | 1
+export SCORE_COMPILE_LLM=${SCORE_COMPILE_LLM:-auto}  # compiled language-model layers: auto = GPU, image sizes of >= 800 images | 0 | 1
 export SCORE_FP8=${SCORE_FP8:-0}              # 1: float8 language-model layers (Ada/Hopper; rounds more: bench/README.md)
 export SCORE_TTA=${SCORE_TTA:-0}              # flip: average each image's probabilities with its mirror image's (2x time)
 [[ -n "$FUSION_PARAMS" ]] && FUSION_PARAMS=$(realpath -m "$FUSION_PARAMS")

@@ -150,7 +150,7 @@ KNOBS: dict[str, Knob] = {
     "ALLOW_STALE": Knob("0 or 1", _one_of("0", "1")),
     "DECISIONS": Knob("f1 (offsets maximising the expected weighted F1) or argmax", _one_of("f1", "argmax")),
     "SCORE_MERGE": Knob("auto (merge a half-precision model on CUDA), 0 or 1", _one_of("auto", "0", "1")),
-    "SCORE_COMPILE_LLM": Knob("auto (on CUDA, with SCORE_COMPILE), 0 or 1", _one_of("auto", "0", "1")),
+    "SCORE_COMPILE_LLM": Knob("auto (CUDA, SCORE_COMPILE; sizes of >= 800 images), 0 or 1 (every size)", _one_of("auto", "0", "1")),
     "SCORE_TTA": Knob("0 (each image as it is) or flip (also its mirror image, averaged)", _one_of("0", "flip")),
     "SCORE_FP8": Knob("0 or 1 (float8 language-model layers; Ada/Hopper GPUs)", _one_of("0", "1")),
     # several GPUs and nodes (train.sh: swift's CLI hands these to torchrun; test.sh: SCORE_GPUS)

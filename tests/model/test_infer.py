@@ -54,6 +54,34 @@ def test_bucket_order_groups_equal_image_sizes(tmp_path):
     assert S.bucket_order([]) == []
 
 
+def test_visual_size_is_the_image_token_count_at_max_pixels(monkeypatch):
+    monkeypatch.setenv("MAX_PIXELS", str(1280 * 28 * 28))
+    photo = S.visual_size([(4032, 3024)])
+    assert photo == 868 * 1148 // 784  # tools.data.images.model_size: swift's size for a 12 MP phone photo
+    assert S.visual_size([(4000, 3000)]) == S.visual_size([(3024, 4032)]) == photo  # same tokens, same shape
+    assert S.visual_size([(1920, 1080)]) != photo
+    assert S.visual_size([(4032, 3024), (4032, 3024)]) == 2 * photo
+    assert S.visual_size([(0, 0)]) == 0  # unreadable: the encoder reports it
+    monkeypatch.delenv("MAX_PIXELS")
+    assert S.visual_size([(4032, 3024)]) == 4032 * 3024  # no MAX_PIXELS: the pixel count stands for it
+
+
+def test_shape_keys_and_which_batches_pay_for_a_graph(tmp_path, monkeypatch):
+    monkeypatch.delenv("MAX_PIXELS", raising=False)
+    rows = [sft_row(write_image(tmp_path / f"{i}.jpg", size=s), None)
+            for i, s in enumerate([(56, 56), (56, 56), (56, 56), (56, 56), (112, 56)])]
+    rows[3]["messages"][0]["content"] += "，请仔细看"  # a longer prompt: another sequence length
+    prompt = len(rows[0]["messages"][0]["content"])
+    keys = S.shape_keys(rows, S.image_sizes(rows), [[0, 1], [2], [3], [4], [0, 3, 4]])
+    assert keys[:4] == [(3136, prompt), (3136, prompt), (3136, prompt + 5), (6272, prompt)]
+    assert keys[4] == (6272, prompt + 5)  # a mixed batch is padded to its largest image and longest prompt
+    a, b = ("a", 1), ("b", 2)
+    assert S.graph_batches([a, a, a, b], 2, 6, set()) == [True, True, True, False]  # 6 images of a, 2 of b
+    assert S.graph_batches([a, a, a, b], 2, 6, {(2, b)}) == [True] * 4  # b has its graph already
+    assert S.graph_batches([a, a, a, b], 4, 6, {(2, b)}) == [True, True, True, False]  # not at this batch size
+    assert S.graph_batches([a, b], 2, 0, set()) == [True, True]  # SCORE_COMPILE_LLM=1: every shape
+
+
 # --------------------------------------------------------------------------- probabilities of a tiny model
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
@@ -141,6 +169,7 @@ def test_a_filled_last_batch_keeps_every_batch_one_shape_and_the_scores(loaded, 
     assert sizes == ([3, 3, 1] if tta == "0" else [3, 3, 3, 3, 1, 1])  # each batch, then its mirror image
     sizes.clear()
     monkeypatch.setattr(speedups, "has_compiled_layers", lambda model: True)  # the default follows the model
+    monkeypatch.setenv("SCORE_COMPILE_LLM", "1")  # a graph for every shape, however few images it has
     filled = S.score_rows(model, template, label_ids, rows, batch_size=3, progress=False, tta=tta,
                           on_batch=lambda indices, probs: seen.append((list(indices), probs.copy())))
     assert sizes == [3] * (3 if tta == "0" else 6)

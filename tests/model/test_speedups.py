@@ -11,7 +11,7 @@ from tests.model.support import TINY
 from tools.demo.models import build_tiny_model
 from tools.model import infer as S
 from tools.model import speedups as F
-from tools.task import sft_row
+from tools.task import PROMPT, sft_row
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +139,10 @@ def test_fp8_refuses_an_unmerged_adapter_and_a_cpu(tiny):
             F.to_fp8(template.model)
 
 
-def test_compiled_layers_score_the_same(tiny):
+def test_compiled_layers_score_the_same(tiny, monkeypatch):
     model_dir, rows = tiny
     template, label_ids = fresh(model_dir)
+    monkeypatch.setenv("SCORE_COMPILE_LLM", "1")  # a graph for the four images' shape too
     model = template.model
     before = _score(model, template, label_ids, rows)
     assert not F.has_compiled_layers(model)
@@ -151,3 +152,37 @@ def test_compiled_layers_score_the_same(tiny):
     np.testing.assert_allclose(_score(model, template, label_ids, rows), before, atol=1e-5)
     with pytest.raises(F.SpeedupError, match="no language_model.layers"):
         F.decoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_a_shape_too_rare_for_a_graph_runs_eagerly(tiny, tmp_path, monkeypatch):
+    """With compiled layers, a graph is compiled only for a shape that enough images have
+    (SCORE_COMPILE_MIN_IMAGES), the rest run the layers' eager code; SCORE_COMPILE_LLM=1 compiles every shape.
+    A counting backend stands for inductor: each compiled graph is one backend call."""
+    from torch._dynamo.testing import CompileCounter
+
+    model_dir, rows = tiny
+    rare = [sft_row(write_image(tmp_path / f"x{i}.jpg", colour=(200, 30 * i, 60), size=(56, 56)), None,
+                    prompt=PROMPT + "，请仔细看") for i in range(2)]  # a longer prompt: another sequence length
+    rows = rows + rare  # batch 2: two batches of the usual shape, one of the rare one
+    template, label_ids = fresh(model_dir)
+    model = template.model
+    eager = _score(model, template, label_ids, rows)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    for layer in F.decoder_layers(model):  # as compile_layers does, with the counting backend
+        layer.compile(backend=counter, dynamic=False)
+    monkeypatch.delenv("SCORE_COMPILE_LLM", raising=False)
+    try:
+        np.testing.assert_allclose(_score(model, template, label_ids, rows), eager, atol=1e-5)
+        assert counter.frame_count == 0  # 4 and 2 images: under the default 800, no graph pays
+        monkeypatch.setenv("SCORE_COMPILE_MIN_IMAGES", "4")
+        np.testing.assert_allclose(_score(model, template, label_ids, rows), eager, atol=1e-5)
+        graphs = counter.frame_count
+        assert graphs > 0 and F.has_compiled_layers(model)  # the usual shape compiled; the eager calls put back
+        _score(model, template, label_ids, rows)
+        assert counter.frame_count == graphs  # the usual shape's graph reused, the rare one still eager
+        monkeypatch.setenv("SCORE_COMPILE_LLM", "1")
+        np.testing.assert_allclose(_score(model, template, label_ids, rows), eager, atol=1e-5)
+        assert counter.frame_count > graphs  # now the rare shape has its graph too
+    finally:
+        torch._dynamo.reset()

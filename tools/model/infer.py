@@ -12,8 +12,9 @@ label outside the top-N.
 Speed (bench/README.md): rows are grouped by image size (bucket=False: file order), worker processes encode
 images ahead of the GPU (workers, $SCORE_WORKERS; none on CPU), a bf16 model on CUDA runs under autocast
 ($SCORE_AUTOCAST=0: off), without a KV cache, and the knobs of tools.model.speedups (merge, float8, compiled
-decoder layers) apply at load; with compiled layers, a smaller last batch is filled up to the batch size so that
-it needs no graph of its own. The probabilities come back in the order of the input rows.
+decoder layers) apply at load; compiled layers compile a graph per input shape, so only the image sizes that enough
+images have run through them (the others eagerly), and a smaller last batch is filled up to the batch size so
+that it needs no graph of its own. The probabilities come back in the order of the input rows.
 """
 from __future__ import annotations
 
@@ -71,23 +72,74 @@ def default_workers(model) -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 2))
 
 
-def bucket_order(rows: list[dict]) -> list[int]:
-    """Row indices grouped by image size (then prompt length), so a batch holds images of one token count and
-    little padding; ties keep the input order."""
+def image_sizes(rows: list[dict]) -> list[list[tuple[int, int]]]:
+    """Each row's images' (width, height), read from their headers; (0, 0) for one that cannot be read (the
+    encoder will report it)."""
     from PIL import Image
 
-    def key(i: int):
+    out = []
+    for row in rows:
         sizes = []
-        for path in rows[i].get("images", []):
+        for path in row.get("images", []):
             try:
                 with Image.open(path) as img:  # reads the header only
                     sizes.append(img.size)
             except OSError:
-                sizes.append((0, 0))  # the encoder will report it
-        text = "".join(str(m.get("content", "")) for m in rows[i]["messages"] if m["role"] != "assistant")
-        return sizes, len(text)
+                sizes.append((0, 0))
+        out.append(sizes)
+    return out
 
-    return sorted(range(len(rows)), key=key)
+
+def _prompt_length(row: dict) -> int:
+    return len("".join(str(m.get("content", "")) for m in row["messages"] if m["role"] != "assistant"))
+
+
+def bucket_order(rows: list[dict], sizes: list[list[tuple[int, int]]] | None = None) -> list[int]:
+    """Row indices grouped by image size (then prompt length), so a batch holds images of one token count and
+    little padding; ties keep the input order. `sizes`: image_sizes(rows), if read already."""
+    sizes = image_sizes(rows) if sizes is None else sizes
+    return sorted(range(len(rows)), key=lambda i: (sizes[i], _prompt_length(rows[i])))
+
+
+def visual_size(sizes: list[tuple[int, int]]) -> int:
+    """A row's images' size as the language model sees it: their visual tokens at $MAX_PIXELS (the scripts export
+    it; tools.data.images.model_size), else their pixel count; equal values, equal numbers of image tokens."""
+    import os
+
+    from tools.data.images import PATCH_FACTOR, model_size
+
+    max_pixels = os.environ.get("MAX_PIXELS", "").strip()
+    total = 0
+    for width, height in sizes:
+        if not (max_pixels and width and height):
+            total += width * height
+            continue
+        try:
+            h, w = model_size(height, width, int(max_pixels))
+        except ValueError:  # an aspect ratio swift refuses: the encoder will report it
+            h, w = height, width
+        total += h * w // PATCH_FACTOR ** 2
+    return total
+
+
+def shape_keys(rows: list[dict], sizes: list[list[tuple[int, int]]], batches: list[list[int]]) -> list[tuple]:
+    """One key per batch for the shape of its language-model input: the batch's largest visual size and longest
+    prompt (rows are padded to the longest). Equal keys, the same sequence length for a fixed prompt, so the same
+    compiled graph of the decoder layers."""
+    return [(max(visual_size(sizes[i]) for i in chunk), max(_prompt_length(rows[i]) for i in chunk))
+            for chunk in batches]
+
+
+def graph_batches(keys: list[tuple], batch_size: int, min_images: int, known: set) -> list[bool]:
+    """Which batches run through the compiled decoder layers: those whose shape has a graph already (`known`) or
+    at least `min_images` images among these batches to pay for compiling one. The others run eagerly: on an H200
+    a graph takes ~3 s to compile with inductor's cache cold (bench/README.md, runs X and Y) and saves 2.2-2.7 ms
+    per image ("Scoring levers"), so a shape that only a few images have costs more than it saves, and many such
+    shapes would exhaust torch's limit on graphs per layer code."""
+    from collections import Counter
+
+    counts = Counter(keys)
+    return [(batch_size, key) in known or counts[key] * batch_size >= min_images for key in keys]
 
 
 TTA_MODES = ("0", "flip")
@@ -201,14 +253,17 @@ def score_rows(model, template, label_ids: list[int], rows: list[dict], batch_si
     ahead of the forward pass (default: default_workers); `bucket` batches rows of equal image size together.
     `done` holds rows already scored (row index -> probabilities), which are not scored again;
     on_batch(indices, probabilities) sees each new batch. `tta` (default: SCORE_TTA): "flip" averages each row's
-    probabilities with its mirror image's (each batch is followed by its mirrored twin). `fill` (default: when the
-    model has compiled layers, tools.model.speedups.has_compiled_layers) fills a smaller last batch up to batch_size
-    with copies of its last row, scored and dropped: a compiled layer compiles a graph per batch shape, and the full
-    batches' graph serves the last one too (bench/README.md, run X: ~3 s per compile on an H200, cache cold)."""
+    probabilities with its mirror image's (each batch is followed by its mirrored twin).
+
+    With compiled decoder layers (tools.model.speedups.has_compiled_layers), which compile a graph per input shape,
+    a batch runs through them when its shape pays for a graph (graph_batches, with
+    tools.model.speedups.graph_min_images) and eagerly otherwise; and `fill` (default: when the last batch runs
+    compiled) fills a smaller last batch up to batch_size with copies of its last row, scored and dropped, so the
+    full batches' graph serves it (bench/README.md, run Y: 11 s off a cold test.sh on 2,000 photos)."""
     import torch
     from torch.utils.data import DataLoader
 
-    from tools.model.speedups import has_compiled_layers
+    from tools.model.speedups import eager_layers, graph_min_images, graph_shapes, has_compiled_layers
 
     out = np.zeros((len(rows), n_labels), dtype=np.float64)
     for i, p in (done or {}).items():
@@ -219,9 +274,15 @@ def score_rows(model, template, label_ids: list[int], rows: list[dict], batch_si
     workers = default_workers(model) if workers is None else workers
     if workers:
         use_files_if_shm_is_small()
-    order = [i for i in (bucket_order(rows) if bucket else range(len(rows))) if i not in (done or {})]
+    sizes = image_sizes(rows)
+    order = [i for i in (bucket_order(rows, sizes) if bucket else range(len(rows))) if i not in (done or {})]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    full = batch_size if (has_compiled_layers(model) if fill is None else fill) else 0
+    keys = shape_keys(rows, sizes, batches)
+    known = graph_shapes(model)
+    layers_compiled = has_compiled_layers(model)
+    compiled = (graph_batches(keys, batch_size, graph_min_images(), known) if layers_compiled
+                else [False] * len(batches))
+    full = batch_size if (compiled[-1] if fill is None else fill) else 0
     encoded_batches = [chunk + [chunk[-1]] * (full - len(chunk)) for chunk in batches]  # as is when full = 0
     mirror = (tta or tta_mode()) == "flip"
     views = 2 if mirror else 1
@@ -233,8 +294,15 @@ def score_rows(model, template, label_ids: list[int], rows: list[dict], batch_si
                         prefetch_factor=4 if workers else None, pin_memory=workers > 0 and torch.cuda.is_available())
     encoded = iter(loader)
     with inference_context(model):
-        for chunk in tqdm(batches, desc="scoring", disable=not progress):
-            probs = sum(forward_probs(model, template, next(encoded), label_ids).cpu().numpy() for _ in range(views))
+        for chunk, key, graph in tqdm(zip(batches, keys, compiled), total=len(batches), desc="scoring",
+                                      disable=not progress):
+            with ExitStack() as stack:
+                if graph:
+                    known.add((batch_size, key))
+                elif layers_compiled:  # a shape too rare to pay for a graph
+                    stack.enter_context(eager_layers(model))
+                probs = sum(forward_probs(model, template, next(encoded), label_ids).cpu().numpy()
+                            for _ in range(views))
             out[chunk] = probs[:len(chunk)] / views  # the filled-in copies, at the end, dropped
             if on_batch is not None:
                 on_batch(chunk, out[chunk])

@@ -3,9 +3,11 @@ and gains in speed is measured in bench/README.md ("Scoring levers", bench/score
 
   SCORE_MERGE          the LoRA adapter folded into the base weights: one matmul per linear layer instead of three.
                        auto (default): for a bf16/fp16 model on CUDA (+13 % on the 7B, +14 % on the 3B); 0; 1
-  SCORE_COMPILE_LLM    the language model's decoder layers compiled (torch.compile, one graph that every layer
-                       shares): its RMSNorm, rotary and SwiGLU chains become fused kernels. auto (default): on CUDA
-                       when the vision kernels are compiled too (SCORE_COMPILE: large test sets); 0; 1
+  SCORE_COMPILE_LLM    the language model's decoder layers compiled (torch.compile, one graph per input shape that
+                       every layer shares): its RMSNorm, rotary and SwiGLU chains become fused kernels. auto
+                       (default): on CUDA when the vision kernels are compiled too (SCORE_COMPILE: large test sets),
+                       a graph only for an input shape (image token count) that at least SCORE_COMPILE_MIN_IMAGES
+                       (800) images have, the rest eager; 0; 1: a graph for every shape
   SCORE_FP8            1: the language model's linear layers in float8 e4m3 (a scale per output channel and one per
                        token; CUDA compute capability >= 8.9: Ada, Hopper), after merging the adapter. 0 (default)
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 
 import torch
 
@@ -105,6 +108,37 @@ def compile_layers(model) -> int:
     """Compile each decoder layer in place for scoring, static shapes (they are few: rows are bucketed by image
     size). Returns how many."""
     return compile_in_place(decoder_layers(model), dynamic=False)
+
+
+def graph_min_images() -> int:
+    """Images of one input shape that pay for compiling the decoder layers' graph for it (tools.model.infer.
+    graph_batches): SCORE_COMPILE_LLM=1 every shape (0); else SCORE_COMPILE_MIN_IMAGES (800, the threshold of
+    tools.model.infer.choose_compile: on an H200 a graph takes ~3 s to compile with inductor's cache cold and
+    saves ~2.7 ms per image on the 7B, ~2.2 on the 3B: bench/README.md)."""
+    if knob("SCORE_COMPILE_LLM") == "1":
+        return 0
+    return int(os.environ.get("SCORE_COMPILE_MIN_IMAGES", "800"))
+
+
+def graph_shapes(model) -> set:
+    """The input shapes this process has run the model's compiled layers on (tools.model.infer.score_rows records
+    them): their graphs exist, so later batches of those shapes use them at no compiling cost."""
+    return model.__dict__.setdefault("_firesafe_graph_shapes", set())
+
+
+@contextmanager
+def eager_layers(model):
+    """Inside, the model's compiled modules run their eager code (their compiled calls are set aside and put back
+    after): a batch of a shape too rare to pay for a graph."""
+    modules = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    calls = [m._compiled_call_impl for m in modules]
+    for m in modules:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, call in zip(modules, calls):
+            m._compiled_call_impl = call
 
 
 def has_compiled_layers(model) -> bool:
