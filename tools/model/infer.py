@@ -317,9 +317,11 @@ def choose_compile(n_images: int) -> str:
     model's layers follow it (tools.model.speedups.compile_wanted)."""
     import os
 
+    from tools.model.speedups import compile_min_images
+
     policy = os.environ.get("SCORE_COMPILE", "auto").strip().lower()
     if policy == "auto":
-        policy = "on" if n_images >= int(os.environ.get("SCORE_COMPILE_MIN_IMAGES", "800")) else "off"
+        policy = "on" if n_images >= compile_min_images() else "off"
     if policy == "off":
         os.environ["FIRESAFE_COMPILE"] = "off"
     return policy

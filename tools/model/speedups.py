@@ -110,14 +110,20 @@ def compile_layers(model) -> int:
     return compile_in_place(decoder_layers(model), dynamic=False)
 
 
+def compile_min_images() -> int:
+    """SCORE_COMPILE_MIN_IMAGES (default 800): the images that pay for compiling, for the vision kernels of a
+    scoring process (tools.model.infer.choose_compile) and for each input shape's graph of the decoder layers
+    (graph_min_images)."""
+    return int(os.environ.get("SCORE_COMPILE_MIN_IMAGES", "800"))
+
+
 def graph_min_images() -> int:
     """Images of one input shape that pay for compiling the decoder layers' graph for it (tools.model.infer.
-    graph_batches): SCORE_COMPILE_LLM=1 every shape (0); else SCORE_COMPILE_MIN_IMAGES (800, the threshold of
-    tools.model.infer.choose_compile: on an H200 a graph takes ~3 s to compile with inductor's cache cold and
-    saves ~2.7 ms per image on the 7B, ~2.2 on the 3B: bench/README.md)."""
+    graph_batches): SCORE_COMPILE_LLM=1 every shape (0); else compile_min_images() (on an H200 a graph takes ~3 s
+    to compile with inductor's cache cold and saves ~2.7 ms per image on the 7B, ~2.2 on the 3B: bench/README.md)."""
     if knob("SCORE_COMPILE_LLM") == "1":
         return 0
-    return int(os.environ.get("SCORE_COMPILE_MIN_IMAGES", "800"))
+    return compile_min_images()
 
 
 def graph_shapes(model) -> set:
