@@ -274,12 +274,12 @@ def score_rows(model, template, label_ids: list[int], rows: list[dict], batch_si
     workers = default_workers(model) if workers is None else workers
     if workers:
         use_files_if_shm_is_small()
-    sizes = image_sizes(rows)
+    layers_compiled = has_compiled_layers(model)
+    sizes = image_sizes(rows) if bucket or layers_compiled else None  # the headers, read only when used
     order = [i for i in (bucket_order(rows, sizes) if bucket else range(len(rows))) if i not in (done or {})]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    keys = shape_keys(rows, sizes, batches)
+    keys = shape_keys(rows, sizes, batches) if layers_compiled else [None] * len(batches)
     known = graph_shapes(model)
-    layers_compiled = has_compiled_layers(model)
     compiled = (graph_batches(keys, batch_size, graph_min_images(), known) if layers_compiled
                 else [False] * len(batches))
     full = batch_size if (compiled[-1] if fill is None else fill) else 0
