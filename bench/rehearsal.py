@@ -92,13 +92,46 @@ def _photo(job: tuple) -> None:
         upright.save(path, format="JPEG", quality=88)
 
 
-def make_data(data: Path, n_train: int, n_test: int, size: tuple[int, int], workers: int) -> dict:
-    """train.txt + train/ (a symlink to store/train), B.txt + B/ (labelled), one corrupt test image."""
+def parse_sizes(text: str) -> list[tuple[tuple[int, int], float]]:
+    """'4032x3024:0.8,1920x1080:0.2' -> [((4032, 3024), 0.8), ((1920, 1080), 0.2)]; the shares must sum to 1."""
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        size, _, share = part.partition(":")
+        try:
+            w, h = (int(v) for v in size.lower().split("x"))
+            out.append(((w, h), float(share or 1)))
+        except ValueError:
+            raise SystemExit(f"--test-sizes: {part!r} is not WIDTHxHEIGHT:SHARE") from None
+    if out and abs(sum(share for _, share in out) - 1) > 1e-6:
+        raise SystemExit(f"--test-sizes: the shares sum to {sum(s for _, s in out):g}, not 1")
+    return out
+
+
+def size_plan(n: int, sizes: list[tuple[tuple[int, int], float]], rng) -> list[tuple[int, int]]:
+    """n image sizes in the given shares (rounded; the first size takes the remainder), in a seeded random order."""
+    counts = [round(n * share) for _, share in sizes]
+    counts[0] += n - sum(counts)
+    plan = [size for (size, _), k in zip(sizes, counts) for _ in range(k)]
+    rng.shuffle(plan)
+    return plan
+
+
+def make_data(data: Path, n_train: int, n_test: int, size: tuple[int, int], workers: int,
+              test_sizes: list[tuple[tuple[int, int], float]] | None = None) -> dict:
+    """train.txt + train/ (a symlink to store/train), B.txt + B/ (labelled), one corrupt test image. The test photos
+    have `size`, or the sizes of `test_sizes` in their shares (real phones and apps: other aspect ratios, other
+    numbers of visual tokens)."""
+    sizes_record = [[f"{w}x{h}", share] for (w, h), share in (test_sizes or [(size, 1.0)])]
     if (data / "B.txt").exists():
-        return json.loads((data / "made.json").read_text())
+        made = json.loads((data / "made.json").read_text())
+        if made.get("test_sizes", sizes_record) != sizes_record:
+            raise SystemExit(f"{data} holds test photos of sizes {made['test_sizes']}, not {sizes_record}: "
+                             "use another --work")
+        return made
     import numpy as np
 
     rng = np.random.default_rng(0)
+    test_plan = size_plan(n_test, test_sizes or [(size, 1.0)], np.random.default_rng(1))
     kinds = ["exif1", "exif3", "exif6", "exif8", "png_alpha", "grey", "plain", "plain"]
     jobs, lists = [], {}
     for split, folder, n in (("train.txt", "train", n_train), ("B.txt", "B", n_test)):
@@ -112,7 +145,7 @@ def make_data(data: Path, n_train: int, n_test: int, size: tuple[int, int], work
         for i, label in enumerate(labels):
             kind = kinds[i % len(kinds)]
             name = f"{folder}{i:05d}.{'png' if kind == 'png_alpha' else 'jpg'}"
-            jobs.append((store / name, label, len(jobs), kind, size))
+            jobs.append((store / name, label, len(jobs), kind, test_plan[i] if split == "B.txt" else size))
             lines.append(f"{name}\t{label}")
         lists[split] = lines
         (data / folder).symlink_to(store)  # a symlinked image folder (DVC, git-annex)
@@ -121,7 +154,8 @@ def make_data(data: Path, n_train: int, n_test: int, size: tuple[int, int], work
         list(pool.map(_photo, jobs, chunksize=4))
     corrupt = data / "store" / "B" / lists["B.txt"][0].split("\t")[0]
     corrupt.write_bytes(corrupt.read_bytes()[:2000])  # a truncated upload
-    made = {"train": n_train, "test": n_test, "size": list(size), "kinds": kinds, "corrupt_test_image": corrupt.name,
+    made = {"train": n_train, "test": n_test, "size": list(size), "test_sizes": sizes_record, "kinds": kinds,
+            "corrupt_test_image": corrupt.name,
             "shares": {s: dict(zip(LABELS, [sum(line.endswith(label) for line in lists[s]) for label in LABELS]))
                        for s in lists}}
     (data / "made.json").write_text(json.dumps(made, ensure_ascii=False))
@@ -224,6 +258,9 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=0,
                     help="> 0: each stage trains this many optimizer steps only (a scoring benchmark's checkpoints)")
     ap.add_argument("--augment", choices=["0", "1"], default="1", help="data-pre.sh's AUGMENT")
+    ap.add_argument("--test-sizes", type=parse_sizes, default=[],
+                    help="test photos of several sizes, WxH:SHARE[,WxH:SHARE], e.g. "
+                         "'4032x3024:0.8,1920x1080:0.2' (default: all the training photos' size)")
     ap.add_argument("--test-configs", default="",
                     help="test.sh once per NAME:KNOB=V[,KNOB=V] (';' between them), e.g. "
                          "'before:SCORE_MERGE=0,SCORE_COMPILE_LLM=0;defaults:'; each scores everything again")
@@ -238,7 +275,8 @@ def main() -> None:
     for name in ("7b", "3b"):
         gpu_bench.build_model(name, a.work / "models" / name, tok)
     size = (224, 168) if a.tiny else (4032, 3024)
-    result["data"] = make_data(a.work / "data", a.n_train, a.n_test, size, min(16, os.cpu_count() or 1))
+    result["data"] = make_data(a.work / "data", a.n_train, a.n_test, size, min(16, os.cpu_count() or 1),
+                               a.test_sizes)
     pipeline = a.work / "outputs"
     env = {**os.environ, "DATA_DIR": str(a.work / "data"), "OUTPUT_DIR": str(pipeline),
            "MODEL_STAGE1": str(a.work / "models" / "7b"), "MODEL_STAGE2": str(a.work / "models" / "3b"),

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import sys
+
+import pytest
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -21,3 +23,39 @@ def test_score_numbers_reads_one_process_and_shard_lines():
         {"images": 1999, "seconds": 103.7, "images_per_s": 19.3, "csv": "/o/stage1/test_probs.csv"},
         {"images": 1000, "seconds": 50.5, "images_per_s": 19.8, "csv": "/o/data/test.jsonl", "process": "shard 2/2"},
     ]
+
+
+def test_test_sizes_parse_and_plan_in_their_shares():
+    import numpy as np
+
+    from rehearsal import parse_sizes, size_plan
+
+    sizes = parse_sizes("4032x3024:0.7, 1920x1080:0.2,3024X3024:0.1")
+    assert sizes == [((4032, 3024), 0.7), ((1920, 1080), 0.2), ((3024, 3024), 0.1)]
+    plan = size_plan(21, sizes, np.random.default_rng(0))
+    assert [plan.count(s) for s, _ in sizes] == [15, 4, 2]  # 14.7, 4.2, 2.1 rounded; the first takes the rest
+    assert len(set(plan[:15])) > 1  # shuffled, not in blocks
+    for bad in ("4032x3024:0.5", "4032-3024:1", "axb:1"):
+        with pytest.raises(SystemExit):
+            parse_sizes(bad)
+
+
+def test_make_data_writes_test_photos_in_the_planned_sizes(tmp_path):
+    from PIL import Image, ImageOps
+
+    from rehearsal import make_data, parse_sizes
+
+    sizes = parse_sizes("64x48:0.5,80x45:0.5")
+    made = make_data(tmp_path / "data", 4, 10, (64, 48), 1, sizes)
+    assert made["test_sizes"] == [["64x48", 0.5], ["80x45", 0.5]]
+    upright = []
+    for line in (tmp_path / "data" / "B.txt").read_text().splitlines()[1:]:  # the first is truncated on purpose
+        with Image.open(tmp_path / "data" / "B" / line.split("\t")[0]) as img:
+            upright.append(ImageOps.exif_transpose(img).size)  # EXIF-rotated ones stored turned
+    assert sorted(set(upright)) == [(64, 48), (80, 45)]
+    for line in (tmp_path / "data" / "train.txt").read_text().splitlines():
+        with Image.open(tmp_path / "data" / "train" / line.split("\t")[0]) as img:
+            assert ImageOps.exif_transpose(img).size == (64, 48)
+    assert make_data(tmp_path / "data", 4, 10, (64, 48), 1, sizes) == made  # made already: read back
+    with pytest.raises(SystemExit, match="another --work"):
+        make_data(tmp_path / "data", 4, 10, (64, 48), 1, None)
