@@ -73,8 +73,8 @@ def test_shape_keys_and_which_batches_pay_for_a_graph(tmp_path, monkeypatch):
     rows[3]["messages"][0]["content"] += "，请仔细看"  # a longer prompt: another sequence length
     prompt = len(rows[0]["messages"][0]["content"])
     keys = S.shape_keys(rows, S.image_sizes(rows), [[0, 1], [2], [3], [4], [0, 3, 4]])
-    assert keys[:4] == [(3136, prompt), (3136, prompt), (3136, prompt + 5), (6272, prompt)]
-    assert keys[4] == (6272, prompt + 5)  # a mixed batch is padded to its largest image and longest prompt
+    assert keys[:4] == [(3136, prompt, False), (3136, prompt, False), (3136, prompt + 5, False), (6272, prompt, False)]
+    assert keys[4] == (6272, prompt + 5, True)  # a mixed batch is padded to its largest image and longest prompt
     a, b = ("a", 1), ("b", 2)
     assert S.graph_batches([a, a, a, b], 2, 6, set()) == [True, True, True, False]  # 6 images of a, 2 of b
     assert S.graph_batches([a, a, a, b], 2, 6, {(2, b)}) == [True] * 4  # b has its graph already

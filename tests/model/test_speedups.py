@@ -154,6 +154,34 @@ def test_compiled_layers_score_the_same(tiny, monkeypatch):
         F.decoder_layers(torch.nn.Linear(2, 2))
 
 
+def test_a_padded_batch_of_the_common_shape_runs_eagerly(tiny, tmp_path, monkeypatch):
+    """Bucketing puts rows of two sizes in one batch where one size ends; that batch is padded, and a padded batch
+    needs a graph of its own (an attention mask instead of none): it runs eagerly unless padded batches are
+    common enough to pay for one."""
+    from torch._dynamo.testing import CompileCounter
+
+    model_dir, rows = tiny
+    short = sft_row(write_image(tmp_path / "short.jpg", colour=(10, 200, 60), size=(56, 56)), None,
+                    prompt=PROMPT[:-4])  # a shorter sequence: sorted first, batched with a usual row, padded
+    template, label_ids = fresh(model_dir)
+    model = template.model
+    eager = _score(model, template, label_ids, rows + [short])
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    for layer in F.decoder_layers(model):
+        layer.compile(backend=counter, dynamic=False)
+    monkeypatch.delenv("SCORE_COMPILE_LLM", raising=False)
+    monkeypatch.setenv("SCORE_COMPILE_MIN_IMAGES", "4")
+    try:
+        _score(model, template, label_ids, rows)  # the usual shape, unpadded: its graph
+        graphs = counter.frame_count
+        assert graphs > 0
+        np.testing.assert_allclose(_score(model, template, label_ids, rows + [short]), eager, atol=1e-5)
+        assert counter.frame_count == graphs  # [short, usual] ran eagerly, no graph for its mask
+    finally:
+        torch._dynamo.reset()
+
+
 def test_a_shape_too_rare_for_a_graph_runs_eagerly(tiny, tmp_path, monkeypatch):
     """With compiled layers, a graph is compiled only for a shape that enough images have
     (SCORE_COMPILE_MIN_IMAGES), the rest run the layers' eager code; SCORE_COMPILE_LLM=1 compiles every shape.

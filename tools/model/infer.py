@@ -123,11 +123,15 @@ def visual_size(sizes: list[tuple[int, int]]) -> int:
 
 
 def shape_keys(rows: list[dict], sizes: list[list[tuple[int, int]]], batches: list[list[int]]) -> list[tuple]:
-    """One key per batch for the shape of its language-model input: the batch's largest visual size and longest
-    prompt (rows are padded to the longest). Equal keys, the same sequence length for a fixed prompt, so the same
-    compiled graph of the decoder layers."""
-    return [(max(visual_size(sizes[i]) for i in chunk), max(_prompt_length(rows[i]) for i in chunk))
-            for chunk in batches]
+    """One key per batch for the shape of its language-model input: the batch's largest visual size, its longest
+    prompt (rows are padded to the longest), and whether any row is padded. Equal keys, the same compiled graph of
+    the decoder layers: the sequence length, and an attention mask or none (transformers passes none when no row
+    is padded; a padded batch, where bucketing puts two sizes together, compiled a graph of its own on the H200)."""
+    keys = []
+    for chunk in batches:
+        shapes = {(visual_size(sizes[i]), _prompt_length(rows[i])) for i in chunk}
+        keys.append((max(v for v, _ in shapes), max(n for _, n in shapes), len(shapes) > 1))
+    return keys
 
 
 def graph_batches(keys: list[tuple], batch_size: int, min_images: int, known: set) -> list[bool]:
