@@ -42,16 +42,27 @@ def test_labels_sharing_a_first_token_are_refused():
 
 
 # --------------------------------------------------------------------------- batching order
-def test_bucket_order_groups_equal_image_sizes(tmp_path):
+def test_bucket_order_groups_equal_image_sizes(tmp_path, monkeypatch):
+    monkeypatch.delenv("MAX_PIXELS", raising=False)  # token count stood for by the pixel count
     sizes = [(56, 56), (112, 28), (56, 56), (28, 112), (112, 28), (56, 56)]
     rows = [sft_row(write_image(tmp_path / f"{i}.jpg", size=s), None) for i, s in enumerate(sizes)]
-    assert S.bucket_order(rows) == [3, 0, 2, 5, 1, 4]  # by size, ties in input order
-    rows[2]["messages"][0]["content"] = "<image>短"  # a shorter prompt goes first among its size
+    assert S.bucket_order(rows) == [3, 0, 2, 5, 1, 4]  # one token count: by size, ties in input order
+    rows[2]["messages"][0]["content"] = "<image>短"  # a shorter sequence goes first among its token count
     rows[1]["messages"].append({"role": "assistant", "content": "高风险" * 50})  # answers do not count
-    assert S.bucket_order(rows) == [3, 2, 0, 5, 1, 4]
+    assert S.bucket_order(rows) == [2, 3, 0, 5, 1, 4]
     rows.append(sft_row(tmp_path / "missing.jpg", None))  # unreadable: first (the encoder will report it)
     assert S.bucket_order(rows)[0] == 6
     assert S.bucket_order([]) == []
+
+
+def test_bucket_order_puts_photos_of_one_token_count_together(tmp_path, monkeypatch):
+    """At MAX_PIXELS a 4:3 and a 3:4 photo have the same visual tokens, a 16:9 one fewer: sorting by width and
+    height alone would put the square and 16:9 photos between the two orientations and pad more batches."""
+    monkeypatch.setenv("MAX_PIXELS", str(1280 * 28 * 28))
+    sizes = [(4032, 3024), (1920, 1080), (3024, 4032), (3024, 3024), (4032, 3024), (3024, 4032)]
+    rows = [sft_row(tmp_path / f"{i}.jpg", None) for i in range(len(sizes))]
+    order = S.bucket_order(rows, [[s] for s in sizes])
+    assert order == [1, 3, 2, 5, 0, 4]  # 1,222 tokens, 1,225, then the 1,271 of both orientations together
 
 
 def test_visual_size_is_the_image_token_count_at_max_pixels(monkeypatch):

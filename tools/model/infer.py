@@ -95,10 +95,12 @@ def _prompt_length(row: dict) -> int:
 
 
 def bucket_order(rows: list[dict], sizes: list[list[tuple[int, int]]] | None = None) -> list[int]:
-    """Row indices grouped by image size (then prompt length), so a batch holds images of one token count and
-    little padding; ties keep the input order. `sizes`: image_sizes(rows), if read already."""
+    """Row indices grouped by their images' token count (visual_size), then prompt length, then image size, so a
+    batch holds rows of one sequence length and is padded only where one length ends inside it (portrait and
+    landscape photos of one token count share batches); ties keep the input order. `sizes`: image_sizes(rows), if
+    read already."""
     sizes = image_sizes(rows) if sizes is None else sizes
-    return sorted(range(len(rows)), key=lambda i: (sizes[i], _prompt_length(rows[i])))
+    return sorted(range(len(rows)), key=lambda i: (visual_size(sizes[i]), _prompt_length(rows[i]), sizes[i]))
 
 
 def visual_size(sizes: list[tuple[int, int]]) -> int:
