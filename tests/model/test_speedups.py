@@ -2,6 +2,8 @@
 compiled decoder layers; each leaves the probabilities where the rounding puts them, and the knobs are checked."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -154,7 +156,7 @@ def test_compiled_layers_score_the_same(tiny, monkeypatch):
         F.decoder_layers(torch.nn.Linear(2, 2))
 
 
-def test_a_padded_batch_of_the_common_shape_runs_eagerly(tiny, tmp_path, monkeypatch):
+def test_a_padded_batch_of_the_common_shape_runs_eagerly(tiny, tmp_path, monkeypatch, capsys):
     """Bucketing puts rows of two sizes in one batch where one size ends; that batch is padded, and a padded batch
     needs a graph of its own (an attention mask instead of none): it runs eagerly unless padded batches are
     common enough to pay for one."""
@@ -164,6 +166,9 @@ def test_a_padded_batch_of_the_common_shape_runs_eagerly(tiny, tmp_path, monkeyp
     short = sft_row(write_image(tmp_path / "short.jpg", colour=(10, 200, 60), size=(56, 56)), None,
                     prompt=PROMPT[:-4])  # a shorter sequence: sorted first, batched with a usual row, padded
     template, label_ids = fresh(model_dir)
+    # where the load's time went, for the start-up limit on the GPU
+    assert re.search(r"load: importing swift [\d.]+ s, model and adapter [\d.]+ s, speed-ups [\d.]+ s",
+                     capsys.readouterr().out)
     model = template.model
     eager = _score(model, template, label_ids, rows + [short])
     counter = CompileCounter()

@@ -39,19 +39,25 @@ def load(swift_argv: list[str], merge: bool | None = None, labels: tuple[str, ..
     """(model, template, label ids, swift's InferArguments) prepared by swift from `swift infer`-style arguments.
     The label ids are the first tokens of `labels`, or None for a model with a classification head
     (--task_type seq_cls: its logits are the classes). The speed-up knobs (tools.model.speedups: SCORE_MERGE,
-    SCORE_FP8, SCORE_COMPILE_LLM) are applied in memory; merge overrides SCORE_MERGE."""
+    SCORE_FP8, SCORE_COMPILE_LLM) are applied in memory; merge overrides SCORE_MERGE. Prints where the time went
+    (issue 15's start-up limit: <= 20 s per stage)."""
+    start = time.perf_counter()
     from swift.arguments import InferArguments
     from swift.pipelines.utils import prepare_model_template
     from swift.utils import parse_args
 
     from tools.model import speedups
 
+    imported = time.perf_counter()
     args, remaining = parse_args(InferArguments, swift_argv)
     if remaining:
         raise SystemExit(f"error: swift does not know these arguments: {' '.join(remaining)}")
     model, template = prepare_model_template(args)
     model.eval()
+    prepared = time.perf_counter()
     model = speedups.apply(model, merge)
+    print(f"load: importing swift {imported - start:.1f} s, model and adapter {prepared - imported:.1f} s, "
+          f"speed-ups {time.perf_counter() - prepared:.1f} s", flush=True)
     template.model = model
     template.set_mode("transformers")  # inference encoding: no answer, left padding
     head = getattr(args, "task_type", "causal_lm") == "seq_cls"
