@@ -121,7 +121,8 @@ def make_data(data: Path, n_train: int, n_test: int, size: tuple[int, int], work
     """train.txt + train/ (a symlink to store/train), B.txt + B/ (labelled), one corrupt test image. The test photos
     have `size`, or the sizes of `test_sizes` in their shares (real phones and apps: other aspect ratios, other
     numbers of visual tokens)."""
-    sizes_record = [[f"{w}x{h}", share] for (w, h), share in (test_sizes or [(size, 1.0)])]
+    test_sizes = test_sizes or [(size, 1.0)]
+    sizes_record = [[f"{w}x{h}", share] for (w, h), share in test_sizes]
     if (data / "B.txt").exists():
         made = json.loads((data / "made.json").read_text())
         if made.get("test_sizes", sizes_record) != sizes_record:
@@ -131,7 +132,7 @@ def make_data(data: Path, n_train: int, n_test: int, size: tuple[int, int], work
     import numpy as np
 
     rng = np.random.default_rng(0)
-    test_plan = size_plan(n_test, test_sizes or [(size, 1.0)], np.random.default_rng(1))
+    test_plan = size_plan(n_test, test_sizes, np.random.default_rng(1))
     kinds = ["exif1", "exif3", "exif6", "exif8", "png_alpha", "grey", "plain", "plain"]
     jobs, lists = [], {}
     for split, folder, n in (("train.txt", "train", n_train), ("B.txt", "B", n_test)):

@@ -43,6 +43,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -166,20 +167,14 @@ def last_batch(model, template, label_ids, rows: list[dict], batch_size: int) ->
 
     rows = rows[:len(rows) - len(rows) % batch_size - batch_size // 2] or rows  # the last batch half full
     out = {"rows": len(rows)}
-    knob = os.environ.get("SCORE_COMPILE_LLM")
-    os.environ["SCORE_COMPILE_LLM"] = "1"  # compiled whatever the count: these few rows stand for a large test set
-    try:
+    # compiled whatever the count: these few rows stand for a large test set
+    with mock.patch.dict(os.environ, {"SCORE_COMPILE_LLM": "1"}):
         for name, fill in (("filled_s", True), ("as_is_s", False)):
             G.sync()
             start = time.perf_counter()
             score_rows(model, template, label_ids, rows, batch_size, progress=False, fill=fill)
             G.sync()
             out[name] = round(time.perf_counter() - start, 2)
-    finally:
-        if knob is None:
-            os.environ.pop("SCORE_COMPILE_LLM")
-        else:
-            os.environ["SCORE_COMPILE_LLM"] = knob
     return out
 
 

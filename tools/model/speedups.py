@@ -136,7 +136,7 @@ def graph_shapes(model) -> set:
 def eager_layers(model):
     """Inside, the model's compiled modules run their eager code (their compiled calls are set aside and put back
     after): a batch of a shape too rare to pay for a graph."""
-    modules = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    modules = compiled_modules(model)
     calls = [m._compiled_call_impl for m in modules]
     for m in modules:
         m._compiled_call_impl = None
@@ -147,9 +147,14 @@ def eager_layers(model):
             m._compiled_call_impl = call
 
 
+def compiled_modules(model) -> list:
+    """The model's modules compiled in place (nn.Module.compile: compile_in_place)."""
+    return [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+
+
 def has_compiled_layers(model) -> bool:
-    """Whether any of the model's modules was compiled in place (nn.Module.compile: compile_in_place)."""
-    return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    """Whether any of the model's modules was compiled in place."""
+    return bool(compiled_modules(model))
 
 
 def compile_in_place(layers: list, dynamic: bool | None) -> int:
