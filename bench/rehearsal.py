@@ -217,10 +217,12 @@ def train_numbers(layout: Layout) -> dict:
 
 
 def score_numbers(log_text: str) -> list[dict]:
-    """Each scored file's rate: tools.model.infer's "-> CSV" lines, or a scoring process's "[shard k/n, GPU g] ...
-    of ROWS" lines (tools.model.shards, several GPUs), with that process's tag."""
-    pattern = r"(?:\[([^\],]+), [^\]]+\] )?scored (\d+) images in ([\d.]+) s \(([\d.]+) images/s\) (?:->|of) (\S+)"
-    return [{"images": int(m[2]), "seconds": float(m[3]), "images_per_s": float(m[4]), "csv": m[5],
+    """Each scored file's rate (and on a GPU its peak memory): tools.model.infer's "-> CSV" lines, or a scoring
+    process's "[shard k/n, GPU g] ... of ROWS" lines (tools.model.shards, several GPUs), with that process's tag."""
+    pattern = (r"(?:\[([^\],]+), [^\]]+\] )?scored (\d+) images in ([\d.]+) s \(([\d.]+) images/s"
+               r"(?:, peak GPU ([\d.]+) GiB allocated, ([\d.]+) GiB reserved)?[^)]*\) (?:->|of) (\S+)")
+    return [{"images": int(m[2]), "seconds": float(m[3]), "images_per_s": float(m[4]), "csv": m[7],
+             **({"peak_gib_allocated": float(m[5]), "peak_gib_reserved": float(m[6])} if m[5] else {}),
              **({"process": m[1]} if m[1] else {})} for m in re.finditer(pattern, log_text)]
 
 

@@ -15,12 +15,15 @@ def test_score_numbers_reads_one_process_and_shard_lines():
         "scoring with /o/stage1/checkpoint-1",
         "loaded in 16.4 s",
         "scored 1999 images in 103.7 s (19.3 images/s) -> /o/stage1/test_probs.csv",
+        "scored 21 images in 1.8 s (11.7 images/s, peak GPU 19.4 GiB allocated, 20.1 GiB reserved) -> /o/v.csv",
         "scoring:  78%|███████▊  | 195/250 [02:42<00:25,  2.20it/s]",
         "[shard 2/2, GPU 1] loaded the model in 14.0 s",
         "[shard 2/2, GPU 1] scored 1000 images in 50.5 s (19.8 images/s) of /o/data/test.jsonl",
     ])
     assert score_numbers(log) == [
         {"images": 1999, "seconds": 103.7, "images_per_s": 19.3, "csv": "/o/stage1/test_probs.csv"},
+        {"images": 21, "seconds": 1.8, "images_per_s": 11.7, "csv": "/o/v.csv", "peak_gib_allocated": 19.4,
+         "peak_gib_reserved": 20.1},
         {"images": 1000, "seconds": 50.5, "images_per_s": 19.8, "csv": "/o/data/test.jsonl", "process": "shard 2/2"},
     ]
 

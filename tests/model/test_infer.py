@@ -393,3 +393,19 @@ def test_a_partial_file_of_another_checkpoint_is_not_used(scoring, monkeypatch):
     scored = count_forward(monkeypatch)
     S.score_jobs(scoring.jobs, scoring.argv, batch_size=2, workers=0, bucket=False)
     assert sum(scored) == 7 + 3  # every row again: the rows scored before came from the old weights
+
+
+def test_gpu_peak_says_allocated_and_reserved_on_cuda_and_nothing_on_cpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert S.gpu_peak() == ""
+    S.reset_gpu_peak()  # no CUDA: nothing to reset, no error
+    resets = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: resets.append(1))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: int(19.44 * 1024 ** 3))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: int(23.1 * 1024 ** 3))
+    S.reset_gpu_peak()
+    assert resets == [1]
+    assert S.gpu_peak() == ", peak GPU 19.4 GiB allocated, 23.1 GiB reserved"

@@ -424,9 +424,11 @@ def score_jobs(jobs: list[tuple[Path, list[tuple[Path, Path]]]], swift_argv: lis
             continue
         print(f"scoring with {checkpoint}")
         start = time.time()
+        reset_gpu_peak()
         model, template, label_ids, _ = load(["--adapters", str(checkpoint), *swift_argv], labels=labels)
-        print(f"loaded in {time.time() - start:.1f} s")
+        print(f"loaded in {time.time() - start:.1f} s{gpu_peak()}")
         for dataset, output in todo:
+            reset_gpu_peak()
             rows, start, record = datasets[dataset], time.time(), records[output]
             partial = probs_partial_of(output)
             done = read_partial(partial, record, len(rows), len(labels))
@@ -447,10 +449,32 @@ def score_jobs(jobs: list[tuple[Path, list[tuple[Path, Path]]]], swift_argv: lis
             partial.unlink(missing_ok=True)
             seconds = time.time() - start
             n = len(rows) - len(done)
-            print(f"scored {n} images in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} images/s) -> {output}")
+            print(f"scored {n} images in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} images/s{gpu_peak()}) "
+                  f"-> {output}")
         del model, template
         gc.collect()
         _empty_cache()
+
+
+def reset_gpu_peak() -> None:
+    """Start gpu_peak's count afresh (a no-op without CUDA)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def gpu_peak() -> str:
+    """", peak GPU A GiB allocated, R GiB reserved" since reset_gpu_peak, or "" without CUDA: which step of a
+    scoring process needs the memory (what fits a 24 GB card is the allocated peak; the reserved one is what
+    nvidia-smi shows, the caching allocator's blocks included)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ""
+    gib = 1024 ** 3
+    return (f", peak GPU {torch.cuda.max_memory_allocated() / gib:.1f} GiB allocated, "
+            f"{torch.cuda.max_memory_reserved() / gib:.1f} GiB reserved")
 
 
 def _empty_cache() -> None:
