@@ -281,14 +281,14 @@ def test_choose_compile(monkeypatch):
 REAL_FORWARD = S.forward_probs
 
 
-def count_forward(monkeypatch, stop_at: int | None = None) -> list[int]:
+def count_forward(monkeypatch, stop_at: int | None = None, error: BaseException | None = None) -> list[int]:
     """Patch tools.model.infer.forward_probs to record the rows of each batch it scores; the call numbered stop_at
-    (0-based) raises KeyboardInterrupt instead (Ctrl-C in the middle of a scoring)."""
+    (0-based) raises `error` instead (default KeyboardInterrupt: Ctrl-C in the middle of a scoring)."""
     scored: list[int] = []
 
     def forward(model, template, batch, label_ids):
         if stop_at is not None and len(scored) == stop_at:
-            raise KeyboardInterrupt
+            raise error if error is not None else KeyboardInterrupt
         probs = REAL_FORWARD(model, template, batch, label_ids)
         scored.append(len(probs))
         return probs
@@ -409,3 +409,29 @@ def test_gpu_peak_says_allocated_and_reserved_on_cuda_and_nothing_on_cpu(monkeyp
     S.reset_gpu_peak()
     assert resets == [1]
     assert S.gpu_peak() == ", peak GPU 19.4 GiB allocated, 23.1 GiB reserved"
+
+
+def test_running_out_of_gpu_memory_says_what_to_lower_and_keeps_the_rows(scoring, monkeypatch, capsys):
+    """CUDA's out-of-memory error in the middle of a file: the scoring CLI ends with one line that says what to lower,
+    and the batches scored before it stay in the partial file for the next run."""
+    import torch
+
+    from tools.model import score as cli
+
+    count_forward(monkeypatch, stop_at=2, error=torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    argv = ["--checkpoint", str(scoring.ckpt), "--dataset", str(scoring.a), "--output", str(scoring.val),
+            "--batch-size", "2", "--workers", "0", "--no-bucket", "--", *scoring.argv]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "\nerror: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in err  # after tqdm's bar
+    assert "lower SCORE_BATCH_SIZE (test.sh; --batch-size), now 2, e.g. to 1" in err
+    assert "Traceback" not in err and not scoring.val.exists()
+    lines = probs_partial_of(scoring.val).read_text(encoding="utf-8").splitlines()
+    assert [int(line.split(",")[0]) for line in lines[1:]] == [0, 1, 2, 3]  # the two batches before it
+
+    with pytest.raises(S.ScoringOutOfMemory, match=r"lower MAX_PIXELS \(the recipe\), or use a GPU with more memory"):
+        with S.out_of_memory_hint(1):  # a batch of one: nothing left to halve
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+    with pytest.raises(ValueError):  # anything else passes through as it is
+        with S.out_of_memory_hint(8):
+            raise ValueError("not memory")

@@ -456,6 +456,28 @@ def score_jobs(jobs: list[tuple[Path, list[tuple[Path, Path]]]], swift_argv: lis
         _empty_cache()
 
 
+class ScoringOutOfMemory(RuntimeError):
+    """The GPU ran out of memory while a model loaded or scored (one line from the scoring CLIs: what to lower)."""
+
+
+@contextmanager
+def out_of_memory_hint(batch_size: int):
+    """Turns CUDA's out-of-memory error into a ScoringOutOfMemory that says what to lower. The rows scored before it
+    stay in the partial files, so the next run continues from them."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        cuda_says = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+        lower = (f"lower SCORE_BATCH_SIZE (test.sh; --batch-size), now {batch_size}, e.g. to {max(1, batch_size // 2)}"
+                 if batch_size > 1 else "lower MAX_PIXELS (the recipe), or use a GPU with more memory")
+        raise ScoringOutOfMemory(
+            f"the GPU ran out of memory ({cuda_says}). Scoring holds the model's weights (7B: ~15.5 GiB, 3B: ~7) "
+            f"and a batch's activations (~0.5 GiB an image on the 7B; bench/README.md, Memory configurations): "
+            f"{lower}. The rows scored so far are kept: the next run continues from them") from e
+
+
 def reset_gpu_peak() -> None:
     """Start gpu_peak's count afresh (a no-op without CUDA)."""
     import torch

@@ -75,11 +75,13 @@ def main(argv: list[str] | None = None) -> int:
             jobs = jobs_for(layout, args.runs, int(read_json(layout.manifest).get("folds", 1)))
         else:
             jobs = [(Path(args.checkpoint), list(zip(map(Path, args.dataset), map(Path, args.output))))]
-        score_jobs_on_gpus(jobs, swift_argv, args.batch_size, args.workers, args.bucket)
+        with out_of_memory_hint(args.batch_size):
+            score_jobs_on_gpus(jobs, swift_argv, args.batch_size, args.workers, args.bucket)
 
+    from tools.model.infer import ScoringOutOfMemory, out_of_memory_hint
     from tools.model.speedups import SpeedupError
 
-    return cli.run(step, errors=(DataError, FileNotFoundError, SpeedupError))
+    return cli.run(step, errors=(DataError, FileNotFoundError, SpeedupError, ScoringOutOfMemory))
 
 
 if __name__ == "__main__":

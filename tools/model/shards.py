@@ -310,9 +310,11 @@ def worker(spec: dict) -> None:
         model_info = parts[0]["record"]  # the checkpoint's labels and prompt (infer.job_record); none for the filter
         labels = tuple(model_info.get("labels", LABELS))
         start = time.time()
+        infer.reset_gpu_peak()
         model, template, label_ids, _ = infer.load(job["argv"], labels=labels)
-        print(f"{tag} loaded the model in {time.time() - start:.1f} s", flush=True)
+        print(f"{tag} loaded the model in {time.time() - start:.1f} s{infer.gpu_peak()}", flush=True)
         for part in parts:
+            infer.reset_gpu_peak()
             rows = read_jsonl(part["dataset"])
             indices = part["indices"]
             partial = Path(part["partial"])
@@ -328,7 +330,7 @@ def worker(spec: dict) -> None:
                              prompt=model_info.get("prompt"), n_labels=len(labels))
             seconds = time.time() - start
             print(f"{tag} scored {len(indices)} images in {seconds:.1f} s ({len(indices) / max(seconds, 1e-9):.1f} "
-                  f"images/s) of {part['dataset']}", flush=True)
+                  f"images/s{infer.gpu_peak()}) of {part['dataset']}", flush=True)
         del model, template
         gc.collect()
         if torch.cuda.is_available():
@@ -340,8 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("action", choices=["worker"])
     ap.add_argument("spec", help="the shard's job file (written by run_shards)")
     args = ap.parse_args(argv)
-    return cli.run(lambda: worker(json.loads(Path(args.spec).read_text(encoding="utf-8"))),
-                   errors=(DataError, FileNotFoundError))
+    def step() -> None:
+        spec = json.loads(Path(args.spec).read_text(encoding="utf-8"))
+        with infer.out_of_memory_hint(spec["batch_size"]):
+            worker(spec)
+
+    return cli.run(step, errors=(DataError, FileNotFoundError, infer.ScoringOutOfMemory))
 
 
 if __name__ == "__main__":
