@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from rehearsal import score_numbers  # noqa: E402

@@ -469,7 +469,7 @@ def out_of_memory_hint(batch_size: int):
     try:
         yield
     except torch.OutOfMemoryError as e:
-        cuda_says = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+        cuda_says = (str(e).strip() or "out of memory").splitlines()[0]
         lower = (f"lower SCORE_BATCH_SIZE (test.sh; --batch-size), now {batch_size}, e.g. to {max(1, batch_size // 2)}"
                  if batch_size > 1 else "lower MAX_PIXELS (the recipe), or use a GPU with more memory")
         raise ScoringOutOfMemory(

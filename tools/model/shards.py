@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("action", choices=["worker"])
     ap.add_argument("spec", help="the shard's job file (written by run_shards)")
     args = ap.parse_args(argv)
+
     def step() -> None:
         spec = json.loads(Path(args.spec).read_text(encoding="utf-8"))
         with infer.out_of_memory_hint(spec["batch_size"]):
