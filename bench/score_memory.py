@@ -1,13 +1,13 @@
 """Where scoring's GPU memory peaks, batch by batch: one stage of test.sh's scoring on a rehearsal's test split,
 as tools.model.infer.score_jobs runs it, with each forward pass's peak recorded.
 
-    python bench/score_memory.py --work /tmp/rh --stage stage1 [--part test] [--batch-size 8] [--out DIR]
+    python bench/score_memory.py --work /tmp/rh --stage stage1 [--part test] [--batch-size 8] [--cap-gib 22] [--out DIR]
 
 Run after bench/rehearsal.py has prepared and trained (its --work). For every batch: the language model's input
 shape (rows x tokens), whether a row is padded, whether it ran through the compiled decoder layers or eagerly,
 and torch's peak allocated and reserved GiB during that forward pass (reset before each). Prints one row per
 kind of batch (tokens, padded, compiled) with its largest peaks, then the five batches with the largest
-allocated peak; writes score_memory.<stage>.json under --out. What fits a card is the allocated peak; the
+allocated peak (with --cap-gib, within that much memory, as on a smaller card, or it stops out of memory); writes score_memory.<stage>.json under --out. What fits a card is the allocated peak; the
 reserved one (what nvidia-smi shows) adds the caching allocator's free blocks.
 """
 from __future__ import annotations
@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--part", choices=("test", "val"), default="test")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-pixels", default="1003520")
+    ap.add_argument("--cap-gib", type=float, help="limit the caching allocator to this many GiB, as a smaller card "
+                    "would (torch.cuda.set_per_process_memory_fraction); a 24 GB card leaves ~22 GiB after CUDA's "
+                    "context")
     ap.add_argument("--out", type=Path, default=Path("."))
     a = ap.parse_args(argv)
 
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     from tools.model import infer
     from tools.model.speedups import has_compiled_layers
 
+    if a.cap_gib:
+        torch.cuda.set_per_process_memory_fraction(a.cap_gib * GIB / torch.cuda.get_device_properties(0).total_memory)
     layout = Layout(a.work / "outputs")
     checkpoint = read_pointer(layout.run_dir(a.stage, FINAL))
     rows = read_jsonl(layout.test_jsonl if a.part == "test" else layout.val_jsonl(a.stage))
@@ -94,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     kinds = summary(batches)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"score_memory.{a.stage}.json").write_text(json.dumps(
-        {"stage": a.stage, "part": a.part, "images": len(rows), "load": loaded, "seconds": round(seconds, 1),
+        {"stage": a.stage, "part": a.part, "images": len(rows), "cap_gib": a.cap_gib, "load": loaded, "seconds": round(seconds, 1),
          "kinds": kinds, "batches": batches}, indent=1))
-    print(f"{a.stage} {a.part}: {len(rows)} images in {seconds:.1f} s; after load: peak "
+    cap = f" within a {a.cap_gib:g} GiB cap" if a.cap_gib else ""
+    print(f"{a.stage} {a.part}: {len(rows)} images in {seconds:.1f} s{cap}; after load: peak "
           f"{loaded['allocated_gib']:.2f} GiB allocated, {loaded['reserved_gib']:.2f} reserved")
     print("| tokens | padded | compiled | batches | max allocated GiB | max reserved GiB |\n|---:|---|---|---:|---:|---:|")
     for k in kinds:
