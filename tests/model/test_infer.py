@@ -429,6 +429,15 @@ def test_running_out_of_gpu_memory_says_what_to_lower_and_keeps_the_rows(scoring
     lines = probs_partial_of(scoring.val).read_text(encoding="utf-8").splitlines()
     assert [int(line.split(",")[0]) for line in lines[1:]] == [0, 1, 2, 3]  # the two batches before it
 
+    cuda_says = ("CUDA out of memory. Tried to allocate 400.00 GiB. GPU 0 has a total capacity of 139.80 GiB of which "
+                 "139.29 GiB is free. Including non-PyTorch memory, this process has 518.00 MiB memory in use. If "
+                 "reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    with pytest.raises(S.ScoringOutOfMemory) as raised:  # CUDA's message as the H200 said it: its first three sentences
+        with S.out_of_memory_hint(8):
+            raise torch.OutOfMemoryError(cuda_says)
+    assert str(raised.value).startswith("the GPU ran out of memory (CUDA out of memory. Tried to allocate 400.00 GiB. "
+                                        "GPU 0 has a total capacity of 139.80 GiB of which 139.29 GiB is free). ")
+    assert "Including non-PyTorch" not in str(raised.value)
     with pytest.raises(S.ScoringOutOfMemory, match=r"lower MAX_PIXELS \(the recipe\), or use a GPU with more memory"):
         with S.out_of_memory_hint(1):  # a batch of one: nothing left to halve
             raise torch.OutOfMemoryError("CUDA out of memory.")

@@ -469,12 +469,13 @@ def out_of_memory_hint(batch_size: int):
     try:
         yield
     except torch.OutOfMemoryError as e:
-        cuda_says = (str(e).strip() or "out of memory").splitlines()[0]
+        # CUDA's first three sentences (what it tried, the card's total and free memory); the rest is allocator advice
+        cuda_says = ". ".join((str(e).strip() or "out of memory").splitlines()[0].split(". ")[:3])
         lower = (f"lower SCORE_BATCH_SIZE (test.sh; --batch-size), now {batch_size}, e.g. to {max(1, batch_size // 2)}"
                  if batch_size > 1 else "lower MAX_PIXELS (the recipe), or use a GPU with more memory")
         raise ScoringOutOfMemory(
-            f"the GPU ran out of memory ({cuda_says}). Scoring holds the model's weights (7B: ~15.5 GiB, 3B: ~7) "
-            f"and a batch's activations (~0.5 GiB an image on the 7B; bench/README.md, Memory configurations): "
+            f"the GPU ran out of memory ({cuda_says.rstrip('.')}). Scoring holds the model's weights (7B: ~16 GiB, "
+            f"3B: ~7) and a batch's activations (~0.2 GiB an image; bench/README.md, Memory configurations): "
             f"{lower}. The rows scored so far are kept: the next run continues from them") from e
 
 
