@@ -113,3 +113,36 @@ def test_compiled_layers_save_the_same_adapter(dynamo_config):
     after = get_peft_model_state_dict(model)
     assert list(model.state_dict()) == names and after.keys() == before.keys() and before
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_dynamos_triton_kernel_warning_shows_once_without_its_traceback():
+    import logging
+
+    log = logging.getLogger("torch._dynamo")
+    saved = list(log.filters)
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = Keep()
+    log.addHandler(handler)
+    try:
+        cl.quiet_triton_access_warnings()
+        cl.quiet_triton_access_warnings()  # once per process, however often swift prepares a model
+        assert sum(isinstance(f, cl._TritonAccessWarningOnce) for f in log.filters) == 1
+        for _ in range(3):  # as torch 2.11 logs it for each liger kernel it traces
+            try:
+                raise AttributeError("'float' object has no attribute 'to'")
+            except AttributeError:
+                log.warning("Encountered an exception in identify_mutated_tensors, assuming every input is mutated",
+                            exc_info=True)
+        log.warning("Graph break in user code")  # dynamo's other warnings pass as they are
+    finally:
+        log.removeHandler(handler)
+        log.filters[:] = saved
+    assert [r.getMessage() for r in records] == [
+        "Encountered an exception in identify_mutated_tensors, assuming every input is mutated (repeats and "
+        "tracebacks hidden: swift_plugins/patches/compile_layers.py)", "Graph break in user code"]
+    assert records[0].exc_info is None
