@@ -19,7 +19,7 @@ def test_plugin_list_is_every_public_file_then_the_patches():
     assert out == registry + patches == [str(p) for p in plugin_files()]
     assert {Path(p).name for p in registry} == {"loss.py", "tuner.py", "metric.py", "callback.py", "optimizer.py"}
     assert [Path(p).name for p in patches] == ["checkpoint_layers.py", "compile_layers.py", "fp8_base.py", "liger_logits_to_keep.py", "lora_addmm.py",
-                                                  "shared_memory.py", "trainer_flos.py",
+                                                  "process_group_exit.py", "shared_memory.py", "trainer_flos.py",
                                                   "vision_attention.py"] and "__init__.py" not in out
     assert all(Path(p).is_absolute() for p in out)
     assert subprocess.run([sys.executable, "-m", "swift_plugins"], cwd=ROOT, capture_output=True).returncode == 2
