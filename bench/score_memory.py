@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("."))
     a = ap.parse_args(argv)
 
-    os.environ.setdefault("MAX_PIXELS", a.max_pixels)
+    os.environ["MAX_PIXELS"] = a.max_pixels  # as test.sh exports it: bucketing and the encoder see one size
     import torch
 
     from tools.model import infer
