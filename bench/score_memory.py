@@ -7,8 +7,9 @@ Run after bench/rehearsal.py has prepared and trained (its --work). For every ba
 shape (rows x tokens), whether a row is padded, whether it ran through the compiled decoder layers or eagerly,
 and torch's peak allocated and reserved GiB during that forward pass (reset before each). Prints one row per
 kind of batch (tokens, padded, compiled) with its largest peaks, then the five batches with the largest
-allocated peak (with --cap-gib, within that much memory, as on a smaller card, or it stops out of memory); writes score_memory.<stage>.json under --out. What fits a card is the allocated peak; the
-reserved one (what nvidia-smi shows) adds the caching allocator's free blocks.
+allocated peak (with --cap-gib, within that much memory, as on a smaller card, or it stops out of memory); writes
+score_memory.<stage>.json under --out. What fits a card is the allocated peak; the reserved one (what nvidia-smi
+shows) adds the caching allocator's free blocks.
 """
 from __future__ import annotations
 
@@ -70,25 +71,25 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     model, template, label_ids, _ = infer.load(["--adapters", str(checkpoint), "--max_pixels", a.max_pixels],
                                                labels=tuple(info["labels"]))
-    loaded = {"seconds": round(time.time() - start, 1), "allocated_gib": torch.cuda.max_memory_allocated() / GIB,
-              "reserved_gib": torch.cuda.max_memory_reserved() / GIB}  # 0 without CUDA
+    allocated, reserved = infer.gpu_peak_gib() or (0.0, 0.0)  # without CUDA (a logic check on the CPU) they read 0
+    loaded = {"seconds": round(time.time() - start, 1), "allocated_gib": allocated, "reserved_gib": reserved}
     batches = []
     forward = infer.forward_probs
-    cuda = torch.cuda.is_available()  # without one (a logic check on the CPU) the peaks read 0
+    cuda = torch.cuda.is_available()
 
     def recorded(model, template, batch, label_ids):
         if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()  # the previous batch's work counted in its own peak
+        infer.reset_gpu_peak()
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         compiled = has_compiled_layers(model)  # eager_layers sets the compiled calls aside
         out = forward(model, template, batch, label_ids)
         if cuda:
             torch.cuda.synchronize()
+        allocated, reserved = infer.gpu_peak_gib() or (0.0, 0.0)
         batches.append({"rows": int(ids.shape[0]), "tokens": int(ids.shape[1]),
                         "padded": bool(mask is not None and not bool(mask.bool().all())), "compiled": compiled,
-                        "allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
-                        "reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2)})
+                        "allocated_gib": round(allocated, 2), "reserved_gib": round(reserved, 2)})
         return out
 
     infer.forward_probs = recorded
@@ -99,12 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     kinds = summary(batches)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"score_memory.{a.stage}.json").write_text(json.dumps(
-        {"stage": a.stage, "part": a.part, "images": len(rows), "cap_gib": a.cap_gib, "load": loaded, "seconds": round(seconds, 1),
-         "kinds": kinds, "batches": batches}, indent=1))
+        {"stage": a.stage, "part": a.part, "images": len(rows), "cap_gib": a.cap_gib, "load": loaded,
+         "seconds": round(seconds, 1), "kinds": kinds, "batches": batches}, indent=1))
     cap = f" within a {a.cap_gib:g} GiB cap" if a.cap_gib else ""
     print(f"{a.stage} {a.part}: {len(rows)} images in {seconds:.1f} s{cap}; after load: peak "
           f"{loaded['allocated_gib']:.2f} GiB allocated, {loaded['reserved_gib']:.2f} reserved")
-    print("| tokens | padded | compiled | batches | max allocated GiB | max reserved GiB |\n|---:|---|---|---:|---:|---:|")
+    print("| tokens | padded | compiled | batches | max allocated GiB | max reserved GiB |\n"
+          "|---:|---|---|---:|---:|---:|")
     for k in kinds:
         print(f"| {k['tokens']} | {k['padded']} | {k['compiled']} | {k['batches']} | {k['max_allocated_gib']:.2f} "
               f"| {k['max_reserved_gib']:.2f} |")

@@ -487,17 +487,22 @@ def reset_gpu_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def gpu_peak_gib() -> tuple[float, float] | None:
+    """(allocated, reserved) peak GiB since reset_gpu_peak, or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    gib = 1024 ** 3
+    return torch.cuda.max_memory_allocated() / gib, torch.cuda.max_memory_reserved() / gib
+
+
 def gpu_peak() -> str:
     """", peak GPU A GiB allocated, R GiB reserved" since reset_gpu_peak, or "" without CUDA: which step of a
     scoring process needs the memory (what fits a 24 GB card is the allocated peak; the reserved one is what
     nvidia-smi shows, the caching allocator's blocks included)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return ""
-    gib = 1024 ** 3
-    return (f", peak GPU {torch.cuda.max_memory_allocated() / gib:.1f} GiB allocated, "
-            f"{torch.cuda.max_memory_reserved() / gib:.1f} GiB reserved")
+    peak = gpu_peak_gib()
+    return "" if peak is None else f", peak GPU {peak[0]:.1f} GiB allocated, {peak[1]:.1f} GiB reserved"
 
 
 def _empty_cache() -> None:
