@@ -260,6 +260,9 @@ def main() -> None:
                     help="which scripts to run (a later call can run test.sh alone on the same --work)")
     ap.add_argument("--train-steps", type=int, default=0,
                     help="> 0: each stage trains this many optimizer steps only (a scoring benchmark's checkpoints)")
+    ap.add_argument("--train-eval", action="store_true",
+                    help="with --train-steps: evaluate on the validation split at the last step (as train.sh does "
+                         "at each save), so its memory is part of the peak")
     ap.add_argument("--augment", choices=["0", "1"], default="1", help="data-pre.sh's AUGMENT")
     ap.add_argument("--test-sizes", type=parse_sizes, default=[],
                     help="test photos of several sizes, WxH:SHARE[,WxH:SHARE], e.g. "
@@ -305,7 +308,9 @@ def main() -> None:
                 result["test_configs"][name] = r
                 (out / "rehearsal.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
             continue
-        extra = (["--max_steps", str(a.train_steps), "--eval_strategy", "no", "--save_strategy", "steps",
+        evaluate = ["--eval_strategy", "steps", "--eval_steps", str(a.train_steps)] if a.train_eval else [
+            "--eval_strategy", "no"]
+        extra = (["--max_steps", str(a.train_steps), *evaluate, "--save_strategy", "steps",
                   "--save_steps", str(a.train_steps)] if script == "train.sh" and a.train_steps else [])
         result["scripts"][script] = run_script(script, env, out, a.work, extra)
         if result["scripts"][script]["rc"] != 0:

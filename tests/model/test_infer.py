@@ -384,6 +384,25 @@ def test_a_finished_csv_is_kept_until_what_made_it_changes(scoring, monkeypatch,
         assert read_json(probs_record_of(scoring.val)) == S.job_record(scoring.ckpt, scoring.a, argv)
 
 
+def test_the_next_models_weights_are_read_ahead_while_one_scores(scoring, tmp_path, monkeypatch):
+    """Three models: the second one's weights are advised once the first has loaded, the third's once the second has;
+    a model whose CSVs are all kept is neither loaded nor read."""
+    events = []
+    monkeypatch.setattr(S.prefetch, "start", lambda argv: events.append(("prefetch", argv)))
+    model_load = S.load
+    monkeypatch.setattr(S, "load", lambda argv, labels: events.append(("load", argv)) or model_load(argv, labels))
+    ckpts = [scoring.ckpt]
+    for name in ("stage2", "stage3"):
+        ckpts.append(tmp_path / name / "checkpoint-2")
+        ckpts[-1].mkdir(parents=True)
+    jobs = [(ckpt, [(scoring.b, ckpt.parent / "test_probs.csv")]) for ckpt in ckpts]
+    S.score_jobs(jobs[1:2], scoring.argv, batch_size=4, workers=0)  # the second model's CSV is done before
+    events.clear()
+    S.score_jobs(jobs, scoring.argv, batch_size=4, workers=0)
+    argv = [["--adapters", str(ckpt), *scoring.argv] for ckpt in ckpts]
+    assert events == [("load", argv[0]), ("prefetch", argv[2]), ("load", argv[2])]
+
+
 def test_a_partial_file_of_another_checkpoint_is_not_used(scoring, monkeypatch):
     scored = count_forward(monkeypatch, stop_at=1)
     with pytest.raises(KeyboardInterrupt):

@@ -222,3 +222,23 @@ def test_two_processes_score_a_binary_specialist_as_one(checkpoint, datasets, tm
     # corrected: undoing the correction gives probabilities of the raw model, not these
     raw = prior.correct(two, shares["real"], shares["trained"])
     assert np.abs(raw - two).max() > 0.01
+
+
+def test_a_shard_reads_the_next_models_weights_ahead_while_one_scores(tmp_path, monkeypatch):
+    """The shard process's loop over models: the next model with rows in this shard is read ahead once the current
+    one has loaded; a model without rows here is skipped (neither loaded nor read)."""
+    events = []
+    monkeypatch.setattr(H.prefetch, "start", lambda argv: events.append(("prefetch", argv)))
+    monkeypatch.setattr(H.infer, "load", lambda argv, labels: events.append(("load", argv)) or (None, None, [], None))
+    monkeypatch.setattr(H.infer, "score_rows", lambda model, template, label_ids, rows, *a, on_batch, **k: on_batch(
+        list(range(len(rows))), np.full((len(rows), len(LABELS)), 0.2)))
+    write_jsonl(tmp_path / "rows.jsonl", [{"images": ["a.jpg"]}, {"images": ["b.jpg"]}])
+
+    def job(name, indices):
+        return {"argv": ["--adapters", name], "parts": [{"indices": indices, "record": {}, "dataset":
+                str(tmp_path / "rows.jsonl"), "partial": str(tmp_path / f"{name}.partial.csv")}]}
+
+    H.worker({"shards": 2, "shard": 0, "batch_size": 2, "progress": False, "workers": 0, "bucket": True,
+              "jobs": [job("s1", [0, 1]), job("s2", []), job("s3", [1])]})
+    assert events == [("load", ["--adapters", "s1"]), ("prefetch", ["--adapters", "s3"]), ("load", ["--adapters", "s3"])]
+    assert (tmp_path / "s3.partial.csv").read_text(encoding="utf-8").count("\n") == 2  # its header and its one row

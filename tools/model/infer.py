@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tools.fileio import read_json, read_jsonl, write_json
-from tools.model import prior
+from tools.model import prefetch, prior
 from tools.model.shm import use_files_if_shm_is_small
 from tools.probs import write_probs
 from tools.state import file_digest, images_digest, model_record
@@ -42,6 +42,7 @@ def load(swift_argv: list[str], merge: bool | None = None, labels: tuple[str, ..
     SCORE_FP8, SCORE_COMPILE_LLM) are applied in memory; merge overrides SCORE_MERGE. Prints where the time went
     (issue 15's start-up limit: <= 20 s per stage)."""
     start = time.perf_counter()
+    prefetch.start(swift_argv)  # the kernel reads the weights while Python imports
     from swift.arguments import InferArguments
     from swift.pipelines.utils import prepare_model_template
     from swift.utils import parse_args
@@ -411,22 +412,26 @@ def score_jobs(jobs: list[tuple[Path, list[tuple[Path, Path]]]], swift_argv: lis
     datasets = {path: read_jsonl(path) for _, parts in jobs for path, _ in parts}
     # One choice per process (the plugin reads it at import): by the largest number of images one model scores.
     choose_compile(max((sum(len(datasets[path]) for path, _ in parts) for _, parts in jobs), default=0))
+    pending = []  # (checkpoint, model_info, records, todo) of each model with something left to score
     for checkpoint, parts in jobs:
         model_info = model_of(checkpoint)
-        labels = tuple(model_info["labels"])
         records = {output: job_record(checkpoint, dataset, swift_argv, model_info) for dataset, output in parts}
         kept = [output for _, output in parts if output.exists() and probs_record_of(output).exists()
                 and read_json(probs_record_of(output)) == records[output]]
         for output in kept:
             print(f"kept {output} (scored before with the same checkpoint, rows and arguments)")
         todo = [(dataset, output) for dataset, output in parts if output not in kept]
-        if not todo:
-            continue
+        if todo:
+            pending.append((checkpoint, model_info, records, todo))
+    for index, (checkpoint, model_info, records, todo) in enumerate(pending):
+        labels = tuple(model_info["labels"])
         print(f"scoring with {checkpoint}")
         start = time.time()
         reset_gpu_peak()
         model, template, label_ids, _ = load(["--adapters", str(checkpoint), *swift_argv], labels=labels)
         print(f"loaded in {time.time() - start:.1f} s{gpu_peak()}")
+        if index + 1 < len(pending):  # the next model's weights are read from disk while this one scores
+            prefetch.start(["--adapters", str(pending[index + 1][0]), *swift_argv])
         for dataset, output in todo:
             reset_gpu_peak()
             rows, start, record = datasets[dataset], time.time(), records[output]

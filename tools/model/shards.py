@@ -35,7 +35,7 @@ import numpy as np
 
 from tools import cli
 from tools.fileio import DataError, atomic_open, read_json, read_jsonl, write_jsonl
-from tools.model import infer
+from tools.model import infer, prefetch
 from tools.task import LABELS, probs_partial_of, probs_record_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -303,16 +303,17 @@ def worker(spec: dict) -> None:
     device = os.environ.get("CUDA_VISIBLE_DEVICES") if torch.cuda.is_available() else "cpu"
     tag = f"[shard {k + 1}/{n}, {'GPU ' + device if device != 'cpu' else 'CPU'}]"
     infer.choose_compile(max((sum(len(p["indices"]) for p in job["parts"]) for job in spec["jobs"]), default=0))
-    for job in spec["jobs"]:
+    jobs = [job for job in spec["jobs"] if any(p["indices"] for p in job["parts"])]
+    for index, job in enumerate(jobs):
         parts = [p for p in job["parts"] if p["indices"]]
-        if not parts:
-            continue
         model_info = parts[0]["record"]  # the checkpoint's labels and prompt (infer.job_record); none for the filter
         labels = tuple(model_info.get("labels", LABELS))
         start = time.time()
         infer.reset_gpu_peak()
         model, template, label_ids, _ = infer.load(job["argv"], labels=labels)
         print(f"{tag} loaded the model in {time.time() - start:.1f} s{infer.gpu_peak()}", flush=True)
+        if index + 1 < len(jobs):  # the next model's weights are read from disk while this one scores
+            prefetch.start(jobs[index + 1]["argv"])
         for part in parts:
             infer.reset_gpu_peak()
             rows = read_jsonl(part["dataset"])

@@ -1,0 +1,62 @@
+"""tools.model.prefetch: which files are read ahead, for which arguments, and that it can be turned off."""
+import json
+import os
+
+import pytest
+
+from tools.model import prefetch as P
+
+
+@pytest.fixture
+def base(tmp_path):
+    """A base-model folder: two weight shards, an index and a config (only the shards are weights)."""
+    folder = tmp_path / "Qwen2.5-VL-7B-Instruct"
+    folder.mkdir()
+    for name, size in (("model-00002-of-00002.safetensors", 3000), ("model-00001-of-00002.safetensors", 5000),
+                       ("model.safetensors.index.json", 10), ("config.json", 10)):
+        (folder / name).write_bytes(b"x" * size)
+    return folder
+
+
+def checkpoint(tmp_path, recorded: dict):
+    ckpt = tmp_path / "stage1" / "checkpoint-9"
+    ckpt.mkdir(parents=True)
+    (ckpt / "args.json").write_text(json.dumps(recorded), encoding="utf-8")
+    return ckpt
+
+
+def test_the_model_folder_comes_from_model_or_from_the_adapters_record(tmp_path, base):
+    ckpt = checkpoint(tmp_path, {"model": "Qwen/Qwen2.5-VL-7B-Instruct", "model_dir": str(base)})
+    assert P.model_dir(["--adapters", str(ckpt), "--max_pixels", "1003520"]) == base
+    assert P.model_dir([f"--adapters={ckpt}"]) == base
+    other = tmp_path / "other"
+    other.mkdir()
+    assert P.model_dir(["--adapters", str(ckpt), "--model", str(other)]) == other  # --model overrides the record
+    assert P.model_dir(["--model", str(base), "--model", str(other)]) == other  # the last one wins
+    assert P.model_dir(["--model", "Qwen/Qwen2.5-VL-7B-Instruct"]) is None  # a hub id: nothing local to read
+    assert P.model_dir(["--adapters", str(tmp_path / "missing")]) is None
+    assert P.model_dir(["--adapters", str(checkpoint(tmp_path / "b", {"model_dir": str(tmp_path / "gone")}))]) is None
+    assert P.model_dir([]) is None
+
+
+def test_only_weight_files_are_advised_in_name_order(base, monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: calls.append(
+        (os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), offset, length, advice)))
+    files = P.weight_files(base)
+    assert [f.name for f in files] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert P.advise([*files, base / "model-00003-of-00002.safetensors"]) == 8000  # a missing file is skipped
+    assert calls == [(f.name, 0, 0, os.POSIX_FADV_WILLNEED) for f in files]  # whole files, read ahead
+
+
+def test_start_reads_ahead_in_the_background_unless_turned_off(tmp_path, base, monkeypatch):
+    advised = []
+    monkeypatch.setattr(P, "advise", lambda files: advised.append([f.name for f in files]))
+    ckpt = checkpoint(tmp_path, {"model_dir": str(base)})
+    monkeypatch.setenv("SCORE_PREFETCH", "0")
+    assert P.start(["--adapters", str(ckpt)]) is None and advised == []
+    monkeypatch.delenv("SCORE_PREFETCH")
+    assert P.start(["--model", "Qwen/Qwen2.5-VL-7B-Instruct"]) is None  # nothing local
+    thread = P.start(["--adapters", str(ckpt)])
+    thread.join(10)
+    assert thread.daemon and advised == [[f.name for f in P.weight_files(base)]]
