@@ -8,7 +8,8 @@ Run after bench/rehearsal.py has prepared and trained (its --work). Each load is
 test.sh's scoring does before its first batch: tools.model.infer.load of the stage's final checkpoint (importing
 swift, the weights and adapter, the speed-ups). "cold" first drops the base model's weight files and the adapter's
 files from the page cache (posix_fadvise DONTNEED: no root needed) and checks with mincore how much of them is still
-resident, as after a reboot or on a machine whose memory held other things since training. The configurations take
+resident, as after a reboot or on a machine whose memory held other things since training; "warm" reads them
+into the cache first. The configurations take
 turns, round by round, so a slow period of the host hits each alike. Prints the medians (wall time of the process,
 and the three parts the load prints) and writes load_speed.<stage>.json under --out.
 """
@@ -59,6 +60,13 @@ def evict(files: list[Path]) -> None:
             os.close(fd)
 
 
+def read_into_cache(files: list[Path]) -> None:
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(64 << 20):
+                pass
+
+
 def resident_share(files: list[Path]) -> float:
     """The share of the files' pages in the page cache (mincore on a read-only mapping of each)."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -93,9 +101,7 @@ def read_speed(path: Path) -> float:
     """GB/s of one cold sequential read of path (evicted before and after)."""
     evict([path])
     start = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while f.read(64 << 20):
-            pass
+    read_into_cache([path])
     seconds = time.perf_counter() - start
     evict([path])
     return path.stat().st_size / seconds / 1e9
@@ -142,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, (env, cold) in CONFIGS.items():
             if cold:
                 evict(files)
+            else:
+                read_into_cache(files)
             before = resident_share(files)
             load = {"config": name, "round": round_, "resident_before": round(before, 3),
                     **load_once(checkpoint, env, a.max_pixels)}
