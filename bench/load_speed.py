@@ -33,8 +33,8 @@ from tools.model import prefetch  # noqa: E402
 from tools.model.checkpoint import read_pointer  # noqa: E402
 from tools.task import FINAL, STAGES, Layout  # noqa: E402
 
-CONFIGS = {"warm": ({}, False), "cold, no read-ahead": ({"SCORE_PREFETCH": "0"}, True),
-           "cold, read-ahead": ({"SCORE_PREFETCH": "1"}, True)}
+CONFIGS = {"warm": ({}, False), "cold": ({"SCORE_PREFETCH": "0"}, True),  # name: (environment, evict first)
+           "cold-ahead": ({"SCORE_PREFETCH": "1"}, True)}
 LOAD_LINE = re.compile(r"load: importing swift ([\d.]+) s, model and adapter ([\d.]+) s, speed-ups ([\d.]+) s")
 CHILD = """
 import sys
@@ -125,10 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, required=True, help="bench/rehearsal.py's --work (prepared and trained)")
     ap.add_argument("--stage", choices=STAGES, default=STAGES[0])
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help="which loads, in turn: warm (files read into the cache first), cold (evicted, SCORE_PREFETCH=0), "
+                         "cold-ahead (evicted, the read-ahead on)")
     ap.add_argument("--max-pixels", default="1003520")
     ap.add_argument("--evict-only", action="store_true", help="drop every stage's model files from the cache, exit")
     ap.add_argument("--out", type=Path, default=Path("."))
     a = ap.parse_args(argv)
+    configs = a.configs.split(",")
+    if unknown := set(configs) - set(CONFIGS):
+        ap.error(f"unknown --configs {sorted(unknown)}; choose from {list(CONFIGS)}")
 
     layout = Layout(a.work / "outputs")
     if a.evict_only:
@@ -145,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"stage": a.stage, "checkpoint": str(checkpoint), "gb": round(size_gb, 2),
               "disk_gb_per_s": round(read_speed(max(weights, key=lambda f: f.stat().st_size)), 2), "loads": []}
     for round_ in range(a.rounds):
-        for name, (env, cold) in CONFIGS.items():
+        for name in configs:
+            env, cold = CONFIGS[name]
             if cold:
                 evict(files)
             else:
@@ -160,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{a.stage}: {size_gb:.1f} GB of weights and adapter; one cold sequential read {result['disk_gb_per_s']} GB/s")
     print("| load (fresh process) | runs | resident before | wall s | import s | weights and adapter s | speed-ups s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name in CONFIGS:
+    for name in configs:
         runs = [r for r in result["loads"] if r["config"] == name]
         med = {k: statistics.median(r[k] for r in runs) for k in ("resident_before", "wall_s", "import_s", "weights_s",
                                                                   "speedups_s")}

@@ -12,11 +12,13 @@ names `logits_to_keep` and cuts the language model's last hidden states to those
 Installed by replacing the module attribute liger's `apply_liger_kernel_to_qwen2_5_vl` imports when swift applies
 it; nothing changes without liger or with logits_to_keep 0.
 
-Knob: FIRESAFE_LIGER_KEEP=1 turns it on; 0 (the default) leaves liger as it is. Measured on an H200 (bench/README.md):
-stage 2 (3B, weighted_ce) with liger 20.8 -> 10.9 GiB peak, 6.00 -> 6.51 samples/s (no liger: 6.39 at 11.3 GiB);
-stage 1 (liger's fused loss on trimmed labels; its first version failed on a non-contiguous slice, fixed and covered
-by a CPU test) trains with it at 6.04 samples/s and 19.7 GiB, no faster than without. Off by default: it makes
-neither stage faster, and stage 2 runs without liger.
+Knob: FIRESAFE_LIGER_KEEP, 1 (the default) turns it on, 0 leaves liger as it is. Why on: evaluation. In eval mode
+liger's forward computes logits (its fused loss is for training) and transformers' loss casts them to float32: with
+stage 1's evaluation batch of 4 that is [4, ~1,370, 152,064] logits, 1.6 GiB in bf16 and 3.1 GiB more in float32, on
+top of the 7B's 16 GiB. With the allocator capped as on a 24 GB card, train.sh's first evaluation ran out of memory
+there (run AD, bench/README.md); trimmed, the evaluation's logits are a few positions. In training it is no faster
+and no smaller (stage 1: 6.04 samples/s at 19.7 GiB, run H; stage 2 runs without liger). Measured on an H200
+(bench/README.md): stage 2 (3B, weighted_ce) with liger 20.8 -> 10.9 GiB peak, 6.00 -> 6.51 samples/s.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 
 from swift_plugins._patching import original_of
 
-ENABLED = os.environ.get("FIRESAFE_LIGER_KEEP", "0").strip() == "1"
+ENABLED = os.environ.get("FIRESAFE_LIGER_KEEP", "1").strip() != "0"
 
 
 def _liger_module():

@@ -1,7 +1,5 @@
 """tools.model.prefetch: which files are read ahead, for which arguments, and that it can be turned off."""
 import json
-import os
-
 import pytest
 
 from tools.model import prefetch as P
@@ -39,19 +37,19 @@ def test_the_model_folder_comes_from_model_or_from_the_adapters_record(tmp_path,
     assert P.model_dir([]) is None
 
 
-def test_only_weight_files_are_advised_in_name_order(base, monkeypatch):
-    calls = []
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: calls.append(
-        (os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), offset, length, advice)))
+def test_only_weight_files_are_read_whole_in_name_order(base, monkeypatch):
+    opened = []
+    monkeypatch.setattr(P, "open", lambda path, *a, **k: opened.append(path.name) or open(path, *a, **k), raising=False)
     files = P.weight_files(base)
     assert [f.name for f in files] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
-    assert P.advise([*files, base / "model-00003-of-00002.safetensors"]) == 8000  # a missing file is skipped
-    assert calls == [(f.name, 0, 0, os.POSIX_FADV_WILLNEED) for f in files]  # whole files, read ahead
+    missing = base / "model-00003-of-00002.safetensors"
+    assert P.read_ahead([*files, missing], chunk=1024) == 8000  # every byte, over several chunks; a missing file skipped
+    assert opened == [f.name for f in files] + [missing.name]
 
 
 def test_start_reads_ahead_in_the_background_unless_turned_off(tmp_path, base, monkeypatch):
     advised = []
-    monkeypatch.setattr(P, "advise", lambda files: advised.append([f.name for f in files]))
+    monkeypatch.setattr(P, "read_ahead", lambda files: advised.append([f.name for f in files]))
     ckpt = checkpoint(tmp_path, {"model_dir": str(base)})
     monkeypatch.setenv("SCORE_PREFETCH", "0")
     assert P.start(["--adapters", str(ckpt)]) is None and advised == []

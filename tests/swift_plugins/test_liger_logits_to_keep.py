@@ -17,7 +17,7 @@ from tests.swift_plugins.support import micro_model  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def turned_on():
-    patch.apply(enabled=True)  # FIRESAFE_LIGER_KEEP=1
+    patch.apply(enabled=True)  # FIRESAFE_LIGER_KEEP=1 (the default)
     yield
     patch.apply()
 
@@ -68,11 +68,19 @@ def test_the_fused_loss_gets_the_kept_hidden_states(monkeypatch):
     assert seen == {"hidden": (2, 4, 64), "labels": (2, 4)}
 
 
-def test_off_by_default(monkeypatch):
-    monkeypatch.delenv("FIRESAFE_LIGER_KEEP", raising=False)
+def test_on_by_default_and_off_with_0(monkeypatch):
+    """On unless FIRESAFE_LIGER_KEEP=0: liger's evaluation forward must not return full-sequence logits (run AD)."""
     import importlib
 
+    monkeypatch.delenv("FIRESAFE_LIGER_KEEP", raising=False)
+    importlib.reload(patch)
+    assert patch.ENABLED
+    assert "logits_to_keep" in inspect.signature(liger_qwen.lce_forward).parameters
+    monkeypatch.setenv("FIRESAFE_LIGER_KEEP", "0")
     importlib.reload(patch)
     assert not patch.ENABLED
     assert not hasattr(liger_qwen.lce_forward, "__wrapped_original__")
     assert "logits_to_keep" not in inspect.signature(liger_qwen.lce_forward).parameters
+    monkeypatch.delenv("FIRESAFE_LIGER_KEEP")
+    importlib.reload(patch)  # the default again for the tests after this one
+    assert patch.ENABLED
