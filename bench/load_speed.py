@@ -3,6 +3,7 @@ read-ahead of its weights (tools.model.prefetch, SCORE_PREFETCH).
 
     python bench/load_speed.py --work /tmp/rh [--stage stage1] [--rounds 2] [--out DIR]
     python bench/load_speed.py --work /tmp/rh --evict-only      # drop both stages' weights from the cache, then exit
+    python bench/load_speed.py --checkpoint CKPT [--configs cold,cold-ahead]   # any checkpoint of a local model
 
 Run after bench/rehearsal.py has prepared and trained (its --work). Each load is a fresh Python process doing what
 test.sh's scoring does before its first batch: tools.model.infer.load of the stage's final checkpoint (importing
@@ -122,12 +123,13 @@ def load_once(checkpoint: Path, env: dict, max_pixels: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, required=True, help="bench/rehearsal.py's --work (prepared and trained)")
+    ap.add_argument("--work", type=Path, help="bench/rehearsal.py's --work (prepared and trained)")
+    ap.add_argument("--checkpoint", type=Path, help="or: any swift checkpoint whose args.json names a local model")
     ap.add_argument("--stage", choices=STAGES, default=STAGES[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--configs", default=",".join(CONFIGS),
-                    help="which loads, in turn: warm (files read into the cache first), cold (evicted, SCORE_PREFETCH=0), "
-                         "cold-ahead (evicted, the read-ahead on)")
+                    help="which loads, in turn: warm (files read into the cache first), cold (evicted, "
+                         "SCORE_PREFETCH=0), cold-ahead (evicted, the read-ahead on)")
     ap.add_argument("--max-pixels", default="1003520")
     ap.add_argument("--evict-only", action="store_true", help="drop every stage's model files from the cache, exit")
     ap.add_argument("--out", type=Path, default=Path("."))
@@ -135,16 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     configs = a.configs.split(",")
     if unknown := set(configs) - set(CONFIGS):
         ap.error(f"unknown --configs {sorted(unknown)}; choose from {list(CONFIGS)}")
+    if bool(a.work) == bool(a.checkpoint):
+        ap.error("give --work or --checkpoint")
 
-    layout = Layout(a.work / "outputs")
+    layout = Layout(a.work / "outputs") if a.work else None
     if a.evict_only:
-        for stage in STAGES:
-            files = files_of(read_pointer(layout.run_dir(stage, FINAL)))
+        for stage, checkpoint in ([(s, read_pointer(layout.run_dir(s, FINAL))) for s in STAGES] if layout
+                                  else [("checkpoint", a.checkpoint)]):
+            files = files_of(checkpoint)
             evict(files)
             print(f"{stage}: {sum(f.stat().st_size for f in files) / 1e9:.1f} GB, "
                   f"{resident_share(files):.1%} resident after eviction")
         return 0
-    checkpoint = read_pointer(layout.run_dir(a.stage, FINAL))
+    checkpoint = read_pointer(layout.run_dir(a.stage, FINAL)) if layout else a.checkpoint
     files = files_of(checkpoint)
     size_gb = sum(f.stat().st_size for f in files) / 1e9
     weights = [f for f in files if f.name.endswith(prefetch.WEIGHT_SUFFIXES) and f.parent != checkpoint]
@@ -164,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             result["loads"].append(load)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"load_speed.{a.stage}.json").write_text(json.dumps(result, indent=1))
-    print(f"\n{a.stage}: {size_gb:.1f} GB of weights and adapter; one cold sequential read {result['disk_gb_per_s']} GB/s")
+    print(f"\n{a.stage}: {size_gb:.1f} GB of weights and adapter; "
+          f"one cold sequential read {result['disk_gb_per_s']} GB/s")
     print("| load (fresh process) | runs | resident before | wall s | import s | weights and adapter s | speed-ups s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in configs:

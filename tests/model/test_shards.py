@@ -240,5 +240,6 @@ def test_a_shard_reads_the_next_models_weights_ahead_while_one_scores(tmp_path, 
 
     H.worker({"shards": 2, "shard": 0, "batch_size": 2, "progress": False, "workers": 0, "bucket": True,
               "jobs": [job("s1", [0, 1]), job("s2", []), job("s3", [1])]})
-    assert events == [("load", ["--adapters", "s1"]), ("prefetch", ["--adapters", "s3"]), ("load", ["--adapters", "s3"])]
+    assert events == [("load", ["--adapters", "s1"]), ("prefetch", ["--adapters", "s3"]),
+                      ("load", ["--adapters", "s3"])]
     assert (tmp_path / "s3.partial.csv").read_text(encoding="utf-8").count("\n") == 2  # its header and its one row

@@ -1,12 +1,15 @@
-"""Read a model's weight files into the page cache ahead of loading them.
+"""Read a model's weight files into the page cache ahead of loading them (opt-in: SCORE_PREFETCH=1).
 
 transformers loads safetensors through mmap: on a cold page cache each tensor's pages fault in from disk as they are
-copied, after Python has spent ~11-16 s importing torch, transformers and swift (bench/README.md, runs AA-AD). On an
-H200 host with a cold cache the 7B's weights and adapter took 12.5-14.1 s to load instead of 5 (run AD). So at the
-start of tools.model.infer.load a daemon thread reads the files once, front to back, while the main thread imports;
-the load then finds them cached. Reads release the GIL, and a cached file reads at memory speed, so with a warm cache
-it costs little. The kernel's own read-ahead advice (posix_fadvise WILLNEED) was tried first and read nothing on that
-host (run AD), hence plain reads. SCORE_PREFETCH=0 turns it off.
+copied, after Python has spent ~10-16 s importing torch, transformers and swift. On an H200 host with a cold cache
+the 7B's weights and adapter took 13.6-14.1 s to load instead of 5.0-5.3 (run AD, bench/README.md). With
+SCORE_PREFETCH=1, tools.model.infer.load starts a daemon thread that reads the files once, front to back, while the
+main thread imports, and the scoring loop reads the next model's files while one scores. Reads release the GIL.
+
+Off by default until it is measured where it should help: the kernel's own read-ahead advice (posix_fadvise
+WILLNEED) read nothing on the H200 host (run AD), and plain reads on this project's 2-core CPU machine (disk
+0.65 GB/s, a 7.5 GB 3B) left a cold load as long as before (25.4 against 25.5 s, farm-bench medians) for 1.5x the
+CPU time: two cores and that disk leave nothing to overlap. The H200 host has 16 cores and reads 1.35 GB/s.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def wanted() -> bool:
-    return os.environ.get("SCORE_PREFETCH", "1").strip() != "0"
+    return os.environ.get("SCORE_PREFETCH", "0").strip() == "1"
 
 
 def _flag(argv: list[str], name: str) -> str | None:
