@@ -10,7 +10,8 @@ names `logits_to_keep` and cuts the language model's last hidden states to those
 (logits, or its fused loss on swift's equally trimmed labels), as transformers' own forward does.
 
 Installed by replacing the module attribute liger's `apply_liger_kernel_to_qwen2_5_vl` imports when swift applies
-it; nothing changes without liger or with logits_to_keep 0.
+it, as soon as liger's module is imported (swift_plugins._patching.when_imported); nothing changes without liger or
+with logits_to_keep 0.
 
 Knob: FIRESAFE_LIGER_KEEP, 1 (the default) turns it on, 0 leaves liger as it is. Why on: evaluation. In eval mode
 liger's forward computes logits (its fused loss is for training) and transformers' loss casts them to float32: with
@@ -27,17 +28,9 @@ import sys
 
 import torch
 
-from swift_plugins._patching import original_of
+from swift_plugins._patching import cancel, original_of, when_imported
 
 ENABLED = os.environ.get("FIRESAFE_LIGER_KEEP", "1").strip() != "0"
-
-
-def _liger_module():
-    try:
-        from liger_kernel.transformers.model import qwen2_5_vl
-    except ImportError:  # liger is optional (the CPU demo runs without it)
-        return None
-    return qwen2_5_vl
 
 
 def keep_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
@@ -69,17 +62,27 @@ def wrap(lce_forward):
     return forward
 
 
+LIGER_QWEN = "liger_kernel.transformers.model.qwen2_5_vl"
+_pending = None  # the when_imported hook while liger's module is not imported yet
+
+
+def _install(module) -> None:
+    module.lce_forward = wrap(original_of(module.lce_forward))
+
+
 def apply(enabled: bool | None = None) -> None:
-    """Install the wrapper (idempotent), or with it off put liger's own forward back; off, liger is not imported
-    (the plugins load in every swift process, the CPU demo's included)."""
+    """Install the wrapper (idempotent) once liger's Qwen2.5-VL module is imported, or with it off put liger's own
+    forward back. Installing never imports liger: the plugins load in every swift process (the scoring loads and the
+    CPU demo's included) and only runs with `--use_liger_kernel true` import it (~1 s)."""
+    global _pending
     enabled = ENABLED if enabled is None else enabled
-    if not enabled and "liger_kernel.transformers.model.qwen2_5_vl" not in sys.modules:
-        return
-    module = _liger_module()
-    if module is None:
-        return
-    original = original_of(module.lce_forward)
-    module.lce_forward = wrap(original) if enabled else original
+    cancel(_pending)
+    _pending = None
+    if enabled:
+        _pending = when_imported(LIGER_QWEN, _install)
+    elif LIGER_QWEN in sys.modules:
+        module = sys.modules[LIGER_QWEN]
+        module.lce_forward = original_of(module.lce_forward)
 
 
 apply()

@@ -84,3 +84,18 @@ def test_on_by_default_and_off_with_0(monkeypatch):
     monkeypatch.delenv("FIRESAFE_LIGER_KEEP")
     importlib.reload(patch)  # the default again for the tests after this one
     assert patch.ENABLED
+
+
+def test_installing_the_patch_does_not_import_liger():
+    """A scoring load imports every plugin: liger (~1 s) is imported only by runs that use it, and then wrapped."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; import swift_plugins.patches.liger_logits_to_keep as p; "
+            "assert p.LIGER_QWEN not in sys.modules, 'imported'; "
+            "from liger_kernel.transformers.model import qwen2_5_vl as q; "
+            "assert q.lce_forward.__wrapped_original__; print('ok')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "FIRESAFE_LIGER_KEEP": "1"})
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
