@@ -12,7 +12,7 @@ files from the page cache (posix_fadvise DONTNEED: no root needed) and checks wi
 resident, as after a reboot or on a machine whose memory held other things since training; "warm" reads them
 into the cache first. The configurations take
 turns, round by round, so a slow period of the host hits each alike. Prints the medians (wall time of the process,
-and the three parts the load prints) and writes load_speed.<stage>.json under --out.
+and the three parts the load prints) and writes load_speed.<stage>.json (load_speed.checkpoint.json) under --out.
 """
 from __future__ import annotations
 
@@ -150,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{resident_share(files):.1%} resident after eviction")
         return 0
     checkpoint = read_pointer(layout.run_dir(a.stage, FINAL)) if layout else a.checkpoint
+    label = a.stage if layout else "checkpoint"
     files = files_of(checkpoint)
     size_gb = sum(f.stat().st_size for f in files) / 1e9
     weights = [f for f in files if f.name.endswith(prefetch.WEIGHT_SUFFIXES) and f.parent != checkpoint]
-    result = {"stage": a.stage, "checkpoint": str(checkpoint), "gb": round(size_gb, 2),
+    result = {"stage": label, "checkpoint": str(checkpoint), "gb": round(size_gb, 2),
               "disk_gb_per_s": round(read_speed(max(weights, key=lambda f: f.stat().st_size)), 2), "loads": []}
     for round_ in range(a.rounds):
         for name in configs:
@@ -168,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(load), flush=True)
             result["loads"].append(load)
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"load_speed.{a.stage}.json").write_text(json.dumps(result, indent=1))
-    print(f"\n{a.stage}: {size_gb:.1f} GB of weights and adapter; "
+    (a.out / f"load_speed.{label}.json").write_text(json.dumps(result, indent=1))
+    print(f"\n{label}: {size_gb:.1f} GB of weights and adapter; "
           f"one cold sequential read {result['disk_gb_per_s']} GB/s")
     print("| load (fresh process) | runs | resident before | wall s | import s | weights and adapter s | speed-ups s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
