@@ -61,13 +61,6 @@ def evict(files: list[Path]) -> None:
             os.close(fd)
 
 
-def read_into_cache(files: list[Path]) -> None:
-    for path in files:
-        with open(path, "rb", buffering=0) as f:
-            while f.read(64 << 20):
-                pass
-
-
 def resident_share(files: list[Path]) -> float:
     """The share of the files' pages in the page cache (mincore on a read-only mapping of each)."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -102,7 +95,7 @@ def read_speed(path: Path) -> float:
     """GB/s of one cold sequential read of path (evicted before and after)."""
     evict([path])
     start = time.perf_counter()
-    read_into_cache([path])
+    prefetch.read_ahead([path])
     seconds = time.perf_counter() - start
     evict([path])
     return path.stat().st_size / seconds / 1e9
@@ -162,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             if cold:
                 evict(files)
             else:
-                read_into_cache(files)
+                prefetch.read_ahead(files)
             before = resident_share(files)
             load = {"config": name, "round": round_, "resident_before": round(before, 3),
                     **load_once(checkpoint, env, a.max_pixels)}

@@ -28,9 +28,9 @@ def install_on_swift(name: str, wrapper) -> None:
     install(SwiftMixin, name, wrapper)
 
 
-def switch(env: str, meaning: str) -> bool:
-    """A patch's 0/1 knob from the environment (unset or empty: 0); anything else is an error naming it."""
-    text = (os.environ.get(env) or "0").strip()
+def switch(env: str, meaning: str, default: bool = False) -> bool:
+    """A patch's 0/1 knob from the environment (unset or empty: the default); anything else is an error naming it."""
+    text = (os.environ.get(env) or ("1" if default else "0")).strip()
     if text not in ("0", "1"):
         raise ValueError(f"{env}={text!r}: expected 0 or 1 ({meaning})")
     return text == "1"

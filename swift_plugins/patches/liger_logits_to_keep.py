@@ -23,14 +23,13 @@ and no smaller (stage 1: 6.04 samples/s at 19.7 GiB, run H; stage 2 runs without
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 
-from swift_plugins._patching import cancel, original_of, when_imported
+from swift_plugins._patching import cancel, original_of, switch, when_imported
 
-ENABLED = os.environ.get("FIRESAFE_LIGER_KEEP", "1").strip() != "0"
+ENABLED = switch("FIRESAFE_LIGER_KEEP", "liger's forward trims to swift's logits_to_keep", default=True)
 
 
 def keep_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
