@@ -18,6 +18,7 @@ export SCORE_MERGE=${SCORE_MERGE:-auto}       # LoRA folded into the weights: au
 export SCORE_COMPILE_LLM=${SCORE_COMPILE_LLM:-auto}  # compiled language-model layers: auto = GPU, image sizes of >= 800 images | 0 | 1
 export SCORE_FP8=${SCORE_FP8:-0}              # 1: float8 language-model layers (Ada/Hopper; rounds more: bench/README.md)
 export SCORE_TTA=${SCORE_TTA:-0}              # flip: average each image's probabilities with its mirror image's (2x time)
+export SCORE_PREFETCH=${SCORE_PREFETCH:-1}    # 1: read each model's weight files ahead (a cold page cache loads faster) | 0
 [[ -n "$FUSION_PARAMS" ]] && FUSION_PARAMS=$(realpath -m "$FUSION_PARAMS")
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -35,7 +36,7 @@ source "recipes/$RECIPE.env"                  # SCORE_BATCH_SIZE, MAX_PIXELS
 export MAX_PIXELS                             # swift caps qwen_vl_utils' resize by it (tools/data/images.py)
 python -m tools.knobs ALLOW_STALE="$ALLOW_STALE" PRIOR_CORRECTION="$PRIOR_CORRECTION" DECISIONS="$DECISIONS" FOLDS="$FOLDS" SCORE_BATCH_SIZE="$SCORE_BATCH_SIZE" \
   MAX_PIXELS="$MAX_PIXELS" SCORE_MERGE="$SCORE_MERGE" SCORE_COMPILE_LLM="$SCORE_COMPILE_LLM" SCORE_FP8="$SCORE_FP8" \
-  SCORE_TTA="$SCORE_TTA"
+  SCORE_TTA="$SCORE_TTA" SCORE_PREFETCH="$SCORE_PREFETCH"
 # --- several GPUs (issue 16): one scoring process per visible GPU (SCORE_GPUS=all, or at most N), each scoring its
 # share of every dataset, merged in list order (tools/model/shards.py); one GPU or none: as before, in one process
 export SCORE_GPUS=${SCORE_GPUS:-all}

@@ -34,8 +34,8 @@ from tools.model import prefetch  # noqa: E402
 from tools.model.checkpoint import read_pointer  # noqa: E402
 from tools.task import FINAL, STAGES, Layout  # noqa: E402
 
-CONFIGS = {"warm": ({}, False), "cold": ({"SCORE_PREFETCH": "0"}, True),  # name: (environment, evict first)
-           "cold-ahead": ({"SCORE_PREFETCH": "1"}, True)}
+CONFIGS = {"warm": ({"SCORE_PREFETCH": "0"}, False), "cold": ({"SCORE_PREFETCH": "0"}, True),  # name: (env, evict)
+           "warm-ahead": ({"SCORE_PREFETCH": "1"}, False), "cold-ahead": ({"SCORE_PREFETCH": "1"}, True)}
 LOAD_LINE = re.compile(r"load: importing swift ([\d.]+) s, model and adapter ([\d.]+) s, speed-ups ([\d.]+) s")
 CHILD = """
 import sys
@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", choices=STAGES, default=STAGES[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--configs", default=",".join(CONFIGS),
-                    help="which loads, in turn: warm (files read into the cache first), cold (evicted, "
-                         "SCORE_PREFETCH=0), cold-ahead (evicted, the read-ahead on)")
+                    help="which loads, in turn: warm (files read into the cache first), cold (evicted), each "
+                         "with SCORE_PREFETCH=0; warm-ahead and cold-ahead the same with the read-ahead on")
     ap.add_argument("--max-pixels", default="1003520")
     ap.add_argument("--evict-only", action="store_true", help="drop every stage's model files from the cache, exit")
     ap.add_argument("--out", type=Path, default=Path("."))

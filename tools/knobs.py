@@ -153,6 +153,7 @@ KNOBS: dict[str, Knob] = {
     "SCORE_COMPILE_LLM": Knob("auto (CUDA, SCORE_COMPILE; sizes of >= 800 images), 0 or 1 (every size)", _one_of("auto", "0", "1")),
     "SCORE_TTA": Knob("0 (each image as it is) or flip (also its mirror image, averaged)", _one_of("0", "flip")),
     "SCORE_FP8": Knob("0 or 1 (float8 language-model layers; Ada/Hopper GPUs)", _one_of("0", "1")),
+    "SCORE_PREFETCH": Knob("1 (read the weight files ahead of loading them) or 0", _one_of("0", "1")),
     # several GPUs and nodes (train.sh: swift's CLI hands these to torchrun; test.sh: SCORE_GPUS)
     "NPROC_PER_NODE": Knob("empty (one process), or a whole number >= 1 (training processes on this node, one per GPU)",
                            lambda t: t == "" or _number(int, 1)(t)),

@@ -47,13 +47,16 @@ def test_only_weight_files_are_read_whole_in_name_order(base, monkeypatch):
     assert opened == [f.name for f in files] + [missing.name]
 
 
-def test_start_reads_ahead_in_the_background_only_when_asked(tmp_path, base, monkeypatch):
+def test_start_reads_ahead_in_the_background_unless_turned_off(tmp_path, base, monkeypatch):
     advised = []
     monkeypatch.setattr(P, "read_ahead", lambda files: advised.append([f.name for f in files]))
     ckpt = checkpoint(tmp_path, {"model_dir": str(base)})
-    monkeypatch.delenv("SCORE_PREFETCH", raising=False)
-    assert P.start(["--adapters", str(ckpt)]) is None and advised == []  # off by default (opt-in, unmeasured)
-    monkeypatch.setenv("SCORE_PREFETCH", "1")
+    monkeypatch.setenv("SCORE_PREFETCH", "0")
+    assert P.start(["--adapters", str(ckpt)]) is None and advised == []  # turned off
+    monkeypatch.setenv("SCORE_PREFETCH", "on")
+    with pytest.raises(ValueError, match="SCORE_PREFETCH='on'"):
+        P.start(["--adapters", str(ckpt)])
+    monkeypatch.delenv("SCORE_PREFETCH")  # on by default
     assert P.start(["--model", "Qwen/Qwen2.5-VL-7B-Instruct"]) is None  # nothing local
     thread = P.start(["--adapters", str(ckpt)])
     thread.join(10)

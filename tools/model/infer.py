@@ -14,8 +14,8 @@ images ahead of the GPU (workers, $SCORE_WORKERS; none on CPU), a bf16 model on 
 ($SCORE_AUTOCAST=0: off), without a KV cache, and the knobs of tools.model.speedups (merge, float8, compiled
 decoder layers) apply at load; compiled layers compile a graph per input shape, so only the image sizes that enough
 images have run through them (the others eagerly), and a smaller last batch is filled up to the batch size so
-that it needs no graph of its own. $SCORE_PREFETCH=1 reads the base model's weight files ahead (tools.model.prefetch,
-opt-in). The probabilities come back in the order of the input rows.
+that it needs no graph of its own. The base model's weight files are read ahead of loading them (tools.model.prefetch;
+$SCORE_PREFETCH=0 turns that off). The probabilities come back in the order of the input rows.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def load(swift_argv: list[str], merge: bool | None = None, labels: tuple[str, ..
     SCORE_FP8, SCORE_COMPILE_LLM) are applied in memory; merge overrides SCORE_MERGE. Prints where the time went
     (issue 15's start-up limit: <= 20 s per stage)."""
     start = time.perf_counter()
-    prefetch.start(swift_argv)  # SCORE_PREFETCH=1: the weights are read while Python imports
+    prefetch.start(swift_argv)  # SCORE_PREFETCH (on by default): the weights are read while Python imports
     from swift.arguments import InferArguments
     from swift.pipelines.utils import prepare_model_template
     from swift.utils import parse_args
@@ -431,7 +431,7 @@ def score_jobs(jobs: list[tuple[Path, list[tuple[Path, Path]]]], swift_argv: lis
         reset_gpu_peak()
         model, template, label_ids, _ = load(["--adapters", str(checkpoint), *swift_argv], labels=labels)
         print(f"loaded in {time.time() - start:.1f} s{gpu_peak()}")
-        if index + 1 < len(pending):  # SCORE_PREFETCH=1: the next model's weights read while this one scores
+        if index + 1 < len(pending):  # SCORE_PREFETCH: the next model's weights are read while this one scores
             prefetch.start(["--adapters", str(pending[index + 1][0]), *swift_argv])
         for dataset, output in todo:
             reset_gpu_peak()

@@ -1,15 +1,17 @@
-"""Read a model's weight files into the page cache ahead of loading them (opt-in: SCORE_PREFETCH=1).
+"""Read a model's weight files into the page cache ahead of loading them (SCORE_PREFETCH, default 1; 0 turns it off).
 
-transformers loads safetensors through mmap: on a cold page cache each tensor's pages fault in from disk as they are
-copied, after Python has spent ~10-16 s importing torch, transformers and swift. On an H200 host with a cold cache
-the 7B's weights and adapter took 13.6-14.1 s to load instead of 5.0-5.3 (run AD, bench/README.md). With
-SCORE_PREFETCH=1, tools.model.infer.load starts a daemon thread that reads the files once, front to back, while the
-main thread imports, and the scoring loop reads the next model's files while one scores. Reads release the GIL.
+transformers loads safetensors through mmap: on a cold page cache (after a reboot, or when the machine's memory held
+other things since training) each tensor's pages fault in from disk as they are copied, after Python has spent
+~10-16 s importing torch, transformers and swift. tools.model.infer.load starts a daemon thread that reads the files
+once, front to back, while the main thread imports, and the scoring loop reads the next model's files while one
+scores. Reads release the GIL.
 
-Off by default until it is measured where it should help: the kernel's own read-ahead advice (posix_fadvise
-WILLNEED) read nothing on the H200 host (run AD), and plain reads on this project's 2-core CPU machine (disk
-0.65 GB/s, a 7.5 GB 3B) left a cold load as long as before (25.4 against 25.5 s, farm-bench medians) for 1.5x the
-CPU time: two cores and that disk leave nothing to overlap. The H200 host has 16 cores and reads 1.35 GB/s.
+Measured on an H200 host (16 cores, disk 1.4-1.7 GB/s; run AE, bench/README.md): a cold 7B load 36.9 -> 28.5 s
+(its weights 14.1 -> 5.0 s), a cold 3B load 29.2 -> 22.2 s, test.sh on 40 photos with both models cold 119 -> 96 s;
+with the files already cached, no difference beyond the loads' own spread. On this project's 2-core CPU machine
+(disk 0.65 GB/s) a cold load took as long with it as without (25.4 against 25.5 s, farm-bench medians) for ~10 s
+more CPU time: two cores and that disk leave nothing to overlap, and nothing is lost either. The kernel's own
+read-ahead advice (posix_fadvise WILLNEED) read nothing on the H200 host (run AD), hence plain reads.
 """
 from __future__ import annotations
 
@@ -22,7 +24,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def wanted() -> bool:
-    return os.environ.get("SCORE_PREFETCH", "0").strip() == "1"
+    """SCORE_PREFETCH: 1 (the default) or 0; any other value is an error naming the knob."""
+    value = os.environ.get("SCORE_PREFETCH", "1").strip() or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"SCORE_PREFETCH={value!r}: use 1 (read the weight files ahead) or 0")
+    return value == "1"
 
 
 def _flag(argv: list[str], name: str) -> str | None:

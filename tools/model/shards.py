@@ -312,7 +312,7 @@ def worker(spec: dict) -> None:
         infer.reset_gpu_peak()
         model, template, label_ids, _ = infer.load(job["argv"], labels=labels)
         print(f"{tag} loaded the model in {time.time() - start:.1f} s{infer.gpu_peak()}", flush=True)
-        if index + 1 < len(jobs):  # SCORE_PREFETCH=1: the next model's weights are read while this one scores
+        if index + 1 < len(jobs):  # SCORE_PREFETCH: the next model's weights are read while this one scores
             prefetch.start(jobs[index + 1]["argv"])
         for part in parts:
             infer.reset_gpu_peak()
