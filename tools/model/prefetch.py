@@ -7,7 +7,7 @@ once, front to back, while the main thread imports, and the scoring loop reads t
 scores. Reads release the GIL.
 
 Measured on an H200 host (16 cores, disk 1.4-1.7 GB/s; run AE, bench/README.md): a cold 7B load 36.9 -> 28.5 s
-(its weights 14.1 -> 5.0 s), a cold 3B load 29.2 -> 22.2 s, test.sh on 40 photos with both models cold 119 -> 96 s;
+(its weights 14.1 -> 5.0 s), a cold 3B load 29.2 -> 22.2 s, test.sh on 40 photos with both models cold 61.0 -> 41.7 s;
 with the files already cached, no difference beyond the loads' own spread. On this project's 2-core CPU machine
 (disk 0.65 GB/s) a cold load took as long with it as without (25.4 against 25.5 s, farm-bench medians) for ~10 s
 more CPU time: two cores and that disk leave nothing to overlap, and nothing is lost either. The kernel's own
@@ -24,7 +24,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def wanted() -> bool:
-    """SCORE_PREFETCH: 1 (the default) or 0; any other value is an error naming the knob."""
+    """SCORE_PREFETCH: 1 (the default) or 0; any other value is an error naming the knob. Read here rather than by
+    tools.model.speedups.knob: that module imports torch, and the read-ahead starts before the imports."""
     value = os.environ.get("SCORE_PREFETCH", "1").strip() or "1"
     if value not in ("0", "1"):
         raise ValueError(f"SCORE_PREFETCH={value!r}: use 1 (read the weight files ahead) or 0")
