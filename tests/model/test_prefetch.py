@@ -1,5 +1,7 @@
 """tools.model.prefetch: which files are read ahead, for which arguments, and that it can be turned off."""
 import json
+import os
+
 import pytest
 
 from tools.model import prefetch as P
@@ -61,3 +63,24 @@ def test_start_reads_ahead_in_the_background_unless_turned_off(tmp_path, base, m
     thread = P.start(["--adapters", str(ckpt)])
     thread.join(10)
     assert thread.daemon and advised == [[f.name for f in P.weight_files(base)]]
+
+
+def test_no_read_ahead_of_more_than_the_page_cache_can_keep(tmp_path, base, monkeypatch, capsys):
+    """The two shards are 8,000 bytes: read ahead when 3/4 of the available memory holds them, not otherwise."""
+    advised = []
+    monkeypatch.setattr(P, "read_ahead", lambda files: advised.append(len(files)))
+    monkeypatch.delenv("SCORE_PREFETCH", raising=False)
+    ckpt = checkpoint(tmp_path, {"model_dir": str(base)})
+    monkeypatch.setattr(P, "available_memory", lambda: 10_000)
+    assert P.start(["--adapters", str(ckpt)]) is None and advised == []
+    assert "not read ahead: 0.0 GB of weights, 0.0 GB of memory available" in capsys.readouterr().out
+    monkeypatch.setattr(P, "available_memory", lambda: 11_000)
+    P.start(["--adapters", str(ckpt)]).join(10)
+    monkeypatch.setattr(P, "available_memory", lambda: None)  # no /proc/meminfo: read ahead
+    P.start(["--adapters", str(ckpt)]).join(10)
+    assert advised == [2, 2]
+
+
+def test_available_memory_is_read_from_meminfo():
+    available = P.available_memory()
+    assert available is None or 0 < available <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

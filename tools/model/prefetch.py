@@ -4,7 +4,8 @@ transformers loads safetensors through mmap: on a cold page cache (after a reboo
 other things since training) each tensor's pages fault in from disk as they are copied, after Python has spent
 ~10-16 s importing torch, transformers and swift. tools.model.infer.load starts a daemon thread that reads the files
 once, front to back, while the main thread imports, and the scoring loop reads the next model's files while one
-scores. Reads release the GIL.
+scores. Reads release the GIL. A model whose files are larger than 3/4 of the available memory is not read ahead
+(the page cache could not keep them until the load).
 
 Measured on an H200 host (16 cores, disk 1.4-1.7 GB/s; run AE, bench/README.md): a cold 7B load 36.9 -> 28.5 s
 (its weights 14.1 -> 5.0 s), a cold 3B load 29.2 -> 22.2 s, test.sh on 40 photos with both models cold 61.0 -> 41.7 s;
@@ -81,13 +82,37 @@ def read_ahead(files: list[Path], chunk: int = 16 << 20) -> int:
     return done
 
 
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (free memory plus what the page cache can give back); None where
+    there is no such file."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+# Read ahead only what the page cache can keep until the load reads it: on a machine with less memory the early
+# files would be dropped again before the load reaches them, and it would read them twice.
+MEMORY_SHARE = 0.75
+
+
 def start(swift_argv: list[str]) -> threading.Thread | None:
-    """Read the weights of the model these arguments load, in a daemon thread; None when off or not local."""
+    """Read the weights of the model these arguments load, in a daemon thread; None when off, not local, or larger
+    than MEMORY_SHARE of the available memory."""
     if not wanted():
         return None
     folder = model_dir(swift_argv)
     files = weight_files(folder) if folder else []
     if not files:
+        return None
+    available, size = available_memory(), sum(f.stat().st_size for f in files)
+    if available is not None and size > MEMORY_SHARE * available:
+        print(f"{folder.name}: not read ahead: {size / 1e9:.1f} GB of weights, {available / 1e9:.1f} GB of memory "
+              f"available (SCORE_PREFETCH)", flush=True)
         return None
     thread = threading.Thread(target=read_ahead, args=(files,), name="prefetch-weights", daemon=True)
     thread.start()
