@@ -4,8 +4,9 @@ function is kept on the replacement as `__wrapped_original__`."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
+
+from tools.knobs import switch  # noqa: F401  (the patches' 0/1 knobs: one reader for every such knob)
 
 
 def original_of(fn):
@@ -26,14 +27,6 @@ def install_on_swift(name: str, wrapper) -> None:
     except ImportError:
         return
     install(SwiftMixin, name, wrapper)
-
-
-def switch(env: str, meaning: str, default: bool = False) -> bool:
-    """A patch's 0/1 knob from the environment (unset or empty: the default); anything else is an error naming it."""
-    text = (os.environ.get(env) or ("1" if default else "0")).strip()
-    if text not in ("0", "1"):
-        raise ValueError(f"{env}={text!r}: expected 0 or 1 ({meaning})")
-    return text == "1"
 
 
 class _AfterImport:

@@ -134,3 +134,16 @@ def test_cli(capsys):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 1 and proc.stderr == f"error: FOLDS='x': expected {K.KNOBS['FOLDS'].what}\n"
     assert time.monotonic() - start < 10  # no torch, no swift: well under a second on an idle machine
+
+
+def test_a_switch_reads_0_or_1_and_falls_back_to_its_default(monkeypatch):
+    """K.switch: the 0/1 knobs read inside a process (swift_plugins' patches, tools.model.prefetch)."""
+    switch = K.switch
+    monkeypatch.delenv("FIRESAFE_TEST_SWITCH", raising=False)
+    assert switch("FIRESAFE_TEST_SWITCH", "a test") is False
+    assert switch("FIRESAFE_TEST_SWITCH", "a test", default=True) is True
+    monkeypatch.setenv("FIRESAFE_TEST_SWITCH", "0")
+    assert switch("FIRESAFE_TEST_SWITCH", "a test", default=True) is False
+    monkeypatch.setenv("FIRESAFE_TEST_SWITCH", "2")
+    with pytest.raises(ValueError, match=r"FIRESAFE_TEST_SWITCH='2': expected 0 or 1 \(a test\)"):
+        switch("FIRESAFE_TEST_SWITCH", "a test", default=True)

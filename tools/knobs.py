@@ -168,6 +168,15 @@ KNOBS: dict[str, Knob] = {
 }
 
 
+def switch(env: str, meaning: str, default: bool = False) -> bool:
+    """A 0/1 knob read from the environment inside a process (the patches' knobs, SCORE_PREFETCH): unset or empty is
+    the default; anything else is an error naming it."""
+    text = (os.environ.get(env) or ("1" if default else "0")).strip()
+    if text not in ("0", "1"):
+        raise ValueError(f"{env}={text!r}: expected 0 or 1 ({meaning})")
+    return text == "1"
+
+
 def problems(assignments: dict[str, str]) -> list[str]:
     """One message per knob whose value is not accepted (an unknown knob name is a problem too)."""
     out = []

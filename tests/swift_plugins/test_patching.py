@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import sys
 
-import pytest
-
 from swift_plugins._patching import cancel, when_imported
 
 
@@ -43,15 +41,3 @@ def test_a_cancelled_hook_does_nothing(tmp_path, monkeypatch):
 
     assert never_pkg.value == 1
 
-
-def test_a_switch_reads_0_or_1_and_falls_back_to_its_default(monkeypatch):
-    from swift_plugins._patching import switch
-
-    monkeypatch.delenv("FIRESAFE_TEST_SWITCH", raising=False)
-    assert switch("FIRESAFE_TEST_SWITCH", "a test") is False
-    assert switch("FIRESAFE_TEST_SWITCH", "a test", default=True) is True
-    monkeypatch.setenv("FIRESAFE_TEST_SWITCH", "0")
-    assert switch("FIRESAFE_TEST_SWITCH", "a test", default=True) is False
-    monkeypatch.setenv("FIRESAFE_TEST_SWITCH", "2")
-    with pytest.raises(ValueError, match=r"FIRESAFE_TEST_SWITCH='2': expected 0 or 1 \(a test\)"):
-        switch("FIRESAFE_TEST_SWITCH", "a test", default=True)

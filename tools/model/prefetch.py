@@ -17,20 +17,18 @@ read-ahead advice (posix_fadvise WILLNEED) read nothing on the H200 host (run AD
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
+
+from tools.knobs import switch
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def wanted() -> bool:
-    """SCORE_PREFETCH: 1 (the default) or 0; any other value is an error naming the knob. Read here rather than by
+    """SCORE_PREFETCH: 1 (the default) or 0; any other value is an error naming the knob. Not read by
     tools.model.speedups.knob: that module imports torch, and the read-ahead starts before the imports."""
-    value = os.environ.get("SCORE_PREFETCH", "1").strip() or "1"
-    if value not in ("0", "1"):
-        raise ValueError(f"SCORE_PREFETCH={value!r}: use 1 (read the weight files ahead) or 0")
-    return value == "1"
+    return switch("SCORE_PREFETCH", "read the weight files ahead of loading them", default=True)
 
 
 def _flag(argv: list[str], name: str) -> str | None:
