@@ -1,19 +1,26 @@
-"""Patch (on import): a `swift sft` run under torchrun destroys its process group when training ends.
+"""Patch (on import): a `swift sft` run under torchrun destroys its process group when training ends, and frees it.
 
 Why: swift's sft pipeline leaves the default process group alive at exit (its Megatron pipeline destroys it). Gloo's
-worker threads can then still hold work with Python references while the interpreter shuts down, and the process
-dies with "terminate called without an active exception" (SIGABRT) after training has finished and saved:
-torchrun reports the run as failed, and so does train.sh (seen once in CI, tests/model/test_ddp.py, with
-NPROC_PER_NODE=2 on CPUs; pytorch/pytorch#179291). With NCCL, torch warns that destroy_process_group() was not
-called. PyTorch's shutdown guidance is to call it at the end of main, once per process.
+worker threads then outlive main(): a worker that releases a finished collective's tensors needs the GIL, and if the
+interpreter is already finalizing the thread exits inside a destructor and the process dies with "terminate called
+without an active exception" (SIGABRT) after training has finished and saved. torchrun reports the run as failed,
+and so does train.sh (CI, tests/model/test_ddp.py with NPROC_PER_NODE=2 on CPUs, about 1 run in 10; a core dump
+shows ProcessGroupGloo::runLoop releasing an AsyncAllreduceWork during Py_FinalizeEx; pytorch/pytorch#179291).
+With NCCL, torch warns that destroy_process_group() was not called. PyTorch's shutdown guidance is to call it at the
+end of main, once per process.
 
-How: SwiftSft.main (sft, pretrain and rlhf) calls destroy_process_group() after a successful return, as swift's
-Megatron pipeline does. Not after an exception: ranks that failed apart could block in it while the others wait
-in a collective, and the error must reach torchrun. Nothing without torch.distributed initialised (one process,
-scoring).
+destroy_process_group() alone does not stop gloo's threads: it unregisters the group, but the trainer's DDP wrapper
+and accelerate still reference it from reference cycles, and the C++ group (whose destructor drains its queue and
+joins its threads) lives until the last reference goes. So a gc.collect() follows, while the interpreter is whole.
+
+How: SwiftSft.main (sft, pretrain and rlhf) calls destroy_process_group() and gc.collect() after a successful return,
+as swift's Megatron pipeline destroys the group. Not after an exception: ranks that failed apart could block in it
+while the others wait in a collective, and the error must reach torchrun. Nothing without torch.distributed
+initialised (one process, scoring).
 """
 from __future__ import annotations
 
+import gc
 import sys
 
 from swift_plugins._patching import install
@@ -25,6 +32,7 @@ def main(self):
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()  # the group's last references sit in the trainer's cycles: free it, joining gloo's threads
     return result
 
 
