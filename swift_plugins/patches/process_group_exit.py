@@ -4,14 +4,15 @@ Why: swift's sft pipeline leaves the default process group alive at exit (its Me
 worker threads then outlive main(): a worker that releases a finished collective's tensors needs the GIL, and if the
 interpreter is already finalizing the thread exits inside a destructor and the process dies with "terminate called
 without an active exception" (SIGABRT) after training has finished and saved. torchrun reports the run as failed,
-and so does train.sh (CI, tests/model/test_ddp.py with NPROC_PER_NODE=2 on CPUs, about 1 run in 10; a core dump
-shows ProcessGroupGloo::runLoop releasing an AsyncAllreduceWork during Py_FinalizeEx; pytorch/pytorch#179291).
+and so does train.sh (CI, tests/model/test_ddp.py with NPROC_PER_NODE=2 on CPUs: 4 runs in 42 on a 2-core machine;
+a core dump shows ProcessGroupGloo::runLoop releasing an AsyncAllreduceWork during Py_FinalizeEx; pytorch#179291).
 With NCCL, torch warns that destroy_process_group() was not called. PyTorch's shutdown guidance is to call it at the
 end of main, once per process.
 
-destroy_process_group() alone does not stop gloo's threads: it unregisters the group, but the trainer's DDP wrapper
-and accelerate still reference it from reference cycles, and the C++ group (whose destructor drains its queue and
-joins its threads) lives until the last reference goes. So a gc.collect() follows, while the interpreter is whole.
+destroy_process_group() alone does not stop gloo's threads: it unregisters the group, but objects of the run (the
+trainer's DDP wrapper among them) still reference it from reference cycles, and the C++ group, whose destructor
+drains its queue and joins its threads, lives until the last reference goes. So a gc.collect() follows, while the
+interpreter is whole (in a two-process CPU run each rank's gloo threads are joined only after it).
 
 How: SwiftSft.main (sft, pretrain and rlhf) calls destroy_process_group() and gc.collect() after a successful return,
 as swift's Megatron pipeline destroys the group. Not after an exception: ranks that failed apart could block in it
